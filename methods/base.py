@@ -1,0 +1,142 @@
+"""What a compression method is: a small configured object the cache hook consults.
+
+The hook (`kvbench.harness.hook`) calls a method at two moments:
+
+* ``select(layer)`` once per layer during prefill, right after that layer's
+  attention ran over the whole prompt. The method sees the layer's post-RoPE
+  queries and keys/values (keys and values *un-repeated*, one per KV head) and
+  answers which positions each KV head keeps (a `Selection`), or ``None`` to keep
+  everything. The hook gathers the kept keys/values into the cache before the next
+  layer runs, so the full cache of all layers never exists at once.
+* ``decode_eviction(layer_idx, cache_length, tokens_seen)`` before each decoding
+  step appends a token; methods that hold the cache at a fixed size while
+  decoding (PrefixKV, Elastic Cache) return the cache index to drop.
+
+Per-sample state (a task type, per-layer budgets found by a search, positions a
+group leader chose) is reset in ``start_sample`` and reported through
+``sample_record`` into the run's JSONL row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from kvbench.errors import KvbenchError
+
+
+@dataclass(frozen=True)
+class Option:
+    """One tunable of a method; becomes ``--<name with dashes>`` on `kvbench run`."""
+
+    name: str
+    type: type
+    default: Any
+    help: str
+    choices: tuple | None = None
+
+
+@dataclass
+class LayerPrefill:
+    """Everything a method may look at for one layer after its prefill attention.
+
+    Shapes (batch is always 1):
+      queries: (1, num_query_heads, prompt_length, head_dim), post-RoPE.
+      keys, values: (1, num_kv_heads, prompt_length, head_dim), post-RoPE keys, un-repeated.
+    """
+
+    layer_idx: int
+    num_layers: int
+    queries: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+    scaling: float
+
+    @property
+    def prompt_length(self) -> int:
+        return self.keys.shape[-2]
+
+    @property
+    def num_kv_groups(self) -> int:
+        """Query heads per KV head (1 without GQA)."""
+        return self.queries.shape[1] // self.keys.shape[1]
+
+
+@dataclass
+class Selection:
+    """Positions each KV head keeps, and optionally merged keys/values for them.
+
+    indices: (1, num_kv_heads, kept) long tensor of prompt positions, ascending per head.
+    keys, values: when given (Elastic Cache's merge), the tensors to store for those
+      positions, shape (1, num_kv_heads, kept, head_dim); otherwise the hook gathers
+      the original keys/values at ``indices``.
+    """
+
+    indices: torch.Tensor
+    keys: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+
+
+def keep_positions(positions: torch.Tensor, num_kv_heads: int) -> Selection:
+    """A Selection keeping the same 1-D list of positions in every KV head."""
+    positions = positions.sort().values
+    return Selection(indices=positions.view(1, 1, -1).expand(1, num_kv_heads, -1).contiguous())
+
+
+class Method:
+    """Base class: subclasses set ``name``, ``description`` and ``options``."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    options: ClassVar[tuple[Option, ...]] = ()
+    #: whether the method needs a token budget (``--capacity``) at all
+    needs_capacity: ClassVar[bool] = True
+
+    def __init__(self, capacity: int | None = None, **options: Any):
+        self.capacity = capacity
+        known = {option.name: option for option in self.options}
+        unknown = set(options) - set(known)
+        if unknown:
+            raise KvbenchError(f"method {self.name!r} has no option(s) {', '.join(sorted(unknown))}")
+        for option in self.options:
+            value = options.get(option.name)
+            if value is None:
+                value = option.default
+            if option.choices is not None and value not in option.choices:
+                raise KvbenchError(
+                    f"--{option.name.replace('_', '-')} must be one of {', '.join(map(str, option.choices))}, got {value!r}"
+                )
+            setattr(self, option.name, value)
+        if self.needs_capacity and (capacity is None or capacity <= 0):
+            raise KvbenchError(f"method {self.name!r} needs --capacity > 0, got {capacity}")
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise KvbenchError for option values that cannot work together."""
+
+    def settings(self) -> dict[str, Any]:
+        """The configuration recorded in a run's `run.json`."""
+        return {"capacity": self.capacity, **{option.name: getattr(self, option.name) for option in self.options}}
+
+    def start_sample(self, prompt_length: int, num_layers: int, sample: dict | None = None) -> None:
+        """Reset per-sample state before the sample's prefill."""
+
+    def select(self, layer: LayerPrefill) -> Selection | None:
+        """Positions to keep in this layer, or None to keep the whole prompt."""
+        raise NotImplementedError
+
+    def decode_eviction(self, layer_idx: int, cache_length: int, tokens_seen: int) -> int | None:
+        """Cache index to drop before appending a decoded token, or None to just append."""
+        return None
+
+    def sample_record(self) -> dict[str, Any]:
+        """Extra per-sample fields for the run's JSONL row (e.g. the task type used)."""
+        return {}
+
+
+def option_values(method_class: type[Method]) -> dict[str, Any]:
+    """Default option values of a method class, for listings."""
+    return {option.name: option.default for option in method_class.options}
+

@@ -1,0 +1,43 @@
+"""What the run loop needs from a task (a LongBench dataset, the needle test).
+
+`kvbench.harness.run` is task-agnostic: for each task it asks for the samples,
+turns each into prompt token ids with the model's tokenizer, decodes at most
+``max_new_tokens`` tokens, post-processes the text, writes one JSONL row (the
+fields of ``row_fields`` plus the run's own), and finally asks the task to score
+the rows.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class Task:
+    """Base class of a benchmark task; subclasses fill in every method."""
+
+    #: task name, also the stem of its `<name>.jsonl` result file
+    name: str
+    #: LongBench category ("single-doc QA", ...) or "needle"
+    category: str
+    #: generation budget in tokens
+    max_new_tokens: int
+
+    def load_samples(self, data_dir: str | None) -> list[dict[str, Any]]:
+        """All samples of the task, each a dict with a unique string ``_id``."""
+        raise NotImplementedError
+
+    def prompt_ids(self, sample: dict[str, Any], tokenizer, max_length: int) -> list[int]:
+        """Token ids of the final prompt (truncated to max_length, chat template applied where due)."""
+        raise NotImplementedError
+
+    def postprocess(self, prediction: str) -> str:
+        """The prediction as the scorer wants it (e.g. first line only)."""
+        return prediction
+
+    def row_fields(self, sample: dict[str, Any]) -> dict[str, Any]:
+        """Sample fields copied into the result row (answers, all_classes, length, ...)."""
+        raise NotImplementedError
+
+    def score(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """Scores of finished result rows: at least {"score": float}, 0-100."""
+        raise NotImplementedError
