@@ -120,6 +120,14 @@ class Method:
         """The configuration recorded in a run's `run.json`."""
         return {"capacity": self.capacity, **{option.name: getattr(self, option.name) for option in self.options}}
 
+    def budget_label(self) -> str:
+        """How the run folder names this method's budget ("512"); empty when it has none."""
+        return "" if self.capacity is None else str(self.capacity)
+
+    def non_default_options(self) -> dict[str, Any]:
+        """Options set away from their defaults, named in the run folder so variants never share one."""
+        return {o.name: getattr(self, o.name) for o in self.options if getattr(self, o.name) != o.default}
+
     def start_sample(self, prompt_length: int, num_layers: int, sample: dict | None = None) -> None:
         """Reset per-sample state before the sample's prefill."""
 

@@ -26,6 +26,10 @@ class Task:
         """All samples of the task, each a dict with a unique string ``_id``."""
         raise NotImplementedError
 
+    def prompt_text(self, sample: dict[str, Any]) -> str:
+        """The formatted prompt before truncation and chat template (what WindowKV's classifier reads)."""
+        raise NotImplementedError
+
     def prompt_ids(self, sample: dict[str, Any], tokenizer, max_length: int) -> list[int]:
         """Token ids of the final prompt (truncated to max_length, chat template applied where due)."""
         raise NotImplementedError

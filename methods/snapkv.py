@@ -1,0 +1,78 @@
+"""SnapKV (Li et al., 2024), as KVCache-Factory implements it for LongBench.
+
+Each KV head keeps the observation window (the last ``window_size`` prompt
+tokens) plus the ``capacity - window_size`` prefix tokens that the window's
+queries attend to most, after pooling the votes over neighbouring tokens.
+Defaults are the reference's LongBench settings (window 8, kernel 7, max
+pooling). Under GQA the scores of a KV head's query group are averaged before
+pooling (the reference's kv-head layout with ``gqa_score_agg='mean'``), so the
+cache holds un-repeated heads.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kvbench.errors import KvbenchError
+from kvbench.methods import register
+from kvbench.methods.base import LayerPrefill, Method, Option, Selection
+from kvbench.methods.scoring import mean_over_groups, observation_window_attention
+
+WINDOW_OPTIONS = (
+    Option("window_size", int, 8, "observation window: last prompt tokens whose queries vote, always kept"),
+    Option("kernel_size", int, 7, "pooling kernel over the votes (odd)"),
+    Option("pooling", str, "maxpool", "pooling of the votes", choices=("maxpool", "avgpool")),
+)
+
+
+def pooled_window_votes(layer: LayerPrefill, window: int, kernel_size: int, pooling: str) -> torch.Tensor:
+    """SnapKV's per-KV-head vote for each prefix token: (1, Hkv, prompt_length - window).
+
+    The float32 softmax is cast back to the model dtype before summing over the
+    window, exactly as the reference does, so ties and rounding match it in bf16.
+    """
+    attention = observation_window_attention(layer.queries, layer.keys, window).to(layer.queries.dtype)
+    votes = attention[..., :-window].sum(dim=-2)
+    votes = mean_over_groups(votes, layer.keys.shape[1])
+    pool = F.max_pool1d if pooling == "maxpool" else F.avg_pool1d
+    return pool(votes, kernel_size=kernel_size, padding=kernel_size // 2, stride=1)
+
+
+def keep_top_prefix_and_window(votes: torch.Tensor, prefix_budget: int, prompt_length: int) -> Selection:
+    """Top ``prefix_budget`` prefix positions per head by vote, plus the whole window."""
+    num_kv_heads = votes.shape[1]
+    window = prompt_length - votes.shape[-1]
+    top = votes.topk(prefix_budget, dim=-1).indices.sort(dim=-1).values
+    window_positions = torch.arange(prompt_length - window, prompt_length, device=votes.device)
+    window_positions = window_positions.view(1, 1, -1).expand(1, num_kv_heads, -1)
+    return Selection(indices=torch.cat([top, window_positions], dim=-1))
+
+
+class ObservationWindowMethod(Method):
+    """Shared validation of the SnapKV-family options."""
+
+    options = WINDOW_OPTIONS
+
+    def validate(self) -> None:
+        if self.window_size <= 0:
+            raise KvbenchError(f"--window-size must be > 0, got {self.window_size}")
+        if self.kernel_size <= 0 or self.kernel_size % 2 == 0:
+            raise KvbenchError(f"--kernel-size must be a positive odd number, got {self.kernel_size}")
+        if self.capacity <= self.window_size:
+            raise KvbenchError(
+                f"--capacity ({self.capacity}) must be larger than the observation window --window-size ({self.window_size})"
+            )
+
+
+@register
+class SnapKV(ObservationWindowMethod):
+    name = "snapkv"
+    description = "Keep the prefix tokens the last prompt tokens attend to most, plus that window (same budget every layer)."
+
+    def select(self, layer: LayerPrefill) -> Selection | None:
+        # The reference compresses when the prompt is at least the capacity long.
+        if layer.prompt_length < self.capacity:
+            return None
+        votes = pooled_window_votes(layer, self.window_size, self.kernel_size, self.pooling)
+        return keep_top_prefix_and_window(votes, self.capacity - self.window_size, layer.prompt_length)
