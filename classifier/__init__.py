@@ -1,0 +1,11 @@
+"""WindowKV's task classifier: labels a formatted LongBench prompt "qa" (information localisation) or "other".
+
+`kvbench train-classifier` trains and saves it (`kvbench.classifier.train`);
+`load_classifier()` gives the WindowKV method a `TaskClassifier` whose
+``predict(prompt_text)`` answers "qa" or "other".
+"""
+
+from kvbench.classifier.checkpoint import default_checkpoint_path, load_classifier, save_checkpoint
+from kvbench.classifier.model import EMBEDDED_ENCODER, LABELS, TaskClassifier
+
+__all__ = ["EMBEDDED_ENCODER", "LABELS", "TaskClassifier", "default_checkpoint_path", "load_classifier", "save_checkpoint"]

@@ -73,10 +73,16 @@ def generate_greedy(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
+    positions = torch.arange(prompt_length, device=device).view(1, -1)
+    _synchronize(device)
+    start = time.perf_counter()
+    if method.needs_scoring_pass:
+        # Per-layer budgets that depend on every layer's scores (PrefixKV online) need them before the
+        # first layer is compressed: one prefill that only scores, no cache kept.
+        scoring = CompressionSession(method, cache, num_layers, reserve=0, observing=True)
+        with compression(model, scoring):
+            model(input_ids=input_ids, position_ids=positions, use_cache=False, logits_to_keep=1)
     with compression(model, session):
-        _synchronize(device)
-        start = time.perf_counter()
-        positions = torch.arange(prompt_length, device=device).view(1, -1)
         output = model(input_ids=input_ids, position_ids=positions, use_cache=True, logits_to_keep=1, **{cache_keyword: cache})
         next_token = output.logits[0, -1].argmax()
         _synchronize(device)

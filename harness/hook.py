@@ -39,6 +39,14 @@ class CompressionSession:
     #: decoding slots to reserve after the stored prompt in each layer
     reserve: int
     kept_per_layer: list[int] = field(default_factory=list)
+    #: scoring pre-pass: show each layer to ``method.observe`` and store nothing
+    observing: bool = False
+
+    def on_prefill(self, module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> None:
+        if self.observing:
+            self.method.observe(LayerPrefill(module.layer_idx, self.num_layers, query, key, value, scaling))
+        else:
+            self.compress(module, query, key, value, scaling)
 
     def compress(self, module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> None:
         layer_idx = module.layer_idx
@@ -66,7 +74,7 @@ def _hooked(backend_name: str):
             attention_mask = None
         output = backend(module, query, key, value, attention_mask, **kwargs)
         if session is not None and is_prefill:
-            session.compress(module, query, key, value, kwargs.get("scaling") or module.scaling)
+            session.on_prefill(module, query, key, value, kwargs.get("scaling") or module.scaling)
         return output
 
     attention.__name__ = f"{HOOKED_PREFIX}{backend_name}"

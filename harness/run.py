@@ -97,18 +97,30 @@ def max_prompt_length(loaded: LoadedModel, task: Task, requested: int | None) ->
     return loaded.context_window - task.max_new_tokens
 
 
+def context_limit(loaded: LoadedModel, task: Task, requested_max_length: int | None) -> int:
+    """Tokens a prompt plus its answer may span: the model's window, or less under --max-length."""
+    window = loaded.context_window
+    if requested_max_length is None:
+        return window
+    limit = requested_max_length + task.max_new_tokens
+    return min(limit, window) if window else limit
+
+
 def summarize(values: list[int]) -> dict[str, float]:
     return {"mean": round(sum(values) / len(values), 2), "min": min(values), "max": max(values)}
 
 
 def run_benchmark(loaded: LoadedModel, method: Method, plan: RunPlan) -> tuple[Path, dict[str, dict[str, Any]]]:
     """Run every planned sample not already in the run folder; return the folder and per-task scores."""
-    run_dir = Path(plan.output_dir) / loaded.name / run_label(method)
-    run_dir.mkdir(parents=True, exist_ok=True)
     samples_by_task = {}
     for task in plan.tasks:
+        task.validate_for_model(context_limit(loaded, task, plan.max_length))
         samples = task.load_samples(plan.data_dir)
         samples_by_task[task.name] = samples[: plan.limit] if plan.limit is not None else samples
+    run_dir = Path(plan.output_dir) / loaded.name / run_label(method)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # A folder reused for more tasks keeps what earlier runs recorded for theirs.
+    previous = json.loads((run_dir / "run.json").read_text(encoding="utf-8")) if (run_dir / "run.json").is_file() else {}
     write_json(
         run_dir / "run.json",
         {
@@ -116,16 +128,20 @@ def run_benchmark(loaded: LoadedModel, method: Method, plan: RunPlan) -> tuple[P
             "method": method.name,
             "capacity": method.capacity,
             "settings": method.settings(),
-            "tasks": {name: len(samples) for name, samples in samples_by_task.items()},
+            "tasks": {**previous.get("tasks", {}),
+                      **{name: len(samples) for name, samples in samples_by_task.items()}},
+            "task_settings": {**previous.get("task_settings", {}),
+                              **{task.name: task.settings() for task in plan.tasks if task.settings()}},
             "max_length": plan.max_length,
             "device": str(loaded.model.device),
             "dtype": str(loaded.model.dtype).replace("torch.", ""),
             "attention": loaded.model.config._attn_implementation.removeprefix("kvbench_"),
         },
     )
-
+    method.bind_model(loaded.name, loaded.model.config.num_hidden_layers)
     stop_ids = eos_token_ids(loaded.model, loaded.tokenizer)
-    scores: dict[str, dict[str, Any]] = {}
+    scores_path = run_dir / "scores.json"
+    scores = json.loads(scores_path.read_text(encoding="utf-8")) if scores_path.is_file() else {}
     for task in plan.tasks:
         path = run_dir / f"{task.name}.jsonl"
         done = {row["_id"] for row in read_rows(path)}
@@ -134,14 +150,16 @@ def run_benchmark(loaded: LoadedModel, method: Method, plan: RunPlan) -> tuple[P
         for sample in tqdm(todo, desc=f"{task.name} ({method.name})", unit="sample", initial=len(done),
                            total=len(samples_by_task[task.name])):
             prompt_ids = task.prompt_ids(sample, loaded.tokenizer, max_length)
-            generation = generate_greedy(
-                loaded.model, prompt_ids, method, task.max_new_tokens, stop_ids, sample={**sample, "task": task.name, "prompt_text": task.prompt_text(sample)}
-            )
+            method_view = {**sample, "task": task.name, "prompt_text": task.prompt_text(sample)}
+            generation = generate_greedy(loaded.model, prompt_ids, method, task.max_new_tokens, stop_ids, method_view)
             text = loaded.tokenizer.decode(generation.token_ids, skip_special_tokens=True)
+            prediction = task.postprocess(text)
+            fields = task.row_fields(sample)
             row = {
                 "_id": sample["_id"],
-                "pred": task.postprocess(text),
-                **task.row_fields(sample),
+                "pred": prediction,
+                **fields,
+                **task.score_row({"pred": prediction, **fields}),
                 "prompt_tokens": generation.prompt_tokens,
                 "kept_tokens": summarize(generation.kept_per_layer),
                 "new_tokens": len(generation.token_ids),
@@ -157,5 +175,5 @@ def run_benchmark(loaded: LoadedModel, method: Method, plan: RunPlan) -> tuple[P
         rows = [row for row in read_rows(path) if row["_id"] in wanted]
         scores[task.name] = task.score(rows) if rows else {"score": None}
         scores[task.name]["n"] = len(rows)
-    write_json(run_dir / "scores.json", scores)
-    return run_dir, scores
+    write_json(scores_path, scores)
+    return run_dir, {task.name: scores[task.name] for task in plan.tasks}

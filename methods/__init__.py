@@ -29,4 +29,4 @@ def build_method(name: str, capacity: int | None = None, **options) -> Method:
 
 
 # Importing a method module registers it.
-from kvbench.methods import fullkv, pyramidkv, snapkv  # noqa: E402,F401
+from kvbench.methods import elastic, fullkv, prefixkv, pyramidkv, snapkv, windowkv  # noqa: E402,F401

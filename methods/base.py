@@ -12,6 +12,19 @@ The hook (`kvbench.harness.hook`) calls a method at two moments:
   step appends a token; methods that hold the cache at a fixed size while
   decoding (PrefixKV, Elastic Cache) return the cache index to drop.
 
+Two optional hooks, no-ops by default:
+
+* ``bind_model(model_name, num_layers)`` once, after the model is loaded and
+  before the first sample (``model_name``: the run's short model name,
+  `LoadedModel.name`); PrefixKV finds and checks its per-model profile here.
+* A scoring pre-pass, for methods with ``needs_scoring_pass`` true (PrefixKV
+  ``--prefix-config online``: its per-layer budgets need every layer's scores
+  before the first layer is compressed): after ``start_sample`` and before the
+  real prefill, the engine runs the prompt once more through the model without
+  storing any cache and calls ``observe(layer)`` for every layer instead of
+  ``select``. Prefill hidden states do not depend on what is stored, so the
+  real prefill then sees the same layers.
+
 Per-sample state (a task type, per-layer budgets found by a search, positions a
 group leader chose) is reset in ``start_sample`` and reported through
 ``sample_record`` into the run's JSONL row.
@@ -93,6 +106,8 @@ class Method:
     options: ClassVar[tuple[Option, ...]] = ()
     #: whether the method needs a token budget (``--capacity``) at all
     needs_capacity: ClassVar[bool] = True
+    #: whether the engine must run a scoring pre-pass calling ``observe`` (may be set per instance)
+    needs_scoring_pass: ClassVar[bool] = False
 
     def __init__(self, capacity: int | None = None, **options: Any):
         self.capacity = capacity
@@ -128,8 +143,14 @@ class Method:
         """Options set away from their defaults, named in the run folder so variants never share one."""
         return {o.name: getattr(self, o.name) for o in self.options if getattr(self, o.name) != o.default}
 
+    def bind_model(self, model_name: str, num_layers: int) -> None:
+        """Called once with the loaded model's short name and layer count, before the first sample."""
+
     def start_sample(self, prompt_length: int, num_layers: int, sample: dict | None = None) -> None:
         """Reset per-sample state before the sample's prefill."""
+
+    def observe(self, layer: LayerPrefill) -> None:
+        """Scoring pre-pass (only when ``needs_scoring_pass``): see one layer; nothing is stored."""
 
     def select(self, layer: LayerPrefill) -> Selection | None:
         """Positions to keep in this layer, or None to keep the whole prompt."""

@@ -1,0 +1,59 @@
+"""The task registry: task name -> how to build its `Task`, and the names `--tasks` accepts."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+
+from kvbench.errors import KvbenchError
+from kvbench.tasks.base import Task
+from kvbench.tasks.longbench import LONGBENCH_E_TASKS, LONGBENCH_TASKS, LongBenchTask
+from kvbench.tasks.needle import NeedleTask
+
+#: task name -> callable building the task from keyword options
+TASK_FACTORIES: dict[str, Callable[..., Task]] = {
+    **{name: functools.partial(LongBenchTask, name) for name in LONGBENCH_TASKS},
+    **{f"{name}_e": functools.partial(LongBenchTask, f"{name}_e") for name in LONGBENCH_E_TASKS},
+    "needle": NeedleTask,
+    # Other task families add one entry each here.
+}
+
+#: names that stand for several tasks
+TASK_GROUPS: dict[str, list[str]] = {
+    "longbench": list(LONGBENCH_TASKS),
+    "longbench-e": [f"{name}_e" for name in LONGBENCH_E_TASKS],
+}
+
+
+def get_task(name: str, **options) -> Task:
+    """The task called ``name``, built with the options its factory takes.
+
+    Options the task does not take, and options left at None (the task's default),
+    are not passed, so one set of command-line options serves a list of mixed tasks.
+    """
+    try:
+        factory = TASK_FACTORIES[name]
+    except KeyError:
+        raise KvbenchError(f"unknown task {name!r}; known tasks: {', '.join(TASK_FACTORIES)}") from None
+    accepted = inspect.signature(factory).parameters
+    return factory(**{key: value for key, value in options.items() if key in accepted and value is not None})
+
+
+def resolve_task_names(spec: str) -> list[str]:
+    """Task names of a comma list of task and group names ("longbench", "longbench-e"), in order, without repeats."""
+    names: list[str] = []
+    for item in (part.strip() for part in spec.split(",")):
+        if not item:
+            continue
+        if item in TASK_GROUPS:
+            expanded = TASK_GROUPS[item]
+        elif item in TASK_FACTORIES:
+            expanded = [item]
+        else:
+            known = [*TASK_GROUPS, *TASK_FACTORIES]
+            raise KvbenchError(f"unknown task {item!r}; known: {', '.join(known)}")
+        names.extend(name for name in expanded if name not in names)
+    if not names:
+        raise KvbenchError(f"no task named in {spec!r}")
+    return names

@@ -38,6 +38,17 @@ class Task:
         """The prediction as the scorer wants it (e.g. first line only)."""
         return prediction
 
+    def validate_for_model(self, max_context_tokens: int) -> None:
+        """Refuse, before any model work, settings the model's context window cannot hold."""
+
+    def settings(self) -> dict[str, Any]:
+        """Task options recorded in the run's `run.json` (e.g. the needle grid)."""
+        return {}
+
+    def score_row(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Per-sample scores stored in the result row beside the prediction (none by default)."""
+        return {}
+
     def row_fields(self, sample: dict[str, Any]) -> dict[str, Any]:
         """Sample fields copied into the result row (answers, all_classes, length, ...)."""
         raise NotImplementedError

@@ -1,0 +1,148 @@
+"""What PrefixKV and Elastic Cache share: budgets, protected tokens, fixed-point eviction.
+
+Budgets. Give exactly one of
+  ``--ratio R`` (0 <= R < 1): the fraction of the prompt dropped, as in both
+      references: ``round(R * L)`` tokens per layer, ``round(R * L * layers)``
+      over all layers;
+  ``--capacity C``: C prompt tokens kept per layer on average, i.e. per sample
+      ``R = 1 - C / L``; worked out in integers (``L - C`` per layer,
+      ``(L - C) * layers`` in all) so both flags reach the same code and agree
+      exactly. ``C >= L`` means no compression for that sample.
+The first ``start_size`` and last ``protect_size`` prompt tokens are never
+dropped, so a layer drops at most ``L - start_size - protect_size`` tokens; a
+larger budget is clipped to that (the sample's record shows what was kept).
+
+Fixed-point elimination while decoding (both references): each new token
+beyond the layer's size evicts the cached entry at a fixed index
+``kept + distance`` (``kept``: the layer's kept prompt length; ``distance < 0``,
+default -25), or at ``distance`` itself when it is positive. The reference falls
+back to ``kept // 2`` when the index would be below 1; we use the same fallback
+when a positive distance is not inside the kept prompt (the reference would
+then cut a token it had just appended, or fail). The net effect: the
+compressed prompt up to the index stays, and the last ``-distance`` cache
+entries slide like a window over the newest tokens.
+
+The size the cache is held at:
+  with ``--ratio``: ``(1 - R_l) * tokens seen`` as in the references, where
+      ``R_l = dropped_l / L`` is what the layer dropped at prefill. The
+      reference's rule, ``int(len_after_append - seen_after_append * (1 - R_l)) > 0``,
+      is evaluated exactly in integers: evict iff
+      ``cache_length * L >= (tokens_seen + 1) * kept_l``, so the cache grows by
+      ``1 - R_l`` per decoded token;
+  with ``--capacity``: at ``kept_l`` (C per layer on average): every decoded
+      token evicts one entry and the cache size is constant.
+``--no-decode-evict`` appends instead, as every other method does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kvbench.errors import KvbenchError
+from kvbench.methods.base import Method, Option
+
+FIXED_POINT_OPTIONS = (
+    Option("ratio", float, None, "fraction of the prompt dropped, 0 <= R < 1 (give --ratio or --capacity)"),
+    Option("distance", int, -25, "decoding evicts cache index kept_prompt_len + distance (< 0) or distance itself (> 0)"),
+    Option("decode_evict", bool, True, "hold the cache at its budget while decoding (fixed-point elimination)"),
+    Option("start_size", int, 4, "first prompt tokens always kept"),
+    Option("protect_size", int, 1, "last prompt tokens always kept"),
+)
+
+
+def round_half_up(value: float) -> int:
+    return int(value + 0.5)
+
+
+class FixedPointMethod(Method):
+    """Budget validation, per-sample budgets and the fixed-point decode rule."""
+
+    options = FIXED_POINT_OPTIONS
+    needs_capacity = False
+
+    def validate(self) -> None:
+        if (self.ratio is None) == (self.capacity is None):
+            raise KvbenchError(
+                f"method {self.name!r} needs exactly one of --ratio (fraction dropped) or --capacity "
+                f"(tokens kept per layer), got {'both' if self.ratio is not None else 'neither'}"
+            )
+        if self.ratio is not None and not 0 <= self.ratio < 1:
+            raise KvbenchError(f"--ratio must be in [0, 1), got {self.ratio}")
+        if self.capacity is not None and self.capacity <= 0:
+            raise KvbenchError(f"--capacity must be > 0, got {self.capacity}")
+        if self.distance == 0:
+            raise KvbenchError("--distance must not be 0 (negative: offset from the kept prompt's end; positive: cache index)")
+        if self.start_size < 0 or self.protect_size < 0:
+            raise KvbenchError(f"--start-size and --protect-size must be >= 0, got {self.start_size} and {self.protect_size}")
+        self.prompt_length = 0
+        self.num_layers = 0
+        self.kept: list[int] | None = None
+
+    # -- budgets -------------------------------------------------------------------------
+
+    def middle_size(self, prompt_length: int) -> int:
+        """Prompt tokens that may be dropped in one layer."""
+        return max(0, prompt_length - self.start_size - self.protect_size)
+
+    def compresses(self, prompt_length: int) -> bool:
+        """Whether this sample is compressed at all (capacity >= prompt length or ratio 0: no)."""
+        if self.capacity is not None:
+            return self.capacity < prompt_length and self.middle_size(prompt_length) > 0
+        return self.ratio > 0 and self.middle_size(prompt_length) > 0
+
+    def total_drop(self, prompt_length: int, num_layers: int) -> int:
+        """Prompt tokens dropped over all layers, clipped to what the protected tokens leave."""
+        if not self.compresses(prompt_length):
+            return 0
+        if self.capacity is not None:
+            wanted = (prompt_length - self.capacity) * num_layers
+        else:
+            wanted = round_half_up(self.ratio * prompt_length * num_layers)
+        return min(wanted, self.middle_size(prompt_length) * num_layers)
+
+    def layer_drop(self, prompt_length: int) -> int:
+        """Prompt tokens dropped in each layer under a uniform budget."""
+        if not self.compresses(prompt_length):
+            return 0
+        if self.capacity is not None:
+            wanted = prompt_length - self.capacity
+        else:
+            wanted = round_half_up(self.ratio * prompt_length)
+        return min(wanted, self.middle_size(prompt_length))
+
+    # -- decoding --------------------------------------------------------------------------
+
+    def start_sample(self, prompt_length: int, num_layers: int, sample: dict | None = None) -> None:
+        self.prompt_length = prompt_length
+        self.num_layers = num_layers
+        self.kept = None  # set by the subclass once the per-layer budgets are known
+
+    def eviction_index(self, kept: int) -> int:
+        """The fixed cache index evicted while decoding, for a layer that kept ``kept`` prompt tokens."""
+        index = kept + self.distance if self.distance < 0 else self.distance
+        if index < 1 or index >= kept:
+            index = kept // 2
+        return index
+
+    def decode_eviction(self, layer_idx: int, cache_length: int, tokens_seen: int) -> int | None:
+        if not self.decode_evict or self.kept is None or not self.compresses(self.prompt_length):
+            return None  # no eviction: uncompressed samples grow like the full cache
+        kept = self.kept[layer_idx]
+        if self.capacity is not None:
+            over = cache_length >= kept
+        else:
+            over = cache_length * self.prompt_length >= (tokens_seen + 1) * kept
+        return self.eviction_index(kept) if over else None
+
+    def budget_record(self) -> dict[str, Any]:
+        """Per-sample JSONL fields: prompt tokens kept per layer, their mean/min/max, and the total dropped."""
+        if self.kept is None:
+            return {}
+        kept = self.kept
+        return {
+            "budget_per_layer": list(kept),
+            "budget_mean": sum(kept) / len(kept),
+            "budget_min": min(kept),
+            "budget_max": max(kept),
+            "budget_dropped": self.prompt_length * len(kept) - sum(kept),
+        }

@@ -1,0 +1,277 @@
+"""WindowKV (Zuo et al., 2025), after the optim996/WindowKV reference (`models/compress_utils.py`).
+
+What it does. During prefill, per layer, the last ``α`` prompt tokens (the
+suffix) are always kept and the ``L_r = prompt_length - α`` tokens before them
+are *reviewable*. If ``L_r`` fits the layer's budget ``B`` nothing is dropped.
+Otherwise the suffix queries score every reviewable token (softmax of the
+suffix queries over all keys, logits scaled by 1/sqrt(head_dim), causal mask
+only inside the suffix, summed over the suffix queries), the reviewable tokens
+are cut into consecutive windows of ``review_window_size`` tokens from token 0
+(the last one may be shorter), each window gets one score shared by every head,
+and the ``ceil((L_r - B) / review_window_size)`` lowest-scoring windows are
+dropped; the rest are kept whole, with the suffix. The strategy follows the task
+type: ``qa`` (information localisation: single/multi-doc QA) scores a window by
+the mean of its top ``review_window_size // 2`` token scores per head, then the
+mean over heads ("max"), with ``α = suffix_max``; ``other`` (aggregation:
+summaries, few-shot, synthetic, code) by the mean over heads and tokens
+("average"), with ``α = suffix_avg``. The task type comes from ``--task-type``
+or, with ``auto``, from the task classifier (`kvbench.classifier`).
+
+Layers are cut into groups of ``shared_layers`` consecutive layers. Only a
+group's first layer scores; the other layers of the group keep the positions it
+chose (the saving the paper claims). Group budgets fall arithmetically:
+``last = M*S // beta``, ``first = 2M - last``, ``step = (first - last) // (G - 1)``,
+budgets ``first, first - step, ..., last`` (M = --capacity, S = shared layers,
+G = groups); Llama-3-8B with S = 8 and M = 512 gets 732, 586, 440, 292. ``B``
+counts reviewable tokens only; the suffix comes on top, as in the reference.
+Dropping whole windows keeps ``L_r`` minus the dropped windows' lengths, so a
+layer holds at most ``B`` reviewable tokens when the dropped windows are full
+and up to ``review_window_size - 1`` fewer; when the shorter last window is among
+the dropped ones it can hold a few more than ``B`` (the reference's arithmetic).
+Decoding appends without eviction.
+
+Where we differ from, or decide beyond, the reference:
+
+* Layer counts not divisible by ``shared_layers`` (the reference sizes its
+  budget list ``(layers // S) * S`` and crashes with an IndexError past it, e.g.
+  SmolLM2's 30 layers or Qwen2.5-7B's 28 with S = 8): we use
+  ``G = ceil(layers / S)`` groups, the last one shorter. The leader rule stays
+  the reference's (layer ``i`` leads when ``i % S == 0``) and the budget formula
+  is unchanged, so the shorter last group has the smallest budget and the mean
+  budget per layer is a little above the capacity (M = 512: 527.2 per layer on
+  30 layers, 544 on 28). The per-group budgets are written to every result row.
+* Bad settings fail with a one-line error: non-positive window, group, suffix
+  sizes or beta at construction; a capacity too small to give every group a
+  positive budget (``capacity * S // beta >= 1``, i.e. ``capacity >=
+  ceil(beta / S)``, and ``S < 2 * beta``) as soon as the layer count is known
+  (``bind_model``, right after the model is loaded, or at the latest
+  ``start_sample`` before the first prefill). The reference runs on with
+  zero or negative budgets, keeping only the suffix.
+* ``shared_layers >= layers`` (one group): the reference divides by zero
+  (G = 1) or indexes an empty list (G = 0). We give the single group the
+  capacity itself: with one group there is nothing to decay over, and the mean
+  budget stays ``M``. Layer 0 scores, every other layer reuses its choice.
+* Ties between window scores: like the reference's stable ``sorted(...,
+  reverse=True)[:-k]``, among equal scores the later window is dropped first.
+* The task type is classified for **every** sample; the reference sets the
+  strategy (and the suffix size) on the model config at the first sample and
+  never changes it.
+* Under GQA the cache holds un-repeated KV heads (the reference repeats them
+  before compressing: 4x the memory on Llama-3-8B). Scores are taken over the
+  query heads, as the reference's repeated layout gives, and the window choice is
+  shared by all heads anyway, so every KV head keeps the same positions.
+* Kept windows are stored in their original order; the reference concatenates
+  them in descending-score order. Keys are post-RoPE, so attention does not
+  depend on the cache order; only the summation order of the attention output
+  differs.
+* A group leader that drops every window (possible only when the budget is
+  smaller than a window) records that for its followers, which keep the suffix
+  only. The reference does not update its shared window list then, so the
+  followers reuse a stale list from an earlier group or sample.
+* ``review_window_size = 1``: the reference averages the top ``1 // 2 = 0``
+  tokens (NaN scores); we average at least one token.
+* Group decisions are reset per sample and tagged with the prompt length; a
+  follower that finds no decision for its prompt (never expected from the
+  engine) scores by itself instead of reusing stale positions.
+
+Numerics match the reference: logits in the model dtype, softmax in float32
+cast back to the model dtype, summed over the suffix and averaged per window in
+the model dtype, so rounding and ties in bf16/fp16 behave as there.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from kvbench.errors import KvbenchError
+from kvbench.methods import register
+from kvbench.methods.base import LayerPrefill, Method, Option, Selection, keep_positions
+from kvbench.methods.scoring import observation_window_attention
+
+TASK_TYPES = ("qa", "other")
+STRATEGY = {"qa": "max", "other": "average"}
+
+
+def num_groups(num_layers: int, shared_layers: int) -> int:
+    """Groups of ``shared_layers`` consecutive layers; the last one may be shorter."""
+    return math.ceil(num_layers / shared_layers)
+
+
+def group_budgets(capacity: int, shared_layers: int, beta: int, num_layers: int) -> list[int]:
+    """Reviewable-token budget of each layer group, the reference's "arithmetic" decay.
+
+    Raises KvbenchError when a group would get no positive budget.
+    """
+    groups = num_groups(num_layers, shared_layers)
+    if groups == 1:
+        return [capacity]
+    if shared_layers >= 2 * beta:
+        raise KvbenchError(
+            f"--shared-layers ({shared_layers}) must be below 2 x --beta ({2 * beta}) for a {num_layers}-layer model "
+            f"({groups} groups): the first group's budget 2*capacity - capacity*shared_layers//beta is never positive"
+        )
+    last = capacity * shared_layers // beta
+    first = 2 * capacity - last
+    step = (first - last) // (groups - 1)
+    budgets = [first - index * step for index in range(groups - 1)] + [last]
+    if min(budgets) <= 0:
+        needed = math.ceil(beta / shared_layers)
+        raise KvbenchError(
+            f"--capacity {capacity} is too small for WindowKV on a {num_layers}-layer model with "
+            f"--shared-layers {shared_layers} and --beta {beta}: the last group's budget "
+            f"capacity*{shared_layers}//{beta} is {last}; needs --capacity >= {needed}"
+        )
+    return budgets
+
+
+def window_scores(votes: torch.Tensor, window_size: int, strategy: str) -> torch.Tensor:
+    """One score per review window, shared by all heads: (num_windows,).
+
+    votes: (1, H, L_r) per-head token scores. "average": mean over heads and the
+    window's tokens. "max": per head the mean of the window's top
+    ``min(window_size // 2, window length)`` tokens (at least one), then the mean
+    over heads. Computed in the votes' dtype, as the reference does.
+    """
+    length = votes.shape[-1]
+    full = length // window_size
+    parts = []
+    if full:
+        parts.append(votes[..., : full * window_size].unflatten(-1, (full, window_size)))
+    if length % window_size:
+        parts.append(votes[..., full * window_size :].unsqueeze(-2))
+    scores = []
+    for part in parts:  # (1, H, windows, tokens): the full windows, then the short last one
+        if strategy == "max":
+            top = max(1, min(window_size // 2, part.shape[-1]))
+            part = part.topk(top, dim=-1).values
+        # One contiguous (heads x tokens) row per window, reduced like the reference's
+        # `window.mean()`, so that exact ties stay exact (reduction order matters).
+        scores.append(part[0].transpose(0, 1).contiguous().flatten(1).mean(dim=-1))
+    return torch.cat(scores)
+
+
+def kept_windows(scores: torch.Tensor, drop: int) -> torch.Tensor:
+    """Indices (ascending) of the windows kept after dropping the ``drop`` lowest-scoring ones.
+
+    Among equal scores the later window is dropped first (the reference's stable
+    descending sort, cut from the end).
+    """
+    order = torch.sort(scores.float(), descending=True, stable=True).indices
+    return order[: scores.shape[0] - drop].sort().values
+
+
+@register
+class WindowKV(Method):
+    name = "windowkv"
+    description = (
+        "Keep whole windows of the prompt chosen by the last prompt tokens' attention, task-adaptive scoring, "
+        "layers in groups sharing one choice, budgets decreasing by group."
+    )
+    options = (
+        Option("review_window_size", int, 8, "tokens per review window (the unit kept or dropped)"),
+        Option("shared_layers", int, 8, "consecutive layers per group sharing the first layer's choice"),
+        Option("suffix_max", int, 32, "suffix (scoring queries, always kept) for QA tasks ('max' scoring)"),
+        Option("suffix_avg", int, 16, "suffix (scoring queries, always kept) for other tasks ('average' scoring)"),
+        Option("beta", int, 14, "the last group keeps capacity*shared_layers//beta reviewable tokens"),
+        Option(
+            "task_type",
+            str,
+            "auto",
+            "scoring strategy: qa ('max'), other ('average'), or auto (the task classifier, per sample)",
+            choices=("auto", "qa", "other"),
+        ),
+        Option("classifier", str, None, "task classifier checkpoint for --task-type auto (default location if unset)"),
+    )
+
+    def validate(self) -> None:
+        for option in ("review_window_size", "shared_layers", "suffix_max", "suffix_avg", "beta"):
+            value = getattr(self, option)
+            if value <= 0:
+                raise KvbenchError(f"--{option.replace('_', '-')} must be > 0, got {value}")
+        self._task_classifier = None
+        if self.task_type == "auto":
+            # Load now so that a missing checkpoint fails before any model work.
+            from kvbench import classifier as classifier_module
+
+            load_classifier = getattr(classifier_module, "load_classifier", None)
+            if load_classifier is None:
+                raise KvbenchError("the task classifier is not available in this install; pass --task-type qa|other")
+            self._task_classifier = load_classifier(self.classifier)
+        self._sample_task_type: str | None = None if self.task_type == "auto" else self.task_type
+        self._budgets: list[int] | None = None
+        self._budgets_layers: int | None = None
+        self._group_choice: dict[int, tuple[int, torch.Tensor | None]] = {}
+
+    # -- per sample ---------------------------------------------------------------------------
+
+    def bind_model(self, model_name: str, num_layers: int) -> None:
+        # Check the group budgets as soon as the layer count is known.
+        self._layer_budgets(num_layers)
+
+    def start_sample(self, prompt_length: int, num_layers: int, sample: dict | None = None) -> None:
+        self._group_choice = {}
+        self._layer_budgets(num_layers)
+        if self.task_type != "auto":
+            self._sample_task_type = self.task_type
+            return
+        text = (sample or {}).get("prompt_text")
+        if text is None:
+            raise KvbenchError("--task-type auto needs the sample's prompt text for the classifier; pass --task-type qa|other")
+        predicted = self._task_classifier.predict(text)
+        if predicted not in TASK_TYPES:
+            raise KvbenchError(f"the task classifier answered {predicted!r}, expected one of {', '.join(TASK_TYPES)}")
+        self._sample_task_type = predicted
+
+    def sample_record(self) -> dict[str, Any]:
+        record: dict[str, Any] = {"task_type": self._sample_task_type}
+        if self._budgets is not None:
+            record["group_budgets"] = list(self._budgets)
+        return record
+
+    # -- prefill ------------------------------------------------------------------------------
+
+    def _layer_budgets(self, num_layers: int) -> list[int]:
+        if self._budgets is None or self._budgets_layers != num_layers:
+            self._budgets = group_budgets(self.capacity, self.shared_layers, self.beta, num_layers)
+            self._budgets_layers = num_layers
+        return self._budgets
+
+    @property
+    def suffix(self) -> int:
+        return self.suffix_max if self._sample_task_type == "qa" else self.suffix_avg
+
+    def select(self, layer: LayerPrefill) -> Selection | None:
+        if self._sample_task_type is None:
+            raise RuntimeError("WindowKV.select called before start_sample classified the sample")
+        group = layer.layer_idx // self.shared_layers
+        budget = self._layer_budgets(layer.num_layers)[group]
+        length = layer.prompt_length
+        suffix = self.suffix
+        reviewable = length - suffix
+        if reviewable <= budget:
+            return None
+        choice = self._group_choice.get(group)
+        if layer.layer_idx % self.shared_layers == 0 or choice is None or choice[0] != length:
+            choice = (length, self._choose(layer, reviewable, budget, suffix))
+            self._group_choice[group] = choice
+        kept = choice[1]
+        suffix_positions = torch.arange(reviewable, length, device=layer.keys.device)
+        positions = suffix_positions if kept is None else torch.cat([kept.to(layer.keys.device), suffix_positions])
+        return keep_positions(positions, layer.keys.shape[1])
+
+    def _choose(self, layer: LayerPrefill, reviewable: int, budget: int, suffix: int) -> torch.Tensor | None:
+        """Reviewable positions (ascending) the group keeps, or None when every window is dropped."""
+        window = self.review_window_size
+        num_windows = math.ceil(reviewable / window)
+        drop = math.ceil((reviewable - budget) / window)
+        if drop >= num_windows:
+            return None
+        attention = observation_window_attention(layer.queries, layer.keys, suffix).to(layer.queries.dtype)
+        votes = attention[..., :reviewable].sum(dim=-2)  # (1, Hq, L_r), over query heads as the reference
+        scores = window_scores(votes, window, STRATEGY[self._sample_task_type])
+        windows = kept_windows(scores, drop)
+        positions = (windows.view(-1, 1) * window + torch.arange(window, device=windows.device)).flatten()
+        return positions[positions < reviewable]

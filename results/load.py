@@ -1,0 +1,245 @@
+"""Run folders into one table: one row per model x method x capacity x settings x task.
+
+A run folder is what `kvbench run` writes: ``run.json`` at the start, one
+``<task>.jsonl`` row per finished sample, ``scores.json`` at the end. A task's score
+is taken from ``scores.json`` only when the task is complete (every planned sample
+has a row); otherwise it is recomputed from the rows with the task's own scorer, so a
+run in progress shows the score of what it has done so far, flagged as partial.
+
+Reading never changes a file: a last line cut short by a run still writing it is
+skipped, not repaired (the run loop repairs it when it resumes).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from kvbench.errors import KvbenchError
+
+RUN_FILE = "run.json"
+SCORES_FILE = "scores.json"
+#: columns that name a run; `settings` holds only the options that tell runs of one method apart
+RUN_KEY = ["model", "method", "capacity", "settings"]
+#: keys of a task's score dict that count samples rather than score them
+_COUNT_KEYS = {"score", "n", "cells"}
+
+
+def default_runs_dir() -> Path:
+    """Where `kvbench run` writes when given no --output: the report reads there by default."""
+    from kvbench.harness.run import default_output_dir
+
+    return default_output_dir()
+
+
+def find_run_dirs(folder: str | Path) -> list[Path]:
+    """``folder`` itself when it holds a run.json, else every folder below it that does."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise KvbenchError(f"no such run folder: {folder}")
+    if not folder.is_dir():
+        raise KvbenchError(f"not a folder: {folder}")
+    if (folder / RUN_FILE).is_file():
+        return [folder]
+    run_dirs = sorted(path.parent for path in folder.rglob(RUN_FILE))
+    if not run_dirs:
+        raise KvbenchError(f"no run in {folder}: no {RUN_FILE} in it or in any folder below it")
+    return run_dirs
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise KvbenchError(f"{path}: not valid JSON ({error.msg}, line {error.lineno})") from None
+    if not isinstance(data, dict):
+        raise KvbenchError(f"{path}: expected a JSON object")
+    return data
+
+
+def read_result_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a ``<task>.jsonl``, first row of each ``_id``; [] when the file is absent."""
+    if not path.is_file():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    rows: dict[str, dict[str, Any]] = {}
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines) and not line.endswith("\n"):
+                break  # the row a running `kvbench run` is writing right now
+            raise KvbenchError(f"{path}:{number}: not a JSON line") from None
+        if not isinstance(row, dict) or "_id" not in row:
+            raise KvbenchError(f"{path}:{number}: a result row must be a JSON object with an _id")
+        rows.setdefault(str(row["_id"]), row)
+    return list(rows.values())
+
+
+def _run_info(run_dir: Path) -> dict[str, Any]:
+    info = _read_json(run_dir / RUN_FILE)
+    missing = [key for key in ("model", "method", "tasks") if key not in info]
+    if missing:
+        raise KvbenchError(f"{run_dir / RUN_FILE}: missing {', '.join(missing)}")
+    if not isinstance(info["tasks"], dict):
+        raise KvbenchError(f"{run_dir / RUN_FILE}: 'tasks' must map task names to sample counts")
+    return info
+
+
+def _task_names(run_dir: Path, planned: dict[str, Any]) -> list[str]:
+    """The planned tasks, then any other result file in the folder (a run that reused the folder
+    with other tasks rewrote run.json; those rows are still results, of unknown planned count)."""
+    others = sorted(path.stem for path in run_dir.glob("*.jsonl") if path.stem not in planned)
+    return list(planned) + others
+
+
+def _settings_text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _label_settings(runs: list[dict[str, Any]]) -> None:
+    """Name in ``settings`` the options whose values differ between runs of one model and method."""
+    by_method: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for run in runs:
+        by_method.setdefault((run["model"], run["method"]), []).append(run)
+    for group in by_method.values():
+        keys = sorted({key for run in group for key in run["all_settings"]} - {"capacity"})
+        varying = [key for key in keys if len({_settings_text(run["all_settings"].get(key)) for run in group}) > 1]
+        for run in group:
+            run["settings"] = ", ".join(f"{key}={_settings_text(run['all_settings'].get(key))}" for key in varying)
+
+
+class _Scorers:
+    """Task objects from the registry, one per task name, for their scorers and categories."""
+
+    def __init__(self):
+        self._tasks: dict[str, Any] = {}
+
+    def __call__(self, name: str, run_dir: Path):
+        if name not in self._tasks:
+            from kvbench.tasks import get_task
+
+            try:
+                self._tasks[name] = get_task(name)
+            except KvbenchError as error:
+                raise KvbenchError(f"{run_dir}: {error}") from None
+        return self._tasks[name]
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+
+
+def _task_record(run: dict[str, Any], task_name: str, scores: dict[str, Any], scorers: _Scorers) -> dict[str, Any]:
+    run_dir: Path = run["run_dir"]
+    task = scorers(task_name, run_dir)
+    rows = read_result_rows(run_dir / f"{task_name}.jsonl")
+    planned = run["tasks"].get(task_name)
+    total = int(planned) if isinstance(planned, (int, float)) else None
+    complete = total is not None and len(rows) >= total
+    saved = scores.get(task_name)
+    saved_score = _number(saved.get("score")) if isinstance(saved, dict) else math.nan
+    if complete and not math.isnan(saved_score):
+        values, source = saved, SCORES_FILE
+    elif rows:
+        values, source = task.score(rows), "rows"
+    else:
+        values, source = {}, "none"
+    record = {
+        "run_dir": str(run_dir),
+        "model": run["model"],
+        "method": run["method"],
+        "capacity": run["capacity"],
+        "settings": run["settings"],
+        "task": task_name,
+        "category": task.category,
+        "n_done": len(rows),
+        "n_total": total,
+        "complete": complete,
+        "score": _number(values.get("score")),
+        "score_source": source,
+    }
+    record.update({key: _number(value) for key, value in values.items() if key not in _COUNT_KEYS})
+    return record
+
+
+def load_runs(*paths: str | Path) -> pd.DataFrame:
+    """Every run under ``paths`` (default: `kvbench run`'s output folder) as one DataFrame.
+
+    Columns: run_dir, model, method, capacity (nullable int), settings, task, category,
+    n_done, n_total (nullable: unknown for a task run.json does not plan), complete,
+    score (0-100, NaN before the first row), score_source ("scores.json", "rows" or
+    "none"), then each task's extra scores (LongBench-E's "0-4k", "4-8k", "8k+"; the
+    needle's "rouge1_f", "phrase_found"), NaN where a task has none.
+    """
+    run_dirs: list[Path] = []
+    for path in paths or (default_runs_dir(),):
+        run_dirs += [run_dir for run_dir in find_run_dirs(path) if run_dir not in run_dirs]
+    runs = []
+    for run_dir in run_dirs:
+        info = _run_info(run_dir)
+        settings = info.get("settings") or {}
+        runs.append({
+            "run_dir": run_dir,
+            "model": str(info["model"]),
+            "method": str(info["method"]),
+            "capacity": info.get("capacity"),
+            "tasks": info["tasks"],
+            "all_settings": settings if isinstance(settings, dict) else {},
+        })
+    _label_settings(runs)
+    scorers = _Scorers()
+    records = []
+    for run in runs:
+        scores_path = run["run_dir"] / SCORES_FILE
+        scores = _read_json(scores_path) if scores_path.is_file() else {}
+        records += [_task_record(run, name, scores, scorers) for name in _task_names(run["run_dir"], run["tasks"])]
+    if not records:
+        raise KvbenchError(f"the runs in {', '.join(str(path) for path in run_dirs)} plan no task")
+    frame = pd.DataFrame.from_records(records)
+    frame["capacity"] = frame["capacity"].astype("Int64")
+    frame["n_total"] = frame["n_total"].astype("Int64")
+    _refuse_duplicates(frame)
+    return frame
+
+
+def _refuse_duplicates(frame: pd.DataFrame) -> None:
+    """Two folders with the same run and task would make two rows that a table cannot tell apart."""
+    keyed = frame.assign(capacity=frame["capacity"].astype("string").fillna("none"))
+    duplicated = keyed[keyed.duplicated(RUN_KEY + ["task"], keep=False)]
+    if not duplicated.empty:
+        first = duplicated.iloc[0]
+        folders = duplicated[(duplicated[RUN_KEY + ["task"]] == first[RUN_KEY + ["task"]]).all(axis=1)]["run_dir"]
+        raise KvbenchError(
+            f"{first['task']} of {first['model']} {first['method']} capacity {first['capacity']} is in more than one "
+            f"run folder ({', '.join(folders)}); report on one of them at a time"
+        )
+
+
+def needle_cells(runs: pd.DataFrame) -> pd.DataFrame:
+    """The needle grid of every run in ``runs`` that has a needle task: one row per finished cell
+    with the run's key, context_length, depth_percent and the cell's scores (0-100)."""
+    scorers = _Scorers()
+    records: list[dict[str, Any]] = []
+    for run in runs[runs["category"] == "needle"].itertuples(index=False):
+        task = scorers(run.task, Path(run.run_dir))
+        for row in read_result_rows(Path(run.run_dir) / f"{run.task}.jsonl"):
+            cell = task.score_row(row)
+            records.append({
+                **{key: getattr(run, key) for key in RUN_KEY},
+                "task": run.task,
+                "context_length": int(row["context_length"]),
+                "depth_percent": float(row["depth_percent"]),
+                "score": cell["rouge1_recall"],
+                "rouge1_f": cell["rouge1_f"],
+                "phrase_found": cell["phrase_found"],
+                "pred": row.get("pred", ""),
+            })
+    return pd.DataFrame.from_records(records, columns=RUN_KEY + [
+        "task", "context_length", "depth_percent", "score", "rouge1_f", "phrase_found", "pred"])

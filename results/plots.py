@@ -1,0 +1,106 @@
+"""The report's pictures (PNG, matplotlib's Agg backend): needle heatmaps and score versus capacity."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never a window, also on machines without a display
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.colors import LinearSegmentedColormap  # noqa: E402
+
+#: gkamradt's needle colours: red (missed) through yellow to green (found)
+NEEDLE_COLORMAP = LinearSegmentedColormap.from_list("needle", ["#F0496E", "#EBB839", "#0CD79F"])
+NO_CELL_COLOR = "#d9d9d9"
+
+
+def needle_heatmap(cells: pd.DataFrame, title: str, path: Path) -> Path:
+    """Depth percent (rows, 0 at the top) x context length (columns) of one run's cell scores, 0-100.
+
+    Cells not run yet are grey.
+    """
+    grid = cells.pivot_table(index="depth_percent", columns="context_length", values="score", aggfunc="mean")
+    grid = grid.sort_index().sort_index(axis=1)
+    colormap = NEEDLE_COLORMAP.with_extremes(bad=NO_CELL_COLOR)
+    # One size for the usual grids (up to 8 lengths x 11 depths), so that heatmaps side by side
+    # compare cell for cell even when a run in progress has fewer columns.
+    figure, axes = plt.subplots(figsize=(max(8.6, 0.7 * grid.shape[1] + 3), max(6.2, 0.38 * grid.shape[0] + 2)))
+    image = axes.imshow(np.ma.masked_invalid(grid.to_numpy(dtype=float)), cmap=colormap, vmin=0, vmax=100,
+                        aspect="auto", interpolation="nearest")
+    axes.set_xticks(range(grid.shape[1]), [str(int(length)) for length in grid.columns], rotation=45, ha="right")
+    axes.set_yticks(range(grid.shape[0]), [f"{depth:g}" for depth in grid.index])
+    # Thin white lines between cells, as the reference figures draw them.
+    axes.set_xticks(np.arange(-0.5, grid.shape[1]), minor=True)
+    axes.set_yticks(np.arange(-0.5, grid.shape[0]), minor=True)
+    axes.grid(which="minor", color="white", linewidth=1)
+    axes.tick_params(which="minor", length=0)
+    axes.set_xlabel("Context length (prompt tokens)")
+    axes.set_ylabel("Depth percent")
+    axes.set_title(title)
+    figure.colorbar(image, ax=axes, label="Score (ROUGE-1 recall)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def capacity_figure(points: pd.DataFrame, title: str, path: Path) -> Path:
+    """One panel per metric (category averages, Avg, needle): score versus KV capacity, a line per method.
+
+    ``points`` has columns panel, label (method and settings), capacity (NA for a method
+    without a budget, drawn as a dashed level), score and complete; an unfinished
+    run's point is hollow.
+    """
+    panels = list(dict.fromkeys(points["panel"]))
+    labels = sorted(set(points["label"]))
+    colors = {label: plt.get_cmap("tab10")(position % 10) for position, label in enumerate(labels)}
+    columns = min(3, len(panels))
+    rows = math.ceil(len(panels) / columns)
+    figure, axes_grid = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows + 0.8), squeeze=False)
+    budgets = points["capacity"].dropna()
+    for axes, panel in zip(axes_grid.flat, panels):
+        panel_points = points[points["panel"] == panel]
+        for label in labels:
+            series = panel_points[panel_points["label"] == label]
+            with_budget = series[series["capacity"].notna()].sort_values("capacity")
+            without_budget = series[series["capacity"].isna()]
+            color = colors[label]
+            if not with_budget.empty:
+                capacities = with_budget["capacity"].astype(float).to_numpy()
+                scores = with_budget["score"].to_numpy(dtype=float)
+                complete = with_budget["complete"].to_numpy(dtype=bool)
+                axes.plot(capacities, scores, color=color, linewidth=1.5)
+                axes.scatter(capacities[complete], scores[complete], color=color, zorder=3)
+                axes.scatter(capacities[~complete], scores[~complete], facecolors="white", edgecolors=color, zorder=3)
+            for score in without_budget["score"]:
+                axes.axhline(score, color=color, linestyle="--", linewidth=1.2)
+        if budgets.nunique() > 1:
+            axes.set_xscale("log", base=2)
+            axes.set_xticks(sorted(budgets.astype(float).unique()), [str(int(b)) for b in sorted(budgets.unique())])
+        axes.set_title(panel)
+        axes.set_xlabel("KV capacity (tokens)")
+        axes.set_ylabel("Score")
+        axes.grid(alpha=0.3)
+    for axes in list(axes_grid.flat)[len(panels):]:
+        axes.set_visible(False)
+    with_budgets = set(points.loc[points["capacity"].notna(), "label"])
+    handles = [
+        plt.Line2D([], [], color=colors[label], marker="o", label=label) if label in with_budgets
+        else plt.Line2D([], [], color=colors[label], linestyle="--", label=f"{label} (no budget)")
+        for label in labels
+    ]
+    if not points["complete"].all():
+        handles.append(plt.Line2D([], [], color="grey", marker="o", markerfacecolor="white", linestyle="",
+                                  label="unfinished run"))
+    figure.legend(handles=handles, loc="lower center", ncol=min(4, len(handles)), frameon=False)
+    figure.suptitle(title)
+    legend_rows = math.ceil(len(handles) / min(4, len(handles)))
+    figure.tight_layout(rect=(0, (0.35 + 0.25 * legend_rows) / figure.get_figheight(), 1, 1))
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path

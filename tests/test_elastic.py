@@ -1,0 +1,156 @@
+"""Elastic Cache: anchors, merging into the nearest anchor, and runs on tiny random models."""
+
+import pytest
+import torch
+
+from kvbench.harness.generate import generate_greedy
+from kvbench.methods import build_method
+from kvbench.methods import elastic as elastic_module
+from kvbench.methods.base import LayerPrefill
+from kvbench.methods.elastic import nearest_anchor
+from tests.tiny_models import random_prompt, tiny_model
+
+LENGTH = 10
+START, PROTECT = 2, 1  # protected: 0, 1 and 9; middle 2..8
+# Middle scores by position: anchors (top 3) are 6 (9.0), 8 (8.0) and 2 (5.0).
+SCORES = torch.tensor([0.0, 0.0, 5, 1, 2, 0.5, 9, 3, 8, 0.0])
+
+
+@pytest.fixture
+def fake_scores(monkeypatch):
+    monkeypatch.setattr(elastic_module, "attention_importance", lambda queries, keys, scaling: SCORES)
+
+
+def hand_layer(kv_heads=2, query_heads=4):
+    positions = torch.arange(LENGTH, dtype=torch.float32)
+    # key of head h at position p: [p^2 + 100 h, -p]; values random. Squares, so a mean is not the middle token.
+    keys = torch.stack([torch.stack([positions**2 + 100 * h, -positions], dim=-1) for h in range(kv_heads)]).unsqueeze(0)
+    values = torch.randn(1, kv_heads, LENGTH, 2, generator=torch.Generator().manual_seed(0))
+    queries = torch.zeros(1, query_heads, LENGTH, 2)
+    return LayerPrefill(0, 1, queries, keys, values, 1.0)
+
+
+def elastic(**options):
+    return build_method("elastic", start_size=START, protect_size=PROTECT, **options)
+
+
+def test_nearest_anchor_ties_go_to_the_earlier_anchor():
+    anchors = torch.tensor([2, 6, 8])
+    assert nearest_anchor(torch.tensor([0, 3, 4, 5, 7, 9, 12]), anchors).tolist() == [2, 2, 2, 6, 6, 8, 8]
+
+
+def test_dropped_tokens_are_averaged_into_their_nearest_anchor(fake_scores):
+    method = elastic(capacity=6)  # drop 4 of the 7 middle tokens
+    method.start_sample(LENGTH, 1)
+    layer = hand_layer()
+    selection = method.select(layer)
+    assert selection.indices[0].tolist() == [[0, 1, 2, 6, 8, 9]] * 2
+    # dropped 3, 4, 5, 7: 3 -> 2; 4 is 2 from both 2 and 6 -> 2 (earlier); 5 -> 6; 7 is 1 from 6 and 8 -> 6
+    groups = {2: [2, 3, 4], 6: [6, 5, 7], 8: [8]}
+    for head in range(2):
+        expected_keys = []
+        expected_values = []
+        for position in [0, 1, 2, 6, 8, 9]:
+            members = groups.get(position, [position])
+            expected_keys.append(layer.keys[0, head, members].mean(dim=0))
+            expected_values.append(layer.values[0, head, members].mean(dim=0))
+        torch.testing.assert_close(selection.keys[0, head], torch.stack(expected_keys))
+        torch.testing.assert_close(selection.values[0, head], torch.stack(expected_values))
+    # by hand, head 0 keys: anchor 2 = mean(4, 9, 16) = 29/3; anchor 6 = mean(36, 25, 49) = 110/3; anchor 8 = 64
+    assert selection.keys[0, 0, 2:5, 0].tolist() == pytest.approx([29 / 3, 110 / 3, 64])
+    assert selection.keys[0, 1, 2:5, 0].tolist() == pytest.approx([29 / 3 + 100, 110 / 3 + 100, 164])
+
+
+def test_no_merge_is_plain_top_k_eviction(fake_scores):
+    method = elastic(capacity=6, merge=False)
+    method.start_sample(LENGTH, 1)
+    selection = method.select(hand_layer())
+    assert selection.indices[0, 0].tolist() == [0, 1, 2, 6, 8, 9]
+    assert selection.keys is None and selection.values is None
+
+
+def reference_kept_middle(middle_scores, drop):
+    """The reference's anchor rule, restated: slots of argsort whose token index exceeds the drop count."""
+    return torch.where(torch.argsort(middle_scores) > drop)[0].tolist()
+
+
+def test_anchors_are_the_top_ranked_tokens_not_the_reference_index_comparison(monkeypatch):
+    # Middle scores chosen so that comparing argsort's token indices with the drop count keeps other
+    # tokens than the top ones: a test of "anchors = highest scores" fails on the reference's rule.
+    middle = torch.tensor([5.0, 1, 8, 3, 7, 2, 6, 4])  # positions 2..9
+    scores = torch.cat([torch.zeros(2), middle, torch.zeros(1)])
+    monkeypatch.setattr(elastic_module, "attention_importance", lambda queries, keys, scaling: scores)
+    method = elastic(capacity=8)  # 11 tokens, drop 3: keep the 5 best middle tokens
+    method.start_sample(11, 1)
+    positions = torch.zeros(1, 1, 11, 2)
+    layer = LayerPrefill(0, 1, positions, positions.clone(), positions.clone(), 1.0)
+    kept_middle = [p - 2 for p in method.select(layer).indices[0, 0].tolist()[2:-1]]
+    top = sorted(middle.argsort(descending=True)[:5].tolist())
+    assert kept_middle == top == [0, 2, 4, 6, 7]
+    wrong = reference_kept_middle(middle, 3)
+    assert wrong != top  # the reference keeps [1, 3, 5, 6]: scores 1, 3, 2, 6
+    assert len(wrong) == 4  # and drops one token too many
+
+
+def test_dropping_every_middle_token_keeps_the_protected_ones_unmerged(fake_scores):
+    method = elastic(capacity=1)
+    method.start_sample(LENGTH, 1)
+    layer = hand_layer()
+    selection = method.select(layer)
+    assert selection.indices[0, 0].tolist() == [0, 1, 9]
+    assert selection.keys is None
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_protected_tokens_always_kept_and_exact_drop_on_random_layers(seed):
+    generator = torch.Generator().manual_seed(seed)
+    length = 64
+    queries = torch.randn(1, 4, length, 8, generator=generator) * 3
+    keys = torch.randn(1, 2, length, 8, generator=generator) * 3
+    values = torch.randn(1, 2, length, 8, generator=generator)
+    method = build_method("elastic", ratio=0.6)
+    method.start_sample(length, 1)
+    selection = method.select(LayerPrefill(0, 1, queries, keys, values, 8**-0.5))
+    kept = selection.indices[0, 0].tolist()
+    assert len(kept) == length - round(0.6 * length)
+    assert kept[:4] == [0, 1, 2, 3] and kept[-1] == length - 1
+    assert selection.indices.shape[:2] == (1, 2) and torch.equal(selection.indices[0, 0], selection.indices[0, 1])
+    assert selection.keys.shape == (1, 2, len(kept), 8)
+
+
+def test_ratio_and_capacity_agree_on_the_same_sample(fake_scores):
+    selections = []
+    for budget in ({"capacity": 6}, {"ratio": 0.4}):  # 10 tokens: both drop 4
+        method = elastic(**budget)
+        method.start_sample(LENGTH, 1)
+        selections.append(method.select(hand_layer()))
+    assert torch.equal(selections[0].indices, selections[1].indices)
+    assert torch.equal(selections[0].keys, selections[1].keys)
+
+
+def test_tiny_gqa_model_holds_the_cache_for_50_steps():
+    model = tiny_model("llama", num_layers=3)
+    prompt = random_prompt(120)
+    method = build_method("elastic", capacity=60)
+    calls = []
+    decode_eviction = method.decode_eviction
+
+    def record(layer_idx, cache_length, tokens_seen):
+        index = decode_eviction(layer_idx, cache_length, tokens_seen)
+        calls.append((cache_length, index))
+        return index
+
+    method.decode_eviction = record
+    generation = generate_greedy(model, prompt, method, 51, set())
+    assert generation.kept_per_layer == [60] * 3
+    assert calls == [(60, 35)] * (50 * 3)
+    assert method.sample_record()["budget_per_layer"] == [60] * 3
+
+
+def test_merge_changes_the_output_of_a_tiny_model():
+    model = tiny_model("llama", num_layers=3)
+    prompt = random_prompt(200)
+    merged = generate_greedy(model, prompt, build_method("elastic", ratio=0.9), 10, set())
+    evicted = generate_greedy(model, prompt, build_method("elastic", ratio=0.9, merge=False), 10, set())
+    assert merged.kept_per_layer == evicted.kept_per_layer == [20] * 3
+    assert merged.token_ids != evicted.token_ids

@@ -1,0 +1,116 @@
+"""`kvbench run` end to end on the embedded SmolLM2, resumability, and its one-line errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from kvbench.cli import main
+from kvbench.harness.run import append_row, read_rows
+from kvbench.tasks.evaluate import evaluate_path
+
+MODEL_NAME = "SmolLM2-135M-Instruct.Q4_1"
+
+
+def kvbench(*args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "kvbench", *args], capture_output=True, text=True, **kwargs)
+
+
+def jsonl_ids(path: Path) -> list[str]:
+    return [json.loads(line)["_id"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+def test_snapkv_run_on_real_samples_writes_rows_and_scores(tmp_path, longbench_mini):
+    result = kvbench("run", "--method", "snapkv", "--capacity", "64", "--tasks", "trec,multifieldqa_en",
+                     "--data-dir", str(longbench_mini), "--limit", "1", "--max-length", "1500",
+                     "--output", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    run_dir = tmp_path / MODEL_NAME / "snapkv-64"
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["method"] == "snapkv" and run["capacity"] == 64 and run["tasks"] == {"trec": 1, "multifieldqa_en": 1}
+    gold = {json.loads(line)["_id"]: json.loads(line) for line in (longbench_mini / "trec.jsonl").open()}
+    (row,) = [json.loads(line) for line in (run_dir / "trec.jsonl").open()]
+    assert row["_id"] in gold and row["answers"] == gold[row["_id"]]["answers"]
+    assert row["all_classes"] == gold[row["_id"]]["all_classes"]
+    assert "\n" not in row["pred"]  # trec keeps the first line only
+    assert row["prompt_tokens"] <= 1500 and row["prompt_tokens"] > 64
+    assert row["kept_tokens"] == {"mean": 64, "min": 64, "max": 64}
+    assert row["prefill_seconds"] > 0 and row["kv_cache_mb"] > 0
+    scores = json.loads((run_dir / "scores.json").read_text())
+    table = evaluate_path(run_dir).set_index("task")
+    for task in ("trec", "multifieldqa_en"):
+        assert scores[task]["n"] == 1
+        assert scores[task]["score"] == pytest.approx(table.loc[task, "score"])
+    assert "trec" in result.stdout and "multifieldqa_en" in result.stdout
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_without_losing_or_repeating_samples(tmp_path, longbench_mini):
+    args = ["run", "--method", "pyramidkv", "--capacity", "48", "--tasks", "samsum", "--data-dir", str(longbench_mini),
+            "--limit", "3", "--max-length", "600", "--output", str(tmp_path)]
+    rows_file = tmp_path / MODEL_NAME / "pyramidkv-48" / "samsum.jsonl"
+    process = subprocess.Popen([sys.executable, "-m", "kvbench", *args], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (rows_file.is_file() and rows_file.stat().st_size > 0):
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    first_ids = jsonl_ids(rows_file)
+    assert 1 <= len(first_ids) < 3
+    result = kvbench(*args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    ids = jsonl_ids(rows_file)
+    assert len(ids) == 3 and len(set(ids)) == 3 and ids[: len(first_ids)] == first_ids
+
+
+def test_a_line_cut_by_a_kill_is_dropped_and_rewritten(tmp_path):
+    path = tmp_path / "task.jsonl"
+    append_row(path, {"_id": "a", "pred": "x"})
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write('{"_id": "b", "pr')
+    assert [row["_id"] for row in read_rows(path)] == ["a"]
+    append_row(path, {"_id": "b", "pred": "y"})
+    assert [row["_id"] for row in read_rows(path)] == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--method", "nosuch", "--capacity", "64"], "unknown method 'nosuch'; known methods:"),
+        (["--method", "snapkv", "--capacity", "0"], "--capacity > 0"),
+        (["--method", "snapkv", "--capacity", "4"], "larger than the observation window"),
+        (["--method", "snapkv", "--capacity", "64", "--tasks", "nosuch"], "nosuch"),
+        (["--method", "fullkv", "--tasks", "trec", "--model", "/no/such/model"], "model path not found"),
+        (["--method", "fullkv", "--tasks", "trec", "--model", "/no/such/model.gguf"], "model file not found"),
+        (["--method", "fullkv", "--tasks", "trec", "--attn", "flash_attention_2"], "flash"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
+    result = CliRunner().invoke(main, ["run", *args, "--output", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_gguf_without_the_gguf_package_is_one_line(tmp_path, monkeypatch):
+    import importlib.util
+
+    from kvbench.harness import model as model_module
+
+    gguf_file = tmp_path / "tiny.gguf"
+    gguf_file.write_bytes(b"GGUF")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(model_module.importlib.util, "find_spec",
+                        lambda name, *rest: None if name == "gguf" else real_find_spec(name, *rest))
+    result = CliRunner().invoke(main, ["run", "--method", "fullkv", "--tasks", "trec", "--model", str(gguf_file),
+                                       "--output", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "needs the gguf package" in result.output

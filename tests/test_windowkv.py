@@ -1,0 +1,397 @@
+"""WindowKV: budgets, window scoring by hand, layer sharing, edge cases, and the hook on a tiny Llama."""
+
+import math
+
+import pytest
+import torch
+
+from kvbench.errors import KvbenchError
+from kvbench.methods import build_method, get_method_class
+from kvbench.methods.base import LayerPrefill
+from kvbench.methods.windowkv import WindowKV, group_budgets, kept_windows, window_scores
+
+EPS = 1e-6
+
+
+def method(capacity=8, **options):
+    options.setdefault("task_type", "other")
+    return WindowKV(capacity=capacity, **options)
+
+
+def layer_from_weights(weights, suffix, layer_idx=0, num_layers=1, heads=1, kv_heads=None, head_dim=4):
+    """Queries/keys whose suffix attention over the reviewable tokens is proportional to ``weights``.
+
+    Every suffix query is e1 and reviewable key j is e1 * sqrt(d) * log(w_j), so its logit is
+    log(w_j); the suffix keys are zero (logit 0). Each suffix query's softmax over the reviewable
+    columns is then w_j / Z_i, and the summed votes are proportional to the weights.
+    ``weights``: a list (same for every head) or a list per head.
+    """
+    kv_heads = kv_heads or heads
+    per_head = weights if isinstance(weights[0], (list, tuple)) else [weights] * kv_heads
+    reviewable = len(per_head[0])
+    length = reviewable + suffix
+    queries = torch.zeros(1, heads, length, head_dim)
+    queries[..., 0] = 1.0
+    keys = torch.zeros(1, kv_heads, length, head_dim)
+    for head, head_weights in enumerate(per_head):
+        keys[0, head, :reviewable, 0] = torch.tensor(head_weights).log() * math.sqrt(head_dim)
+    return LayerPrefill(layer_idx, num_layers, queries, keys, keys.clone(), 1 / math.sqrt(head_dim))
+
+
+def random_layer(layer_idx, num_layers, length, heads=4, kv_heads=2, head_dim=8):
+    keys = torch.randn(1, kv_heads, length, head_dim)
+    return LayerPrefill(layer_idx, num_layers, torch.randn(1, heads, length, head_dim) * 2, keys, keys.clone(), 1.0)
+
+
+def kept(selection):
+    """The kept positions, checking every KV head keeps the same ones."""
+    indices = selection.indices
+    assert indices.shape[0] == 1
+    for head in range(indices.shape[1]):
+        assert torch.equal(indices[0, head], indices[0, 0])
+    return indices[0, 0].tolist()
+
+
+# -- budgets -----------------------------------------------------------------------------------
+
+
+def test_llama3_group_budgets():
+    assert group_budgets(512, 8, 14, 32) == [732, 586, 440, 292]
+
+
+def test_layers_not_divisible_by_shared_layers_get_a_shorter_last_group():
+    # SmolLM2 (30 layers) and Qwen2.5-7B (28): 4 groups, the reference's formula, last group shorter.
+    assert group_budgets(512, 8, 14, 30) == [732, 586, 440, 292]
+    assert group_budgets(512, 8, 14, 28) == [732, 586, 440, 292]
+    assert group_budgets(512, 8, 14, 25) == [732, 586, 440, 292]
+    assert group_budgets(512, 8, 14, 24) == [732, 512, 292]
+    wkv = method(capacity=512, task_type="qa")
+    wkv.start_sample(2000, 30, {})
+    assert wkv.sample_record() == {"task_type": "qa", "group_budgets": [732, 586, 440, 292]}
+    # Layers 24..29 form the last group: layer 24 leads, 25..29 reuse its choice, budget 292.
+    torch.manual_seed(0)
+    length = 400 + 32
+    leader = wkv.select(random_layer(24, 30, length))
+    assert len(kept(leader)) == 288 + 32  # 400 reviewable - ceil(108 / 8) = 14 windows of 8
+    for layer_idx in range(25, 30):
+        assert torch.equal(wkv.select(random_layer(layer_idx, 30, length)).indices, leader.indices)
+
+
+@pytest.mark.parametrize("num_layers", [1, 6, 8])
+def test_one_group_when_shared_layers_cover_the_model(num_layers):
+    # The reference divides by zero (layers == S) or indexes an empty list (layers < S).
+    assert group_budgets(40, 8, 14, num_layers) == [40]
+    wkv = method(capacity=16, review_window_size=4, suffix_avg=4)
+    wkv.start_sample(36, num_layers, {})
+    torch.manual_seed(0)
+    selections = []
+    for layer_idx in range(num_layers):
+        selections.append(kept(wkv.select(random_layer(layer_idx, num_layers, 36))))
+    assert len(selections[0]) == 16 + 4
+    assert all(selection == selections[0] for selection in selections)
+
+
+# -- window scores by hand -----------------------------------------------------------------------
+
+
+def test_window_scores_average_and_max_by_hand():
+    votes = torch.tensor([[[0.7, 0.7, 0.7, 0.7, 2.4, 0.0, 0.0, 0.0, 0.8, 0.8, 0.8, 0.8, 0.3, 0.1]]])
+    average = window_scores(votes, 4, "average")
+    top_half = window_scores(votes, 4, "max")
+    torch.testing.assert_close(average, torch.tensor([0.7, 0.6, 0.8, 0.2]))
+    # Top min(4 // 2, window length) = 2 tokens; the last window has 2 tokens.
+    torch.testing.assert_close(top_half, torch.tensor([0.7, 1.2, 0.8, 0.2]))
+
+
+def test_max_scores_are_per_head_top_tokens_then_mean_over_heads():
+    # Head 0 peaks on two tokens of window 0, head 1 sees nothing there: (1 + 0) / 2 = 0.5.
+    # Pooling the heads' tokens first would give window 0 a score of 1.
+    votes = torch.tensor([[[1.0, 1.0, 0.0, 0.0, 0.6, 0.6, 0.6, 0.6], [0.0, 0.0, 0.0, 0.0, 0.6, 0.6, 0.6, 0.6]]])
+    torch.testing.assert_close(window_scores(votes, 4, "max"), torch.tensor([0.5, 0.6]))
+    torch.testing.assert_close(window_scores(votes, 4, "average"), torch.tensor([0.25, 0.6]))
+
+
+def test_review_window_of_one_token_scores_that_token():
+    # The reference's top 1 // 2 = 0 tokens would give NaN scores.
+    votes = torch.tensor([[[0.1, 0.5, 0.3]]])
+    torch.testing.assert_close(window_scores(votes, 1, "max"), torch.tensor([0.1, 0.5, 0.3]))
+
+
+def test_ties_drop_the_later_window_first():
+    assert kept_windows(torch.tensor([0.5, 0.5, 0.5, 0.5]), 1).tolist() == [0, 1, 2]
+    assert kept_windows(torch.tensor([0.5, 0.2, 0.5, 0.2, 0.9]), 2).tolist() == [0, 2, 4]
+    # Uniform attention (zero queries): every window ties, the last ones go.
+    wkv = method(capacity=8, review_window_size=4, suffix_avg=4)
+    wkv.start_sample(20, 1, {})
+    layer = layer_from_weights([1.0] * 16, suffix=4)
+    layer.queries.zero_()
+    assert kept(wkv.select(layer)) == [0, 1, 2, 3, 4, 5, 6, 7] + [16, 17, 18, 19]
+
+
+# -- selection on hand-built queries/keys --------------------------------------------------------
+
+# Four windows of 4: averages 0.7, 0.6, 0.8, 0.1; top-2 means 0.7, 1.2, 0.8, 0.1.
+WEIGHTS = [0.7] * 4 + [2.4, EPS, EPS, EPS] + [0.8] * 4 + [0.1] * 4
+
+
+def test_average_keeps_the_windows_with_the_highest_mean():
+    # 16 reviewable tokens, budget 8 (one group): drop ceil(8 / 4) = 2 windows.
+    wkv = method(capacity=8, review_window_size=4, suffix_avg=4, task_type="other")
+    wkv.start_sample(20, 1, {})
+    assert kept(wkv.select(layer_from_weights(WEIGHTS, suffix=4))) == [0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19]
+
+
+def test_max_keeps_the_windows_with_the_highest_top_half():
+    wkv = method(capacity=8, review_window_size=4, suffix_max=4, task_type="qa")
+    wkv.start_sample(20, 1, {})
+    assert kept(wkv.select(layer_from_weights(WEIGHTS, suffix=4))) == [4, 5, 6, 7, 8, 9, 10, 11, 16, 17, 18, 19]
+
+
+def test_suffix_size_follows_the_strategy():
+    weights = [1.0] * 16
+    for task_type, suffix in (("qa", 6), ("other", 3)):
+        wkv = method(capacity=8, review_window_size=4, suffix_max=6, suffix_avg=3, task_type=task_type)
+        wkv.start_sample(16 + suffix, 1, {})
+        positions = kept(wkv.select(layer_from_weights(weights, suffix=suffix)))
+        assert positions[-suffix:] == list(range(16, 16 + suffix))
+        assert len(positions) == 8 + suffix
+
+
+def test_budget_is_reviewed_tokens_and_short_last_window():
+    # 14 reviewable tokens, windows 0-3, 4-7, 8-11, 12-13, budget 8: drop ceil(6 / 4) = 2 windows.
+    weights = [0.5] * 4 + [0.1] * 4 + [0.9] * 4 + [0.05, 0.05]
+    wkv = method(capacity=8, review_window_size=4, suffix_avg=4)
+    wkv.start_sample(18, 1, {})
+    # The short window is among the dropped ones: 14 - 4 - 2 = 8 reviewable tokens kept.
+    assert kept(wkv.select(layer_from_weights(weights, suffix=4))) == [0, 1, 2, 3, 8, 9, 10, 11, 14, 15, 16, 17]
+    weights = [0.5] * 4 + [0.1] * 4 + [0.05] * 4 + [0.9, 0.9]
+    # Dropping two full windows instead: only 6 reviewable tokens remain (the reference's arithmetic).
+    assert kept(wkv.select(layer_from_weights(weights, suffix=4))) == [0, 1, 2, 3, 12, 13, 14, 15, 16, 17]
+
+
+def test_short_prompts_are_untouched():
+    wkv = method(capacity=8, review_window_size=4, suffix_avg=4)
+    wkv.start_sample(12, 1, {})
+    assert wkv.select(layer_from_weights([1.0] * 8, suffix=4)) is None  # 8 reviewable == budget
+    assert wkv.select(layer_from_weights([1.0] * 1, suffix=2)) is None  # shorter than the suffix
+    assert wkv.select(layer_from_weights([1.0] * 9, suffix=4)) is not None
+
+
+def test_budget_smaller_than_a_window_keeps_the_suffix_only_in_the_whole_group():
+    # capacity 3 with windows of 4 and 8 reviewable tokens: ceil(5 / 4) = 2 = every window.
+    wkv = method(capacity=3, review_window_size=4, suffix_avg=4, shared_layers=2)
+    wkv.start_sample(12, 2, {})
+    for layer_idx in range(2):
+        layer = layer_from_weights([1.0] * 8, suffix=4, layer_idx=layer_idx, num_layers=2)
+        assert kept(wkv.select(layer)) == [8, 9, 10, 11]
+
+
+def test_shared_layers_reuse_the_group_leaders_positions():
+    # 4 layers in groups of 2, capacity 6, beta 3: last 6*2//3 = 4, first 12 - 4 = 8.
+    wkv = method(capacity=6, review_window_size=4, suffix_avg=4, shared_layers=2, beta=3)
+    wkv.start_sample(20, 4, {})
+    favour_first = [0.9] * 4 + [0.8] * 4 + [0.1] * 4 + [0.05] * 4
+    favour_last = list(reversed(favour_first))
+    first_two_windows = list(range(8)) + list(range(16, 20))
+    last_window = list(range(12, 20))
+    assert kept(wkv.select(layer_from_weights(favour_first, suffix=4, layer_idx=0, num_layers=4))) == first_two_windows
+    # Layer 1 would choose the last windows on its own; it keeps the leader's.
+    assert kept(wkv.select(layer_from_weights(favour_last, suffix=4, layer_idx=1, num_layers=4))) == first_two_windows
+    # Layer 2 leads the next group (budget 4): it scores its own input.
+    assert kept(wkv.select(layer_from_weights(favour_last, suffix=4, layer_idx=2, num_layers=4))) == last_window
+    assert kept(wkv.select(layer_from_weights(favour_first, suffix=4, layer_idx=3, num_layers=4))) == last_window
+    # A new sample forgets the leaders' choices.
+    wkv.start_sample(20, 4, {})
+    wkv.select(layer_from_weights(favour_last, suffix=4, layer_idx=0, num_layers=4))
+    positions = kept(wkv.select(layer_from_weights(favour_first, suffix=4, layer_idx=1, num_layers=4)))
+    assert positions == list(range(8, 20))
+
+
+def test_gqa_keeps_the_same_positions_in_every_unrepeated_kv_head():
+    torch.manual_seed(3)
+    length, heads, kv_heads = 60, 8, 2
+    queries = torch.randn(1, heads, length, 8) * 3
+    keys = torch.randn(1, kv_heads, length, 8)
+    for task_type in ("qa", "other"):
+        wkv = method(capacity=16, review_window_size=4, suffix_max=8, suffix_avg=8, task_type=task_type)
+        wkv.start_sample(length, 1, {})
+        grouped = wkv.select(LayerPrefill(0, 1, queries, keys, keys, 1.0))
+        assert grouped.indices.shape[:2] == (1, kv_heads)
+        positions = kept(grouped)
+        # Same as the reference's layout: keys repeated once per query head.
+        repeated = keys.repeat_interleave(heads // kv_heads, dim=1)
+        wkv.start_sample(length, 1, {})
+        assert kept(wkv.select(LayerPrefill(0, 1, queries, repeated, repeated, 1.0))) == positions
+
+
+# -- options, errors, the classifier -------------------------------------------------------------
+
+
+def test_registered_with_every_option():
+    assert get_method_class("windowkv") is WindowKV
+    names = [option.name for option in WindowKV.options]
+    assert names == ["review_window_size", "shared_layers", "suffix_max", "suffix_avg", "beta", "task_type", "classifier"]
+    wkv = build_method("windowkv", capacity=512, task_type="qa", window_size=3)
+    assert wkv.settings()["review_window_size"] == 8 and wkv.settings()["task_type"] == "qa"
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"task_type": "summary"}, "--task-type must be one of auto, qa, other"),
+        ({"review_window_size": 0}, "--review-window-size must be > 0"),
+        ({"shared_layers": -1}, "--shared-layers must be > 0"),
+        ({"suffix_max": 0}, "--suffix-max must be > 0"),
+        ({"suffix_avg": 0}, "--suffix-avg must be > 0"),
+        ({"beta": 0}, "--beta must be > 0"),
+    ],
+)
+def test_bad_options(options, message):
+    options.setdefault("task_type", "qa")
+    with pytest.raises(KvbenchError, match=message):
+        WindowKV(capacity=512, **options)
+
+
+def test_capacity_too_small_for_the_groups():
+    wkv = method(capacity=1)  # last group: 1 * 8 // 14 = 0
+    with pytest.raises(KvbenchError, match="needs --capacity >= 2"):
+        wkv.start_sample(100, 32, {})
+    with pytest.raises(KvbenchError, match="needs --capacity >= 2"):
+        method(capacity=1).bind_model("llama-3-8b", 32)  # checked once the model is loaded
+    method(capacity=2).start_sample(100, 32, {})
+    method(capacity=1).start_sample(100, 8, {})  # one group: the capacity itself
+    with pytest.raises(KvbenchError, match="--shared-layers \\(28\\) must be below 2 x --beta"):
+        method(capacity=512, shared_layers=28).start_sample(100, 64, {})
+    with pytest.raises(KvbenchError, match="needs --capacity > 0"):
+        method(capacity=0)
+
+
+class FakeClassifier:
+    def __init__(self):
+        self.seen = []
+
+    def predict(self, text):
+        self.seen.append(text)
+        return "qa" if "Question" in text else "other"
+
+
+def test_auto_classifies_every_sample(monkeypatch):
+    import kvbench.classifier
+
+    loaded = []
+    fake = FakeClassifier()
+
+    def load_classifier(path=None):
+        loaded.append(path)
+        return fake
+
+    monkeypatch.setattr(kvbench.classifier, "load_classifier", load_classifier, raising=False)
+    wkv = WindowKV(capacity=8, review_window_size=4, suffix_max=4, suffix_avg=4, classifier="ckpt.pt")
+    assert loaded == ["ckpt.pt"]  # at construction, once
+    for text, task_type, expected in (
+        ("Question: who?", "qa", [4, 5, 6, 7, 8, 9, 10, 11, 16, 17, 18, 19]),
+        ("Summarize:", "other", [0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19]),
+        ("Question: where?", "qa", [4, 5, 6, 7, 8, 9, 10, 11, 16, 17, 18, 19]),
+    ):
+        wkv.start_sample(20, 1, {"prompt_text": text, "task": "x"})
+        assert kept(wkv.select(layer_from_weights(WEIGHTS, suffix=4))) == expected
+        assert wkv.sample_record()["task_type"] == task_type
+    assert loaded == ["ckpt.pt"] and len(fake.seen) == 3
+    with pytest.raises(KvbenchError, match="prompt text"):
+        wkv.start_sample(20, 1, {"task": "x"})
+
+
+def test_auto_without_checkpoint_fails_at_construction(monkeypatch):
+    import kvbench.classifier
+
+    def load_classifier(path=None):
+        raise KvbenchError("no task classifier checkpoint: run `kvbench train-classifier` or pass --task-type")
+
+    monkeypatch.setattr(kvbench.classifier, "load_classifier", load_classifier, raising=False)
+    with pytest.raises(KvbenchError, match="train-classifier"):
+        WindowKV(capacity=512)
+    WindowKV(capacity=512, task_type="other")  # no classifier needed
+
+
+# -- the hook on a tiny random Llama -------------------------------------------------------------
+
+
+def tiny_llama(num_layers):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=num_layers,
+        intermediate_size=128,
+        vocab_size=100,
+        max_position_embeddings=512,
+    )
+    config._attn_implementation = "sdpa"
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("task_type, suffix", [("qa", 32), ("other", 16)])
+def test_prefill_cache_holds_group_budget_plus_suffix(task_type, suffix, monkeypatch):
+    generate = pytest.importorskip("kvbench.harness.generate")
+    from kvbench.harness.cache import CompressibleCache
+
+    model = tiny_llama(6)
+    # Groups of 2: capacity 56, beta 14 -> last 8, first 104, step 48: budgets 104, 56, 8 (whole windows).
+    wkv = WindowKV(capacity=56, shared_layers=2, task_type=task_type)
+    prompt = torch.randint(3, 100, (160 + suffix,), generator=torch.Generator().manual_seed(1)).tolist()
+    stored = {}
+
+    class RecordingCache(CompressibleCache):
+        def __init__(self):
+            super().__init__()
+            stored["cache"] = self
+
+    monkeypatch.setattr(generate, "CompressibleCache", RecordingCache)
+    result = generate.generate_greedy(model, prompt, wkv, max_new_tokens=3, eos_token_ids=set())
+    expected = [104 + suffix] * 2 + [56 + suffix] * 2 + [8 + suffix] * 2
+    assert result.kept_per_layer == expected
+    assert len(result.token_ids) == 3
+    cache = stored["cache"]
+    # Un-repeated KV heads, 2 decoded tokens appended (the third is never fed back).
+    assert [tuple(layer.keys.shape) for layer in cache.layers] == [(1, 2, n + 2, 16) for n in expected]
+    assert wkv.sample_record() == {"task_type": task_type, "group_budgets": [104, 56, 8]}
+
+
+def test_followers_store_the_leaders_positions_on_a_tiny_model():
+    pytest.importorskip("kvbench.harness.generate")
+    from kvbench.harness.generate import generate_greedy
+
+    model = tiny_llama(5)  # groups of 2: layers 0-1, 2-3, 4 (shorter last group)
+    wkv = WindowKV(capacity=40, shared_layers=2, beta=7, task_type="qa")
+    chosen = {}
+    select = wkv.select
+
+    def recording_select(layer):
+        selection = select(layer)
+        chosen[layer.layer_idx] = None if selection is None else selection.indices.clone()
+        return selection
+
+    wkv.select = recording_select
+    prompt = torch.randint(3, 100, (200,), generator=torch.Generator().manual_seed(2)).tolist()
+    result = generate_greedy(model, prompt, wkv, max_new_tokens=2, eos_token_ids=set())
+    assert wkv.sample_record()["group_budgets"] == [69, 40, 11]
+    assert torch.equal(chosen[0], chosen[1]) and torch.equal(chosen[2], chosen[3])
+    # 168 reviewable tokens: 168 - 13*8, 168 - 16*8, 168 - 20*8 kept, plus the 32 suffix tokens.
+    assert result.kept_per_layer == [96, 96, 72, 72, 40]
+    assert result.kept_per_layer == [chosen[i].shape[-1] for i in range(5)]
+    for indices in chosen.values():
+        assert (indices == indices[:, :1]).all()  # the same positions in both KV heads
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs(dtype):
+    torch.manual_seed(4)
+    keys = torch.randn(1, 2, 100, 8, dtype=dtype)
+    layer = LayerPrefill(0, 1, torch.randn(1, 4, 100, 8, dtype=dtype), keys, keys, 1.0)
+    wkv = method(capacity=40, task_type="qa")
+    wkv.start_sample(100, 1, {})
+    positions = kept(wkv.select(layer))
+    assert len(positions) == 40 + 32 and positions == sorted(set(positions))
