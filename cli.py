@@ -72,12 +72,16 @@ def methods_command():
 @click.option("--json", "json_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help='also write {"<task>": score, ...} to this file')
 @click.option("--longbench-e", is_flag=True, help="also score each LongBench-E length bucket (0-4k, 4-8k, 8k+)")
+@click.option("--against-run", type=click.Path(path_type=Path), default=None,
+              help="a reference run folder (e.g. fullkv): add ROUGE-L of each prediction against its prediction")
 @one_line_errors
-def eval_command(path, json_file, longbench_e):
+def eval_command(path, json_file, longbench_e, against_run):
     """Score LongBench predictions: a folder of <task>.jsonl files (pred, answers, all_classes, length) or one file."""
-    from kvbench.tasks.evaluate import evaluate_path, format_score_table, write_scores_json
+    from kvbench.tasks.evaluate import evaluate_path, fidelity_to_reference, format_score_table, write_scores_json
 
     table = evaluate_path(path, longbench_e=longbench_e)
+    if against_run is not None:
+        table = fidelity_to_reference(table, path, against_run)
     for note in table.attrs["skipped"]:
         click.echo(f"note: skipped {note}", err=True)
     click.echo(format_score_table(table))
@@ -227,7 +231,8 @@ def profile_command(method_name, model, ratio, data_dir, samples, task_spec, max
 @click.option("--encoder", default="all-MiniLM-L6-v2", show_default=True,
               help="the embedded all-MiniLM-L6-v2, or a BERT-style hub id / local folder (bert-base-cased: the paper's)")
 @click.option("--epochs", type=int, default=10, show_default=True, help="passes over the training split")
-@click.option("--learning-rate", type=float, default=1e-4, show_default=True, help="for the encoder's last layer (head: 1e-3)")
+@click.option("--learning-rate", type=float, default=1e-3, show_default=True,
+              help="AdamW's, for the encoder's last layer, its pooler if used, and the head")
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--held-out-fraction", type=float, default=0.2, show_default=True, help="share of each task held out")
 @click.option("--held-out-tasks", default="per-category", show_default=True,
@@ -260,7 +265,8 @@ def train_classifier_command(data_dirs, task_list, encoder, epochs, learning_rat
     tasks = summary["held_out_tasks"]
     if tasks["overall"] is not None:
         per_task = ", ".join(f"{task} {accuracy:.2f}" for task, accuracy in tasks["accuracy_per_task"].items())
-        click.echo(f"held-out-task accuracy {tasks['overall']['accuracy']:.3f} "
-                   f"(balanced {tasks['overall']['balanced_accuracy']:.3f}): {per_task}")
+        click.echo(f"held-out-task accuracy {tasks['mean_over_tasks']:.3f} mean over tasks, "
+                   f"{tasks['overall']['accuracy']:.3f} over prompts (balanced {tasks['overall']['balanced_accuracy']:.3f}): "
+                   f"{per_task}")
     folder = save_checkpoint(result.model, encoder, MAX_LENGTH, summary, out or default_checkpoint_path())
     click.echo(f"checkpoint: {folder}")

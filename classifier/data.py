@@ -69,11 +69,21 @@ def load_labelled_prompts(data_dirs: Sequence[str | os.PathLike], task_names: Se
     ``task_names`` None means every LongBench task the folders hold (all 21 from the
     hub); a list of names must each be found. A task may appear in several folders
     (e.g. longbench-mini and the full longbench): its samples are merged and a
-    sample seen twice (same ``_id``) counts once. ``max_samples_per_task`` keeps a
-    seeded random subset of each task.
+    prompt seen twice counts once. Duplicates are found by prompt text, not
+    ``_id``: longbench-mini's samples are copies of full LongBench samples under
+    other ids, and a copy on each side of the held-out split would inflate the
+    held-out accuracy. ``max_samples_per_task`` keeps a seeded random subset of each task.
     """
     requested = list(task_names) if task_names is not None else list(TASK_TABLE)
-    samples_by_task: dict[str, dict[str, dict]] = defaultdict(dict)
+    prompts_by_task: dict[str, dict[str, LabelledPrompt]] = defaultdict(dict)
+
+    def add_samples(name: str, samples: list[dict]) -> None:
+        info = TASK_TABLE[name]
+        label = label_of_category(info.category)
+        for sample in samples:
+            text = fill_template(info, sample)
+            prompts_by_task[name].setdefault(text, LabelledPrompt(name, str(sample["_id"]), text, label))
+
     if data_dirs:
         for data_dir in data_dirs:
             folder = Path(data_dir)
@@ -83,25 +93,21 @@ def load_labelled_prompts(data_dirs: Sequence[str | os.PathLike], task_names: Se
             if not present:
                 raise KvbenchError(f"--data-dir {folder}: no <task>.jsonl file of the requested LongBench tasks")
             for name in present:
-                for sample in load_task_samples(name, folder):
-                    samples_by_task[name].setdefault(sample["_id"], sample)
-        absent = [name for name in requested if name not in samples_by_task]
+                add_samples(name, load_task_samples(name, folder))
+        absent = [name for name in requested if name not in prompts_by_task]
         if task_names is not None and absent:
             raise KvbenchError(f"no <task>.jsonl for {', '.join(absent)} in {', '.join(map(str, data_dirs))}")
     else:
         for name in requested:
-            for sample in load_task_samples(name):
-                samples_by_task[name].setdefault(sample["_id"], sample)
+            add_samples(name, load_task_samples(name))
 
     rng = random.Random(seed)
     prompts = []
     for name in requested:
-        samples = list(samples_by_task.get(name, {}).values())
-        if max_samples_per_task is not None and len(samples) > max_samples_per_task:
-            samples = rng.sample(samples, max_samples_per_task)
-        info = TASK_TABLE[name]
-        label = label_of_category(info.category)
-        prompts.extend(LabelledPrompt(name, str(sample["_id"]), fill_template(info, sample), label) for sample in samples)
+        task_prompts = list(prompts_by_task.get(name, {}).values())
+        if max_samples_per_task is not None and len(task_prompts) > max_samples_per_task:
+            task_prompts = rng.sample(task_prompts, max_samples_per_task)
+        prompts.extend(task_prompts)
     if not prompts:
         raise KvbenchError("no samples to train on")
     return prompts

@@ -60,6 +60,7 @@ def encoder_source(encoder: str) -> str:
 
 def load_encoder(encoder: str):
     """(tokenizer, model, pooler_is_trained) of ``encoder``, offline-friendly; any failure is one KvbenchError line."""
+    # Imported here: transformers takes seconds to import and only loading needs it.
     from transformers import AutoModel, AutoTokenizer
 
     source = encoder_source(encoder)

@@ -147,11 +147,13 @@ def run_benchmark(loaded: LoadedModel, method: Method, plan: RunPlan) -> tuple[P
         done = {row["_id"] for row in read_rows(path)}
         todo = [sample for sample in samples_by_task[task.name] if sample["_id"] not in done]
         max_length = max_prompt_length(loaded, task, plan.max_length)
+        task_stop_ids = stop_ids | task.stop_token_ids(loaded.tokenizer)
         for sample in tqdm(todo, desc=f"{task.name} ({method.name})", unit="sample", initial=len(done),
                            total=len(samples_by_task[task.name])):
             prompt_ids = task.prompt_ids(sample, loaded.tokenizer, max_length)
             method_view = {**sample, "task": task.name, "prompt_text": task.prompt_text(sample)}
-            generation = generate_greedy(loaded.model, prompt_ids, method, task.max_new_tokens, stop_ids, method_view)
+            generation = generate_greedy(loaded.model, prompt_ids, method, task.max_new_tokens, task_stop_ids,
+                                         method_view)
             text = loaded.tokenizer.decode(generation.token_ids, skip_special_tokens=True)
             prediction = task.postprocess(text)
             fields = task.row_fields(sample)

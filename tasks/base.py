@@ -34,6 +34,10 @@ class Task:
         """Token ids of the final prompt (truncated to max_length, chat template applied where due)."""
         raise NotImplementedError
 
+    def stop_token_ids(self, tokenizer) -> set[int]:
+        """Token ids that end generation for this task besides the model's EOS."""
+        return set()
+
     def postprocess(self, prediction: str) -> str:
         """The prediction as the scorer wants it (e.g. first line only)."""
         return prediction

@@ -17,7 +17,7 @@ import pandas as pd
 
 from kvbench.errors import KvbenchError
 from kvbench.tasks.longbench import LENGTH_BUCKETS, LONGBENCH_TASKS, length_bucket, read_jsonl, resolve_longbench_name
-from kvbench.tasks.metrics import score_prediction
+from kvbench.tasks.metrics import rouge_score, rouge_zh_score, score_prediction
 
 BUCKET_LABELS = [label for label, _ in LENGTH_BUCKETS]
 
@@ -133,7 +133,7 @@ def evaluate_path(path: str | os.PathLike, longbench_e: bool = False) -> pd.Data
 
 
 def _score_columns(table: pd.DataFrame) -> list[str]:
-    return [column for column in ["score", *BUCKET_LABELS] if column in table.columns]
+    return [column for column in ["score", *BUCKET_LABELS, "rougeL_vs_reference"] if column in table.columns]
 
 
 def format_score_table(table: pd.DataFrame) -> str:
@@ -176,3 +176,43 @@ def write_scores_json(table: pd.DataFrame, path: str | os.PathLike) -> None:
             handle.write("\n")
     except OSError as error:
         raise KvbenchError(f"{path}: cannot write ({error.strerror})") from None
+
+
+def _predictions_by_id(path: Path) -> dict[str, str]:
+    rows = {}
+    for line_number, row in read_jsonl(path):
+        if "_id" not in row or "pred" not in row:
+            raise KvbenchError(f"{path}:{line_number}: a row needs `_id` and `pred` to be compared across runs")
+        rows[row["_id"]] = row["pred"]
+    return rows
+
+
+def fidelity_to_reference(table: pd.DataFrame, path: str | os.PathLike, reference: str | os.PathLike) -> pd.DataFrame:
+    """Add ``rougeL_vs_reference``: mean ROUGE-L F (x100) of each prediction against the reference run's
+    prediction for the same ``_id`` (the PrefixKV / Elastic Cache papers' fidelity to the full cache).
+
+    Chinese tasks use the jieba-tokenised ROUGE-L as their metric does; identical predictions score 100
+    even when empty (the `rouge` package refuses empty strings). ``n_matched`` counts the shared ids.
+    """
+    path, reference = Path(path), Path(reference)
+    if not reference.is_dir():
+        raise KvbenchError(f"--against-run {reference}: no such folder")
+    folder = path if path.is_dir() else path.parent
+    fidelity, matched = [], []
+    for task in table["task"]:
+        info, _ = resolve_longbench_name(task)
+        reference_file = reference / f"{task}.jsonl"
+        if not reference_file.is_file():
+            fidelity.append(None)
+            matched.append(0)
+            continue
+        ours, theirs = _predictions_by_id(folder / f"{task}.jsonl"), _predictions_by_id(reference_file)
+        shared = [key for key in ours if key in theirs]
+        rouge = rouge_zh_score if info.language == "zh" else rouge_score
+        values = [1.0 if ours[key] == theirs[key] else rouge(ours[key], theirs[key]) for key in shared]
+        fidelity.append(round(100 * float(np.mean(values)), 2) if values else None)
+        matched.append(len(shared))
+    table = table.copy()
+    table["n_matched"] = matched
+    table["rougeL_vs_reference"] = fidelity
+    return table

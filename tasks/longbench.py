@@ -402,6 +402,12 @@ class LongBenchTask(Task):
     def prompt_ids(self, sample: dict[str, Any], tokenizer, max_length: int) -> list[int]:
         return build_prompt_ids(self.info, sample, tokenizer, max_length)
 
+    def stop_token_ids(self, tokenizer) -> set[int]:
+        # Official pred.py ends samsum generation at the first newline token as well as at EOS.
+        if self.info.name == "samsum":
+            return {tokenizer.encode("\n", add_special_tokens=False)[-1]}
+        return set()
+
     def postprocess(self, prediction: str) -> str:
         return first_line(prediction) if self.info.first_line_only else prediction
 
