@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.kvbench-installed
 LONGBENCH_MINI := ../shared/data/longbench-mini
-DEMO_PREDICTIONS := build/demo-predictions
+DEMO_OUTPUT := results/demo
 
 .PHONY: demo test
 
@@ -21,6 +21,14 @@ test: $(INSTALLED)
 	# python -m puts the checkout on sys.path, so tests can import their helpers as tests.<module>
 	$(BIN)/python -m pytest
 
+# A small real job on the embedded SmolLM2 (CPU): the full cache and SnapKV on two samples of three LongBench tasks,
+# and on a 2 x 3 needle grid, then the leaderboard and heatmaps of all of it.
 demo: $(INSTALLED)
-	$(BIN)/python scripts/gold_predictions.py $(LONGBENCH_MINI) $(DEMO_PREDICTIONS)
-	$(BIN)/kvbench eval $(DEMO_PREDICTIONS) --json $(DEMO_PREDICTIONS)/scores.json
+	$(BIN)/kvbench run --method fullkv --tasks qasper,samsum,passage_count \
+		--data-dir $(LONGBENCH_MINI) --limit 2 --max-length 2048 --output $(DEMO_OUTPUT)
+	$(BIN)/kvbench run --method snapkv --capacity 128 --tasks qasper,samsum,passage_count \
+		--data-dir $(LONGBENCH_MINI) --limit 2 --max-length 2048 --output $(DEMO_OUTPUT)
+	$(BIN)/kvbench run --method fullkv --tasks needle --lengths 500,1000 --depths 0:100:3 --output $(DEMO_OUTPUT)
+	$(BIN)/kvbench run --method snapkv --capacity 128 --tasks needle --lengths 500,1000 --depths 0:100:3 \
+		--output $(DEMO_OUTPUT)
+	$(BIN)/kvbench report $(DEMO_OUTPUT) --out $(DEMO_OUTPUT)/report
