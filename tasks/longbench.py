@@ -22,6 +22,7 @@ from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
 from kvbench.errors import KvbenchError
+from kvbench.harness.model import kvbench_home
 from kvbench.tasks.base import Task
 
 SINGLE_DOC_QA = "single-doc QA"
@@ -312,13 +313,9 @@ def _hub_data_folder() -> Path:
         reason = str(error).splitlines()[0]
         raise KvbenchError(f"cannot download {LONGBENCH_HUB_REPO}/{LONGBENCH_HUB_ARCHIVE} ({reason}); pass --data-dir DIR with <task>.jsonl files") from None
     # The hub caches the archive under snapshots/<revision>/, so the revision names the extraction.
-    extracted = _kvbench_cache() / "longbench" / archive.parent.name
+    extracted = kvbench_home() / "longbench" / archive.parent.name
     _extract_once(archive, extracted)
     return extracted / "data"
-
-
-def _kvbench_cache() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kvbench"
 
 
 def _extract_once(archive: Path, target: Path) -> None:

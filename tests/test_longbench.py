@@ -209,10 +209,10 @@ def test_without_data_dir_the_hub_archive_is_extracted_once(tmp_path, monkeypatc
         return str(archive)
 
     monkeypatch.setattr(longbench, "hf_hub_download", fake_download)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("KVBENCH_HOME", str(tmp_path / "cache"))
     assert [sample["_id"] for sample in load_task_samples("qasper")] == ["s1"]
     assert requests == [("THUDM/LongBench", "data.zip", "dataset")]
-    assert (tmp_path / "cache" / "kvbench" / "longbench" / "abc123" / "data" / "qasper.jsonl").is_file()
+    assert (tmp_path / "cache" / "longbench" / "abc123" / "data" / "qasper.jsonl").is_file()
     archive.unlink()  # a second load reads the extracted files, not the archive
     assert [sample["_id"] for sample in load_task_samples("qasper", longbench_e=True)] == ["e1"]
 
