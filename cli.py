@@ -12,7 +12,7 @@ from kvbench.errors import KvbenchError
 
 
 def one_line_errors(command):
-    """Turn a KvbenchError (and a missing file or a broken pipe) into one line and exit 2."""
+    """Turn a KvbenchError into one `error: ...` line on stderr and exit status 2."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -156,7 +156,7 @@ def run_command(method_name, capacity, task_spec, data_dir, limit, max_length, o
 @one_line_errors
 def bench_command(model, method_specs, lengths, capacity, new_tokens, repeats, dtype, attn, device, out):
     """Prefill time, decode speed and peak memory of methods side by side, medians from one run."""
-    from kvbench.harness.bench import load_bench_model, run_bench, write_bench
+    from kvbench.harness.bench import device_description, load_bench_model, run_bench, write_bench
 
     try:
         length_list = [int(value) for value in lengths.split(",")]
@@ -167,18 +167,12 @@ def bench_command(model, method_specs, lengths, capacity, new_tokens, repeats, d
     loaded = load_bench_model(model, dtype, attn, device)
     table = run_bench(loaded, method_specs.split(","), length_list, capacity, new_tokens, repeats,
                       progress=lambda line: click.echo(line, err=True))
-    device_name = torch_device_name(loaded.model)
+    device_name = device_description(loaded.model)
     header = (f"model {loaded.name}, {str(loaded.model.dtype).replace('torch.', '')}, attention {attn}, "
               f"device {device_name}, capacity {capacity}, {new_tokens} decoded tokens, median of {repeats}")
     write_bench(table, Path(out), header)
     click.echo(header)
     click.echo(table.to_markdown(index=False))
-
-
-def torch_device_name(model) -> str:
-    import torch
-
-    return torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else "cpu"
 
 
 @main.command("report")

@@ -78,6 +78,10 @@ def parse_method_spec(spec: str) -> tuple[str, dict]:
     return name, options
 
 
+def device_description(model) -> str:
+    return torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else "cpu"
+
+
 def decode_bound_ms(model, kv_cache_bytes: int) -> float | None:
     """Milliseconds per token to read every weight and the whole cache once at peak bandwidth."""
     if model.device.type != "cuda":

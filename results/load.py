@@ -112,7 +112,12 @@ def _label_settings(runs: list[dict[str, Any]]) -> None:
         keys = sorted({key for run in group for key in run["all_settings"]} - {"capacity"})
         varying = [key for key in keys if len({_settings_text(run["all_settings"].get(key)) for run in group}) > 1]
         for run in group:
-            run["settings"] = ", ".join(f"{key}={_settings_text(run['all_settings'].get(key))}" for key in varying)
+            # An unset option (null) is the method's default and needs no mention.
+            run["settings"] = ", ".join(
+                f"{key}={_settings_text(run['all_settings'][key])}"
+                for key in varying
+                if run["all_settings"].get(key) is not None
+            )
 
 
 class _Scorers:

@@ -58,7 +58,8 @@ def capacity_figure(points: pd.DataFrame, title: str, path: Path) -> Path:
     """
     panels = list(dict.fromkeys(points["panel"]))
     labels = sorted(set(points["label"]))
-    colors = {label: plt.get_cmap("tab10")(position % 10) for position, label in enumerate(labels)}
+    # tab20 gives a distinct colour to up to 20 runs of a sweep; tab10 repeated colours past 10.
+    colors = {label: plt.get_cmap("tab20")(position % 20) for position, label in enumerate(labels)}
     columns = min(3, len(panels))
     rows = math.ceil(len(panels) / columns)
     figure, axes_grid = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows + 0.8), squeeze=False)
@@ -101,6 +102,7 @@ def capacity_figure(points: pd.DataFrame, title: str, path: Path) -> Path:
     figure.suptitle(title)
     legend_rows = math.ceil(len(handles) / min(4, len(handles)))
     figure.tight_layout(rect=(0, (0.35 + 0.25 * legend_rows) / figure.get_figheight(), 1, 1))
-    figure.savefig(path, dpi=110)
+    # "tight" keeps a legend wider than the panels inside the picture.
+    figure.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(figure)
     return path
