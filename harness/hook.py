@@ -11,7 +11,7 @@ cache, before the next layer runs: the full cache of all layers never coexists.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface
@@ -38,19 +38,19 @@ class CompressionSession:
     num_layers: int
     #: decoding slots to reserve after the stored prompt in each layer
     reserve: int
-    kept_per_layer: list[int] = field(default_factory=list)
     #: scoring pre-pass: show each layer to ``method.observe`` and store nothing
     observing: bool = False
 
     def on_prefill(self, module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> None:
+        layer = LayerPrefill(module.layer_idx, self.num_layers, query, key, value, scaling)
         if self.observing:
-            self.method.observe(LayerPrefill(module.layer_idx, self.num_layers, query, key, value, scaling))
+            self.method.observe(layer)
         else:
-            self.compress(module, query, key, value, scaling)
+            self.compress(layer)
 
-    def compress(self, module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> None:
-        layer_idx = module.layer_idx
-        layer = LayerPrefill(layer_idx, self.num_layers, query, key, value, scaling)
+    def compress(self, layer: LayerPrefill) -> None:
+        """Store in the cache only what the method keeps of this layer's prompt."""
+        key, value = layer.keys, layer.values
         selection = self.method.select(layer)
         if selection is None:
             kept_keys, kept_values = key, value
@@ -59,8 +59,7 @@ class CompressionSession:
         else:
             gather_index = selection.indices.unsqueeze(-1).expand(-1, -1, -1, key.shape[-1])
             kept_keys, kept_values = key.gather(2, gather_index), value.gather(2, gather_index)
-        self.cache.layers[layer_idx].store(kept_keys, kept_values, reserve=self.reserve)
-        self.kept_per_layer.append(kept_keys.shape[-2])
+        self.cache.layers[layer.layer_idx].store(kept_keys, kept_values, reserve=self.reserve)
 
 
 def _hooked(backend_name: str):
