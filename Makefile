@@ -24,9 +24,9 @@ test: $(INSTALLED)
 # A small real job on the embedded SmolLM2 (CPU): the full cache and SnapKV on two samples of three LongBench tasks,
 # and on a 2 x 3 needle grid, then the leaderboard and heatmaps of all of it.
 demo: $(INSTALLED)
-	$(BIN)/kvbench run --method fullkv --tasks qasper,samsum,passage_count \
+	$(BIN)/kvbench run --method fullkv --tasks multifieldqa_en,triviaqa,lcc \
 		--data-dir $(LONGBENCH_MINI) --limit 2 --max-length 2048 --output $(DEMO_OUTPUT)
-	$(BIN)/kvbench run --method snapkv --capacity 128 --tasks qasper,samsum,passage_count \
+	$(BIN)/kvbench run --method snapkv --capacity 128 --tasks multifieldqa_en,triviaqa,lcc \
 		--data-dir $(LONGBENCH_MINI) --limit 2 --max-length 2048 --output $(DEMO_OUTPUT)
 	$(BIN)/kvbench run --method fullkv --tasks needle --lengths 500,1000 --depths 0:100:3 --output $(DEMO_OUTPUT)
 	$(BIN)/kvbench run --method snapkv --capacity 128 --tasks needle --lengths 500,1000 --depths 0:100:3 \
