@@ -83,6 +83,9 @@ def capacity_figure(points: pd.DataFrame, title: str, path: Path) -> Path:
         if budgets.nunique() > 1:
             axes.set_xscale("log", base=2)
             axes.set_xticks(sorted(budgets.astype(float).unique()), [str(int(b)) for b in sorted(budgets.unique())])
+        if not (panel_points["score"].fillna(0) > 0).any():
+            # All scores zero: without explicit limits matplotlib zooms into a 1e-17 wide range.
+            axes.set_ylim(-1, 10)
         axes.set_title(panel)
         axes.set_xlabel("KV capacity (tokens)")
         axes.set_ylabel("Score")
