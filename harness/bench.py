@@ -98,8 +98,10 @@ def run_bench(loaded: LoadedModel, method_specs: list[str], lengths: list[int], 
               new_tokens: int, repeats: int, progress=print) -> pd.DataFrame:
     model = loaded.model
     vocab = model.config.vocab_size
-    methods = {spec: build_method(name, capacity=capacity, **options)
-               for spec, (name, options) in ((spec, parse_method_spec(spec)) for spec in method_specs)}
+    methods = {}
+    for spec in method_specs:
+        name, options = parse_method_spec(spec)
+        methods[spec] = build_method(name, capacity=capacity, **options)
     for method in methods.values():
         method.bind_model(loaded.name, model.config.num_hidden_layers)
     generator = torch.Generator().manual_seed(0)

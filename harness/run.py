@@ -36,28 +36,39 @@ def run_label(method: Method) -> str:
     return "-".join(str(part).replace("/", "_") for part in parts)
 
 
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    """Finished rows of a result file. A last line cut short by a kill is dropped (and rewritten on resume)."""
+def parse_result_file(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """Rows of a ``<task>.jsonl`` result file ([] when absent), and the byte length of a last line
+    left unfinished by a writer that was killed or is still writing (0 when there is none).
+
+    Both the run loop (which drops that line and redoes the sample) and the report (which only
+    reads, possibly while a run appends) go through here, so they agree on what a finished row is.
+    """
     if not path.is_file():
-        return []
+        return [], 0
     rows = []
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
             if number == len(lines) and not line.endswith("\n"):
-                _truncate_partial_last_line(path, len(line.encode("utf-8")))
-                break
-            raise KvbenchError(f"{path}:{number}: not a JSON line; delete or repair the file to resume") from None
+                return rows, len(line.encode("utf-8"))
+            raise KvbenchError(f"{path}:{number}: not a JSON line; delete or repair the file") from None
+        if not isinstance(row, dict) or "_id" not in row:
+            raise KvbenchError(f"{path}:{number}: a result row must be a JSON object with an _id")
+        rows.append(row)
+    return rows, 0
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """Finished rows of a result file. A last line cut short by a kill is cut off the file (and rewritten on resume)."""
+    rows, unfinished_bytes = parse_result_file(path)
+    if unfinished_bytes:
+        with open(path, "rb+") as handle:
+            handle.truncate(os.path.getsize(path) - unfinished_bytes)
     return rows
-
-
-def _truncate_partial_last_line(path: Path, size: int) -> None:
-    with open(path, "rb+") as handle:
-        handle.truncate(os.path.getsize(path) - size)
 
 
 def append_row(path: Path, row: dict[str, Any]) -> None:

@@ -62,22 +62,15 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def read_result_rows(path: Path) -> list[dict[str, Any]]:
-    """The rows of a ``<task>.jsonl``, first row of each ``_id``; [] when the file is absent."""
-    if not path.is_file():
-        return []
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    """The rows of a ``<task>.jsonl``, first row of each ``_id``; [] when the file is absent.
+
+    A last line still being written is skipped, never cut: reading a report changes no file.
+    """
+    # Imported here, like default_output_dir: the run module pulls in torch and transformers.
+    from kvbench.harness.run import parse_result_file
+
     rows: dict[str, dict[str, Any]] = {}
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            if number == len(lines) and not line.endswith("\n"):
-                break  # the row a running `kvbench run` is writing right now
-            raise KvbenchError(f"{path}:{number}: not a JSON line") from None
-        if not isinstance(row, dict) or "_id" not in row:
-            raise KvbenchError(f"{path}:{number}: a result row must be a JSON object with an _id")
+    for row in parse_result_file(path)[0]:
         rows.setdefault(str(row["_id"]), row)
     return list(rows.values())
 
