@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import sys
 from pathlib import Path
 
@@ -11,47 +10,82 @@ import click
 from kvbench.errors import KvbenchError
 
 
-def one_line_errors(command):
-    """Turn a KvbenchError into one `error: ...` line on stderr and exit status 2."""
+class KvbenchGroup(click.Group):
+    """The command group, with two jobs besides dispatching.
 
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
+    * Every mistake the user can fix is one ``error: ...`` line on stderr and exit status 2:
+      kvbench's own (KvbenchError) and click's usage errors alike (click would print a usage
+      block and ``Error:``).
+    * Commands registered with `lazy_command` are built on first use: `run`'s flags come from
+      the method registry, which imports torch, and `kvbench eval` / `kvbench report` must start
+      without it.
+    """
+
+    lazy_builders: dict = {}
+
+    def list_commands(self, ctx):
+        return sorted({*super().list_commands(ctx), *self.lazy_builders})
+
+    def get_command(self, ctx, name):
+        if name in self.lazy_builders and name not in self.commands:
+            self.add_command(self.lazy_builders[name](), name)
+        return super().get_command(ctx, name)
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
-            return command(*args, **kwargs)
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except KvbenchError as error:
             click.echo(f"error: {error}", err=True)
             sys.exit(2)
+        except click.exceptions.UsageError as error:
+            command = f" (see `{error.ctx.command_path} --help`)" if error.ctx is not None else ""
+            click.echo(f"error: {error.format_message()}{command}", err=True)
+            sys.exit(2)
+        except click.exceptions.Abort:
+            click.echo("error: aborted", err=True)
+            sys.exit(1)
+        except click.exceptions.ClickException as error:
+            click.echo(f"error: {error.format_message()}", err=True)
+            sys.exit(error.exit_code)
+        if standalone_mode:
+            sys.exit(result if isinstance(result, int) else 0)
+        return result
 
-    return wrapper
 
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=KvbenchGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="kvbench")
 def main():
     """kvbench: KV-cache compression methods on LongBench and Needle-in-a-Haystack."""
 
 
-def _method_option_flags(command):
-    """Add one flag per option of every registered method (default None: the method's own default)."""
-    from kvbench.methods import REGISTRY
+def lazy_command(name: str):
+    """Register a function that builds a command when it is first used (see `KvbenchGroup`)."""
 
-    seen: dict[str, object] = {}
-    for method_class in REGISTRY.values():
-        for option in method_class.options:
-            if option.name in seen:
-                continue
-            seen[option.name] = option
-    for option in sorted(seen.values(), key=lambda o: o.name, reverse=True):
-        flag = option.name.replace("_", "-")
-        defaults = sorted(
-            f"{name}: {o.default}" for name, cls in REGISTRY.items() for o in cls.options if o.name == option.name
-        )
-        help_text = f"{option.help} [default {'; '.join(defaults)}]"
-        if option.type is bool:
-            command = click.option(f"--{flag}/--no-{flag}", option.name, default=None, help=help_text)(command)
+    def register(builder):
+        KvbenchGroup.lazy_builders[name] = builder
+        return builder
+
+    return register
+
+
+def _method_option_flags(command):
+    """One flag per declared option of every registered method (default None: unset, the method's default).
+
+    ``--capacity`` is the run's own flag (a comma list for grids), so it is not repeated here.
+    """
+    from kvbench.methods import all_option_specs
+
+    for name, owners in sorted(all_option_specs().items(), reverse=True):
+        if name == "capacity":
+            continue
+        spec = owners[0][1]
+        defaults = "; ".join(f"{method}: {owner_spec.default}" for method, owner_spec in owners)
+        help_text = f"{spec.help} [{', '.join(method for method, _ in owners)}; default {defaults}]"
+        if spec.type is bool:
+            command = click.option(f"{spec.flag}/--no-{spec.flag[2:]}", name, default=None, help=help_text)(command)
         else:
-            kind = click.Choice([str(c) for c in option.choices]) if option.choices else option.type
-            command = click.option(f"--{flag}", option.name, type=kind, default=None, help=help_text)(command)
+            kind = click.Choice([str(c) for c in spec.choices]) if spec.choices else spec.type
+            command = click.option(spec.flag, name, type=kind, default=None, help=help_text)(command)
     return command
 
 
@@ -60,11 +94,44 @@ def methods_command():
     """List the compression methods with their options and defaults."""
     from kvbench.methods import REGISTRY
 
+    width = max(map(len, REGISTRY)) + 2
     for name in sorted(REGISTRY):
         method_class = REGISTRY[name]
-        click.echo(f"{name:10s} {method_class.description}")
-        for option in method_class.options:
-            click.echo(f"{'':12s}--{option.name.replace('_', '-'):20s} {option.help} (default {option.default})")
+        click.echo(f"{name:{width}s}{method_class.description}")
+        for spec in method_class.option_specs():
+            click.echo(f"{'':{width + 2}s}{spec.flag:22s} {spec.help} (default {spec.default})")
+
+
+def _comma_list(text: str | None, option: str, parse=str) -> list:
+    if text is None:
+        return []
+    try:
+        values = [parse(part.strip()) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise KvbenchError(f"{option} must be a comma list of {'integers' if parse is int else 'values'}, "
+                           f"got {text!r}") from None
+    if not values:
+        raise KvbenchError(f"{option} is empty")
+    return values
+
+
+def _batch_size(text: str) -> int | None:
+    """``--batch-size``: a positive integer, or auto (None: the engine's default for the device)."""
+    if text == "auto":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise KvbenchError(f"--batch-size must be a positive integer or auto, got {text!r}") from None
+    if value <= 0:
+        raise KvbenchError(f"--batch-size must be a positive integer or auto, got {value}")
+    return value
+
+
+CODE_SIM_OPTION = click.option(
+    "--code-sim-matcher", type=click.Choice(["levenshtein", "difflib"]), default="levenshtein", show_default=True,
+    help="fuzzywuzzy's matcher for lcc / repobench-p: python-Levenshtein (what KVCache-Factory's published numbers "
+         "used) or the pure-Python difflib")
 
 
 @main.command("eval")
@@ -74,70 +141,87 @@ def methods_command():
 @click.option("--longbench-e", is_flag=True, help="also score each LongBench-E length bucket (0-4k, 4-8k, 8k+)")
 @click.option("--against-run", type=click.Path(path_type=Path), default=None,
               help="a reference run folder (e.g. fullkv): add ROUGE-L of each prediction against its prediction")
-@one_line_errors
-def eval_command(path, json_file, longbench_e, against_run):
+@CODE_SIM_OPTION
+def eval_command(path, json_file, longbench_e, against_run, code_sim_matcher):
     """Score LongBench predictions: a folder of <task>.jsonl files (pred, answers, all_classes, length) or one file."""
     from kvbench.tasks.evaluate import evaluate_path, fidelity_to_reference, format_score_table, write_scores_json
+    from kvbench.tasks.metrics import using_code_sim_matcher
 
-    table = evaluate_path(path, longbench_e=longbench_e)
+    with using_code_sim_matcher(code_sim_matcher):
+        table = evaluate_path(path, longbench_e=longbench_e)
     if against_run is not None:
         table = fidelity_to_reference(table, path, against_run)
     for note in table.attrs["skipped"]:
         click.echo(f"note: skipped {note}", err=True)
     click.echo(format_score_table(table))
+    if table["task"].str.removesuffix("_e").isin(["lcc", "repobench-p"]).any():
+        click.echo(f"(lcc and repobench-p scored with fuzzywuzzy's ratio on the {code_sim_matcher} matcher)")
     if json_file is not None:
         write_scores_json(table, json_file)
 
 
-@main.command("run")
-@click.option("--method", "method_name", default="fullkv", show_default=True, help="compression method (see `kvbench methods`)")
-@click.option("--capacity", type=int, default=None, help="tokens kept per layer per KV head, observation window included")
-@click.option("--tasks", "task_spec", default="longbench", show_default=True,
-              help="comma list of tasks, or longbench / longbench-e / needle")
-@click.option("--data-dir", type=click.Path(), default=None, help="folder of LongBench <task>.jsonl files (default: the hub)")
-@click.option("--limit", type=int, default=None, help="first K samples of each task")
-@click.option("--max-length", type=int, default=None, help="prompt tokens kept (middle truncation); default: context window - generation length")
-@click.option("--output", type=click.Path(), default=None, help="results folder [default: results/]")
-@click.option("--model", default=None, help="hub id, local folder or .gguf file [default: embedded SmolLM2-135M-Instruct]")
-@click.option("--dtype", default="auto", show_default=True, help="auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32")
-@click.option("--attn", default="sdpa", show_default=True, help="sdpa, flash_attention_2 or eager")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda")
-@click.option("--device-map", default=None, help="e.g. auto, to spread a large model over GPUs")
-@click.option("--trust-remote-code", is_flag=True, help="allow model code from the hub")
-@click.option("--lengths", default=None, help="needle: context lengths, START:STOP:COUNT or a comma list [1000:8000:8]")
-@click.option("--depths", default=None, help="needle: depth percents, START:STOP:COUNT or a comma list [0:100:11]")
-@click.option("--needle", default=None, help="needle: the sentence hidden in the haystack")
-@click.option("--question", default=None, help="needle: the question asked about it")
-@click.option("--answer", default=None, help="needle: the reference answer scored against")
-@click.option("--haystack-dir", type=click.Path(), default=None, help="needle: folder of .txt files [Paul Graham essays]")
-@_method_option_flags
-@one_line_errors
-def run_command(method_name, capacity, task_spec, data_dir, limit, max_length, output, model, dtype, attn, device,
-                device_map, trust_remote_code, lengths, depths, needle, question, answer, haystack_dir,
-                **method_options):
-    """Run a method over LongBench / the needle test; rows land in OUTPUT/<model>/<method>-<capacity>/."""
-    from kvbench.harness.model import load_model
-    from kvbench.harness.run import RunPlan, default_output_dir, run_benchmark
-    from kvbench.methods import build_method
-    from kvbench.tasks import get_task, resolve_task_names
+@lazy_command("run")
+def _build_run_command():
+    # Built on first use: its method flags come from the registry, which imports torch.
+    @click.command("run")
+    @click.option("--method", "method_names", default="fullkv", show_default=True,
+                  help="compression method, or a comma list for a grid (see `kvbench methods`)")
+    @click.option("--capacity", "capacities", default=None,
+                  help="tokens kept per layer per KV head, observation window included; a comma list for a grid")
+    @click.option("--tasks", "task_spec", default="longbench", show_default=True,
+                  help="comma list of tasks, or longbench / longbench-e / needle")
+    @click.option("--data-dir", type=click.Path(), default=None, help="folder of LongBench <task>.jsonl files (default: the hub)")
+    @click.option("--limit", type=int, default=None, help="first K samples of each task")
+    @click.option("--max-length", type=int, default=None, help="prompt tokens kept (middle truncation); default: context window - generation length")
+    @click.option("--output", type=click.Path(), default=None, help="results folder [default: results/]")
+    @click.option("--model", default=None, help="hub id, local folder or .gguf file [default: embedded SmolLM2-135M-Instruct]")
+    @click.option("--dtype", default="auto", show_default=True, help="auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32")
+    @click.option("--attn", default="sdpa", show_default=True, help="sdpa, flash_attention_2 or eager")
+    @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda")
+    @click.option("--device-map", default=None, help="e.g. auto, to spread a large model over GPUs")
+    @click.option("--trust-remote-code", is_flag=True, help="allow model code from the hub")
+    @CODE_SIM_OPTION
+    @click.option("--batch-size", default="auto", show_default=True,
+                  help="samples decoded together (continuous batching); auto: 32 on CUDA, 4 on CPU")
+    @click.option("--lengths", default=None, help="needle: context lengths, START:STOP:COUNT or a comma list [1000:8000:8]")
+    @click.option("--depths", default=None, help="needle: depth percents, START:STOP:COUNT or a comma list [0:100:11]")
+    @click.option("--needle", default=None, help="needle: the sentence hidden in the haystack")
+    @click.option("--question", default=None, help="needle: the question asked about it")
+    @click.option("--answer", default=None, help="needle: the reference answer scored against")
+    @click.option("--haystack-dir", type=click.Path(), default=None, help="needle: folder of .txt files [Paul Graham essays]")
+    @_method_option_flags
+    def run_command(method_names, capacities, task_spec, data_dir, limit, max_length, output, model, dtype, attn, device,
+                    device_map, trust_remote_code, code_sim_matcher, batch_size, lengths, depths, needle, question,
+                    answer, haystack_dir, **method_options):
+        """Run methods over LongBench / the needle test; rows land in OUTPUT/<model>/<method>-<capacity>/.
 
-    if limit is not None and limit <= 0:
-        raise KvbenchError(f"--limit must be > 0, got {limit}")
-    if data_dir is not None and not Path(data_dir).is_dir():
-        raise KvbenchError(f"--data-dir {data_dir}: no such folder")
-    method = build_method(method_name, capacity=capacity, **method_options)
-    needle_options = dict(lengths=lengths, depths=depths, needle=needle, question=question, answer=answer,
-                          haystack_dir=haystack_dir)
-    tasks = [get_task(name, **needle_options) for name in resolve_task_names(task_spec)]
-    loaded = load_model(model, dtype=dtype, attn=attn, device=device, device_map=device_map,
-                        trust_remote_code=trust_remote_code)
-    plan = RunPlan(tasks=tasks, data_dir=data_dir, limit=limit, max_length=max_length,
-                   output_dir=Path(output) if output else default_output_dir())
-    run_dir, scores = run_benchmark(loaded, method, plan)
-    click.echo(f"results: {run_dir}")
-    for task_name, score in scores.items():
-        value = "-" if score.get("score") is None else f"{score['score']:.2f}"
-        click.echo(f"{task_name:24s} n={score['n']:<5d} {value}")
+        Comma lists in --method and --capacity make a grid: the model loads once and each (method, capacity)
+        fills its own run folder; an option applies to the listed methods that have it.
+        """
+        from kvbench.harness.grid import GridRequest, run_grid
+        from kvbench.tasks.metrics import using_code_sim_matcher
+
+        if limit is not None and limit <= 0:
+            raise KvbenchError(f"--limit must be > 0, got {limit}")
+        if max_length is not None and max_length <= 0:
+            raise KvbenchError(f"--max-length must be > 0, got {max_length}")
+        if data_dir is not None and not Path(data_dir).is_dir():
+            raise KvbenchError(f"--data-dir {data_dir}: no such folder")
+        request = GridRequest(
+            method_names=_comma_list(method_names, "--method"),
+            capacities=_comma_list(capacities, "--capacity", int),
+            method_options={key: value for key, value in method_options.items() if value is not None},
+            task_spec=task_spec,
+            task_options=dict(lengths=lengths, depths=depths, needle=needle, question=question, answer=answer,
+                              haystack_dir=haystack_dir),
+            data_dir=data_dir, limit=limit, max_length=max_length, output=output, model=model, dtype=dtype, attn=attn,
+            device=device, device_map=device_map, trust_remote_code=trust_remote_code,
+            batch_size=_batch_size(batch_size),
+        )
+        with using_code_sim_matcher(code_sim_matcher):
+            run_grid(request, echo=click.echo, progress=lambda line: click.echo(line, err=True))
+
+    return run_command
 
 
 @main.command("bench")
@@ -153,17 +237,18 @@ def run_command(method_name, capacity, task_spec, data_dir, limit, max_length, o
 @click.option("--attn", default="sdpa", show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", type=click.Path(), default="results/bench", show_default=True, help="folder for bench.csv / bench.md")
-@one_line_errors
 def bench_command(model, method_specs, lengths, capacity, new_tokens, repeats, dtype, attn, device, out):
     """Prefill time, decode speed and peak memory of methods side by side, medians from one run."""
-    from kvbench.harness.bench import device_description, load_bench_model, run_bench, write_bench
+    from kvbench.harness.bench import bench_methods, device_description, load_bench_model, run_bench, write_bench
+    from kvbench.runfolder import check_writable_folder
 
-    try:
-        length_list = [int(value) for value in lengths.split(",")]
-    except ValueError:
-        raise KvbenchError(f"--lengths must be a comma list of integers, got {lengths!r}") from None
-    if repeats <= 0 or new_tokens <= 0:
-        raise KvbenchError("--repeats and --new-tokens must be > 0")
+    length_list = _comma_list(lengths, "--lengths", int)
+    if min(length_list) <= 0:
+        raise KvbenchError(f"--lengths must be positive token counts, got {lengths!r}")
+    if repeats <= 0 or new_tokens <= 0 or capacity <= 0:
+        raise KvbenchError("--repeats, --new-tokens and --capacity must be > 0")
+    bench_methods(method_specs.split(","), capacity)  # refuse bad specs before the model loads
+    check_writable_folder(Path(out), "--out")
     loaded = load_bench_model(model, dtype, attn, device)
     table = run_bench(loaded, method_specs.split(","), length_list, capacity, new_tokens, repeats,
                       progress=lambda line: click.echo(line, err=True))
@@ -180,10 +265,9 @@ def bench_command(model, method_specs, lengths, capacity, new_tokens, repeats, d
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="folder for the report (default: <first RUN_DIR>/report)")
 @click.option("--format", "format_list", default="md,csv,html", show_default=True, help="comma list of md, csv, html")
-@one_line_errors
 def report_command(run_dirs, out, format_list):
     """Tables, needle heatmaps and capacity plots of every run under RUN_DIR... (default: the results folder)."""
-    from kvbench.results.report import parse_formats, write_report
+    from kvbench.report.write import parse_formats, write_report
 
     for path in write_report(run_dirs, out, parse_formats(format_list)):
         click.echo(path)
@@ -205,11 +289,10 @@ def report_command(run_dirs, out, format_list):
 @click.option("--device", default="auto", show_default=True)
 @click.option("--device-map", default=None)
 @click.option("--trust-remote-code", is_flag=True)
-@one_line_errors
 def profile_command(method_name, model, ratio, data_dir, samples, task_spec, max_length, seed, out, dtype, attn,
                     device, device_map, trust_remote_code):
     """Offline per-layer budgets for PrefixKV from calibration prompts (used by `run --method prefixkv`)."""
-    from kvbench.methods.prefixkv_profile import run_profile
+    from kvbench.harness.profile import run_profile
 
     path, config = run_profile(method_name, model, ratio, data_dir, samples, out, task_spec, max_length, seed, dtype,
                                attn, device, device_map, trust_remote_code, progress=lambda line: click.echo(line, err=True))
@@ -236,7 +319,6 @@ def profile_command(method_name, model, ratio, data_dir, samples, task_spec, max
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="checkpoint folder [default: KVBENCH_HOME/classifier, where `run --method windowkv` looks]")
-@one_line_errors
 def train_classifier_command(data_dirs, task_list, encoder, epochs, learning_rate, batch_size, held_out_fraction,
                              held_out_tasks, max_samples_per_task, seed, device, out):
     """Train WindowKV's task classifier (qa vs other) on LongBench prompts labelled by task category."""

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from kvbench.classifier.model import LABELS, POOLINGS, TaskClassifier, TaskClassifierModel, load_encoder
 from kvbench.errors import KvbenchError
-from kvbench.harness.model import kvbench_home
+from kvbench.paths import kvbench_home
 
 TENSORS_FILE = "classifier.safetensors"
 METADATA_FILE = "classifier.json"

@@ -18,8 +18,9 @@ from pathlib import Path
 
 from kvbench.classifier.model import LABELS
 from kvbench.errors import KvbenchError
-from kvbench.tasks.longbench import (CODE, FEW_SHOT, MULTI_DOC_QA, SINGLE_DOC_QA, SUMMARIZATION, SYNTHETIC, TASK_TABLE,
-                                     fill_template, load_task_samples)
+from kvbench.tasks.longbench import fill_template, load_task_samples
+from kvbench.tasks.longbench_spec import (CODE, FEW_SHOT, MULTI_DOC_QA, SINGLE_DOC_QA, SUMMARIZATION, SYNTHETIC,
+                                          TASK_TABLE)
 
 CATEGORY_LABELS = {
     SINGLE_DOC_QA: LABELS.index("qa"),

@@ -20,7 +20,7 @@ import torch
 from kvbench.errors import KvbenchError
 from kvbench.harness.generate import generate_greedy
 from kvbench.harness.model import LoadedModel, check_attention_backend, load_model, resolve_device, resolve_dtype
-from kvbench.methods import build_method
+from kvbench.methods import build_method, get_method_class, parse_method_spec
 
 #: Shapes of public models, for random-weight speed runs (no download needed).
 MODEL_SHAPES = {
@@ -66,16 +66,15 @@ def random_weight_model(shape: str, dtype: str, device: str, attn: str) -> Loade
     return LoadedModel(model=model, tokenizer=None, name=f"{shape}-random")
 
 
-def parse_method_spec(spec: str) -> tuple[str, dict]:
-    """``windowkv:shared_layers=1:task_type=qa`` -> ("windowkv", {"shared_layers": 1, "task_type": "qa"})."""
-    name, *settings = spec.split(":")
-    options = {}
-    for setting in settings:
-        key, sep, value = setting.partition("=")
-        if not sep:
-            raise KvbenchError(f"method spec {spec!r}: expected name:option=value[:option=value]")
-        options[key.replace("-", "_")] = int(value) if value.lstrip("-").isdigit() else value
-    return name, options
+def bench_methods(method_specs: list[str], capacity: int) -> dict[str, object]:
+    """spec -> configured method; ``capacity`` goes to the methods that have one (unless the spec sets it)."""
+    methods = {}
+    for spec in method_specs:
+        name, options = parse_method_spec(spec)
+        if any(option.name == "capacity" for option in get_method_class(name).option_specs()):
+            options.setdefault("capacity", capacity)
+        methods[spec] = build_method(name, **options)
+    return methods
 
 
 def device_description(model) -> str:
@@ -98,12 +97,7 @@ def run_bench(loaded: LoadedModel, method_specs: list[str], lengths: list[int], 
               new_tokens: int, repeats: int, progress=print) -> pd.DataFrame:
     model = loaded.model
     vocab = model.config.vocab_size
-    methods = {}
-    for spec in method_specs:
-        name, options = parse_method_spec(spec)
-        methods[spec] = build_method(name, capacity=capacity, **options)
-    for method in methods.values():
-        method.bind_model(loaded.name, model.config.num_hidden_layers)
+    methods = {spec: method.prepare(loaded.info) for spec, method in bench_methods(method_specs, capacity).items()}
     generator = torch.Generator().manual_seed(0)
     # Warm-up: kernels, allocator and autotuning before anything is timed.
     warm_prompt = torch.randint(0, vocab, (min(lengths),), generator=generator).tolist()
@@ -129,7 +123,7 @@ def run_bench(loaded: LoadedModel, method_specs: list[str], lengths: list[int], 
             rows.append({
                 "prompt_tokens": length,
                 "method": spec,
-                "capacity": capacity if methods[spec].capacity is not None else None,
+                "capacity": methods[spec].method.budget,
                 "prefill_s": round(statistics.median(g.prefill_seconds for g in generations), 4),
                 "decode_ms_per_token": round(decode_ms, 2),
                 "decode_bound_ms": None if bound is None else round(bound, 2),

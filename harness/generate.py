@@ -1,16 +1,38 @@
-"""Greedy decoding with the compression hook: prefill, compress layer by layer, decode."""
+"""Greedy generation with compressed caches, many samples at once (continuous batching).
+
+Each sample is prefilled alone and compressed layer by layer (`kvbench.harness.prefill`);
+its cache then takes a free row of the decode batch (`kvbench.harness.decode`). A row that
+reaches a stop token or its generation length leaves at once, and the next prefilled sample
+takes its place, so no step is spent on finished rows. Results come out as samples finish.
+
+Out of GPU memory with several rows, the batch is halved (said once) and the rows that no
+longer fit are redone later; nothing finished is lost and nothing is produced twice. Out of
+memory with a sample alone is one error line naming the sample and its prompt length.
+"""
 
 from __future__ import annotations
 
-import inspect
-import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from kvbench.harness.cache import CompressibleCache
-from kvbench.harness.hook import CompressionSession, compression, install_hook
-from kvbench.methods.base import Method
+from kvbench.errors import KvbenchError
+from kvbench.harness.decode import DecodeBatch, FinishedRow
+from kvbench.harness.prefill import DecodeRequest, Prefilled, prefill
+from kvbench.methods.base import Compressor, Method, ModelInfo
+
+#: free memory kept aside when growing the decode buffers, for the next prefill's activations
+GROWTH_MARGIN = 1.25
+#: samples decoded together by default: on CUDA a step costs nearly the same for 1 or 32 rows (it reads
+#: the weights once); on CPU more rows soon cost proportionally more (see the README's measurements)
+DEFAULT_BATCH_SIZE = {"cuda": 32, "cpu": 4}
+
+
+def default_batch_size(model) -> int:
+    return DEFAULT_BATCH_SIZE.get(model.get_input_embeddings().weight.device.type, 1)
 
 
 @dataclass
@@ -20,21 +42,29 @@ class Generation:
     #: cache length of each layer right after prefill (= prompt length where nothing was dropped)
     kept_per_layer: list[int]
     prefill_seconds: float
+    #: from joining the decode batch to the last token (the sample's decoding latency)
     decode_seconds: float
-    #: bytes of keys/values held after prefill
+    #: the sample's share of the decode steps it took part in (step time / rows in the step)
+    decode_cost_seconds: float
+    #: bytes of keys/values kept after prefill
     kv_cache_bytes: int
-    #: peak accelerator memory during the sample (None on CPU)
+    #: peak accelerator memory of the prefill (None on CPU)
     peak_memory_bytes: int | None
+    #: what the method reports about the sample (its record)
+    method_record: dict
+    #: the request's tag, given back
+    tag: Any = None
 
 
-def _cache_keyword(model) -> str:
-    """Transformers renamed ``past_key_values`` to ``cache`` in the 5.x series; accept both."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+def model_info(model) -> ModelInfo:
+    """What a method may know of a model loaded without kvbench's loader (tests, `bench`'s random weights)."""
+    name = str(getattr(model.config, "_name_or_path", "") or "model").rstrip("/").rsplit("/", 1)[-1]
+    return ModelInfo(name or "model", model.config.num_hidden_layers)
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def as_compressor(method: Method | Compressor, model) -> Compressor:
+    """A compressor for ``model``: ``method`` itself when already bound, else the method prepared for it."""
+    return method if isinstance(method, Compressor) else method.prepare(model_info(model))
 
 
 def eos_token_ids(model, tokenizer=None) -> set[int]:
@@ -46,74 +76,115 @@ def eos_token_ids(model, tokenizer=None) -> set[int]:
     return ids
 
 
-@torch.inference_mode()
-def generate_greedy(
-    model,
-    prompt_ids,
-    method: Method,
-    max_new_tokens: int,
-    eos_token_ids: set[int],
-    sample: dict | None = None,
-) -> Generation:
-    """Decode greedily after compressing the prompt's cache with ``method``.
+def _generation(prefilled: Prefilled, tokens: list[int], decode_seconds: float, decode_cost: float) -> Generation:
+    return Generation(tokens, len(prefilled.request.prompt_ids), prefilled.kept_per_layer, prefilled.prefill_seconds,
+                      decode_seconds, decode_cost, prefilled.kv_cache_bytes, prefilled.peak_memory_bytes,
+                      prefilled.state.record(), prefilled.request.tag)
 
-    Positions continue from the original prompt length, not from the shorter
-    cache, so RoPE sees the same positions as without compression. Before every
-    decoding step the method may evict one entry per layer (fixed-point methods).
-    """
-    install_hook(model)
-    device = model.get_input_embeddings().weight.device
-    input_ids = torch.as_tensor(prompt_ids, dtype=torch.long, device=device).view(1, -1)
-    prompt_length = input_ids.shape[1]
-    num_layers = model.config.num_hidden_layers
-    cache = CompressibleCache()
-    cache_keyword = _cache_keyword(model)
-    method.start_sample(prompt_length, num_layers, sample)
-    session = CompressionSession(method, cache, num_layers, reserve=max_new_tokens)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
 
-    positions = torch.arange(prompt_length, device=device).view(1, -1)
-    _synchronize(device)
-    start = time.perf_counter()
-    if method.needs_scoring_pass:
-        # Per-layer budgets that depend on every layer's scores (PrefixKV online) need them before the
-        # first layer is compressed: one prefill that only scores, no cache kept.
-        scoring = CompressionSession(method, cache, num_layers, reserve=0, observing=True)
-        with compression(model, scoring):
-            model(input_ids=input_ids, position_ids=positions, use_cache=False, logits_to_keep=1)
-    with compression(model, session):
-        output = model(input_ids=input_ids, position_ids=positions, use_cache=True, logits_to_keep=1, **{cache_keyword: cache})
-        next_token = output.logits[0, -1].argmax()
-        _synchronize(device)
-        prefill_seconds = time.perf_counter() - start
-        kept_per_layer = cache.layer_lengths()
-        kv_cache_bytes = cache.nbytes()
+def _describe(request: DecodeRequest) -> str:
+    sample = request.sample or {}
+    name = f"{sample.get('task', '')} sample {sample.get('_id', '?')}".strip()
+    return f"{name} ({len(request.prompt_ids)} prompt tokens)"
 
-        generated = [int(next_token)]
-        start = time.perf_counter()
-        for step in range(1, max_new_tokens):
-            if generated[-1] in eos_token_ids:
-                break
-            tokens_seen = prompt_length + step - 1
-            for layer_idx, layer in enumerate(cache.layers):
-                evict = method.decode_eviction(layer_idx, layer.get_seq_length(), tokens_seen)
-                if evict is not None:
-                    layer.drop(evict)
-            position = torch.tensor([[tokens_seen]], device=device)
-            output = model(input_ids=next_token.view(1, 1), position_ids=position, use_cache=True, **{cache_keyword: cache})
-            next_token = output.logits[0, -1].argmax()
-            generated.append(int(next_token))
-        _synchronize(device)
-        decode_seconds = time.perf_counter() - start
 
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return Generation(
-        token_ids=generated,
-        prompt_tokens=prompt_length,
-        kept_per_layer=kept_per_layer,
-        prefill_seconds=prefill_seconds,
-        decode_seconds=decode_seconds,
-        kv_cache_bytes=kv_cache_bytes,
-        peak_memory_bytes=peak,
-    )
+def _out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.cuda.OutOfMemoryError)
+
+
+def generate_stream(model, method: Method | Compressor, requests: Iterable[DecodeRequest], batch_size: int = 1,
+                    say: Callable[[str], None] | None = None, use_cuda_graphs: bool = True) -> Iterator[Generation]:
+    """Generate for every request, up to ``batch_size`` decoded together; yields each as it finishes."""
+    compressor = as_compressor(method, model)
+    batch = DecodeBatch(model, batch_size, use_cuda_graphs=use_cuda_graphs)
+    source = iter(requests)
+    redo: deque[DecodeRequest] = deque()
+    held: Prefilled | None = None
+    exhausted = False
+    halving_said = False
+
+    def next_request() -> DecodeRequest | None:
+        nonlocal exhausted
+        if redo:
+            return redo.popleft()
+        if exhausted:
+            return None
+        request = next(source, None)
+        exhausted = request is None
+        return request
+
+    def halve(request_in_hand: DecodeRequest | None) -> None:
+        """Out of memory with several rows: keep half of them; the rest (and the request in hand) are redone."""
+        nonlocal halving_said
+        rows = max(1, len(batch.rows) // 2)
+        if not halving_said and say is not None:
+            say(f"out of GPU memory with {len(batch.rows)} decode rows: continuing with {rows}")
+            halving_said = True
+        requeued = [prefilled.request for prefilled in batch.requeue_rows_from(rows)]
+        batch.shrink(rows)
+        redo.extendleft(reversed(([request_in_hand] if request_in_hand is not None else []) + requeued))
+        torch.cuda.empty_cache()
+
+    while True:
+        while batch.free_row() is not None:
+            if held is None:
+                request = next_request()
+                if request is None:
+                    break
+                try:
+                    held = prefill(model, compressor, request)
+                except Exception as error:
+                    if not _out_of_memory(error):
+                        raise
+                    if not batch.active_rows:
+                        raise KvbenchError(f"out of GPU memory prefilling {_describe(request)} alone") from None
+                    halve(request)
+                    continue
+                if held.finished:
+                    yield _generation(held, [held.first_token], 0.0, 0.0)
+                    held = None
+                    continue
+            if batch.active_rows and not _fits(batch, held):
+                break  # wait for rows to finish before growing the buffers
+            try:
+                batch.admit(held)
+                held = None
+            except Exception as error:
+                if not _out_of_memory(error):
+                    raise
+                if not batch.active_rows:
+                    raise KvbenchError(f"out of GPU memory decoding {_describe(held.request)} alone") from None
+                request, held = held.request, None
+                halve(request)
+        if not batch.active_rows:
+            if held is None and exhausted and not redo:
+                return
+            continue
+        try:
+            finished: list[FinishedRow] = batch.step()
+        except Exception as error:
+            if not _out_of_memory(error) or len(batch.rows) == 1:
+                raise
+            halve(None)
+            continue
+        for row in finished:
+            yield _generation(row.prefilled, row.tokens, row.decode_seconds, row.decode_cost_seconds)
+        if held is None and exhausted and not redo:
+            batch.compact()  # draining: the remaining rows move down, so steps run on a smaller bucket
+
+
+def _fits(batch: DecodeBatch, prefilled: Prefilled) -> bool:
+    """Whether the GPU has room to grow the decode buffers for this sample (always, on CPU)."""
+    growth = batch.growth_bytes(prefilled)
+    if growth == 0 or batch.device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(batch.device)
+    reusable = torch.cuda.memory_reserved(batch.device) - torch.cuda.memory_allocated(batch.device)
+    return (free + reusable) > growth * GROWTH_MARGIN
+
+
+def generate_greedy(model, prompt_ids, method: Method | Compressor, max_new_tokens: int, eos_token_ids: set[int],
+                    sample: dict | None = None) -> Generation:
+    """One sample, alone: prefill, compress layer by layer, decode greedily at the original positions."""
+    request = DecodeRequest(list(prompt_ids), max_new_tokens, set(eos_token_ids), sample)
+    return next(generate_stream(model, method, [request], batch_size=1))

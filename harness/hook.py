@@ -2,18 +2,25 @@
 
 We register ``kvbench_<backend>`` (sdpa, eager, flash_attention_2) in transformers'
 attention interface, so any model whose attention calls the interface (Llama,
-Mistral, Qwen2, ... ) gets the hook without copying modeling code. The wrapper
-runs the real backend, then, during prefill, hands the layer's post-RoPE queries
-and un-repeated keys/values to the method and stores only what it keeps in the
-cache, before the next layer runs: the full cache of all layers never coexists.
+Mistral, Qwen2, ... ) gets the hook without copying modeling code. What it does
+depends on the session active on the attention module:
+
+* a `PrefillSession` (one sample's prompt, batch 1): the real backend runs, then the
+  layer's post-RoPE queries and un-repeated keys/values go to the sample's compression
+  state, and only what it keeps is stored, before the next layer runs: the full cache
+  of all layers never coexists. In the scoring pre-pass the layer is only observed.
+* a `DecodeSession` (one token for each row of a decode batch): the keys and values are
+  the batch's preallocated buffers, where each layer and row holds its own number of
+  valid slots; attention runs over the valid slots only (`masked_decode_attention`).
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -22,36 +29,32 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 # that Mistral and Qwen2 share.
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
-from kvbench.harness.cache import CompressibleCache
-from kvbench.methods.base import LayerPrefill, Method
+from kvbench.methods.base import LayerPrefill, SampleCompression
 
 BACKENDS = ("sdpa", "eager", "flash_attention_2")
 HOOKED_PREFIX = "kvbench_"
 
 
 @dataclass
-class CompressionSession:
-    """What the hook needs while one sample is processed."""
+class PrefillSession:
+    """One sample's prefill: each layer is shown to its compression state, and what it keeps is collected."""
 
-    method: Method
-    cache: CompressibleCache
+    sample: SampleCompression
     num_layers: int
-    #: decoding slots to reserve after the stored prompt in each layer
-    reserve: int
-    #: scoring pre-pass: show each layer to ``method.observe`` and store nothing
+    #: scoring pre-pass: show each layer to ``sample.observe`` and keep nothing
     observing: bool = False
+    #: per layer, the stored (keys, values), each (1, num_kv_heads, kept, head_dim)
+    kept: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.kept = [None] * self.num_layers
 
     def on_prefill(self, module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> None:
         layer = LayerPrefill(module.layer_idx, self.num_layers, query, key, value, scaling)
         if self.observing:
-            self.method.observe(layer)
-        else:
-            self.compress(layer)
-
-    def compress(self, layer: LayerPrefill) -> None:
-        """Store in the cache only what the method keeps of this layer's prompt."""
-        key, value = layer.keys, layer.values
-        selection = self.method.select(layer)
+            self.sample.observe(layer)
+            return
+        selection = self.sample.select(layer)
         if selection is None:
             kept_keys, kept_values = key, value
         elif selection.keys is not None:
@@ -59,21 +62,47 @@ class CompressionSession:
         else:
             gather_index = selection.indices.unsqueeze(-1).expand(-1, -1, -1, key.shape[-1])
             kept_keys, kept_values = key.gather(2, gather_index), value.gather(2, gather_index)
-        self.cache.layers[layer.layer_idx].store(kept_keys, kept_values, reserve=self.reserve)
+        self.kept[layer.layer_idx] = (kept_keys, kept_values)
+
+
+@dataclass
+class DecodeSession:
+    """A decode step of a batch: per layer, which buffer slots each row may attend to."""
+
+    #: (num_layers, batch, slots) bool
+    valid: torch.Tensor
+    #: rows in this step (the buffers may hold more)
+    rows: int
+
+
+def masked_decode_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            valid: torch.Tensor, scaling: float) -> torch.Tensor:
+    """One query per row over the row's valid slots: (batch, 1, num_heads, head_dim), as backends return.
+
+    query (B, Hq, 1, d); key/value (B, Hkv, S, d) un-repeated; valid (B, S). Under GQA the
+    query heads of a KV head are laid out as that head's queries, so no key is repeated.
+    A row's slot order plays no part: keys are post-RoPE, so attention is a sum over the set
+    of valid slots (which is what lets eviction clear a slot instead of shifting the cache).
+    """
+    batch, num_heads, _, head_dim = query.shape
+    num_kv_heads = key.shape[1]
+    grouped = query.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    mask = valid[:, None, None, :]
+    output = F.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, scale=scaling)
+    return output.reshape(batch, num_heads, 1, head_dim).transpose(1, 2)
 
 
 def _hooked(backend_name: str):
     def attention(module, query, key, value, attention_mask, **kwargs):
+        session = getattr(module, "kvbench_session", None)
+        scaling = kwargs.get("scaling") or module.scaling
+        if isinstance(session, DecodeSession):
+            valid = session.valid[module.layer_idx, : session.rows]
+            return masked_decode_attention(module, query, key, value, valid, scaling), None
         backend = eager_attention_forward if backend_name == "eager" else ALL_ATTENTION_FUNCTIONS[backend_name]
-        session: CompressionSession | None = getattr(module, "kvbench_session", None)
-        is_prefill = query.shape[2] == key.shape[2] and query.shape[2] > 1
-        if query.shape[2] == 1:
-            # Batch 1, no padding: a single decoding query may see the whole cache. The mask built
-            # for layer 0's length would not fit layers whose budgets differ.
-            attention_mask = None
         output = backend(module, query, key, value, attention_mask, **kwargs)
-        if session is not None and is_prefill:
-            session.on_prefill(module, query, key, value, kwargs.get("scaling") or module.scaling)
+        if isinstance(session, PrefillSession) and query.shape[2] == key.shape[2] > 1:
+            session.on_prefill(module, query, key, value, scaling)
         return output
 
     attention.__name__ = f"{HOOKED_PREFIX}{backend_name}"
@@ -96,13 +125,17 @@ def install_hook(model) -> None:
 
 
 def attention_modules(model) -> list[torch.nn.Module]:
-    """The modules that call the attention interface: those with a ``layer_idx`` and a ``scaling``."""
-    return [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "scaling")]
+    """The modules that call the attention interface: those with a ``layer_idx`` and a ``scaling`` (found once)."""
+    found = getattr(model, "_kvbench_attention_modules", None)
+    if found is None:
+        found = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "scaling")]
+        model._kvbench_attention_modules = found
+    return found
 
 
 @contextlib.contextmanager
-def compression(model, session: CompressionSession):
-    """Make ``session`` active on every attention module for the duration of one sample."""
+def active(model, session: PrefillSession | DecodeSession):
+    """Make ``session`` active on every attention module for the duration of a forward pass."""
     modules = attention_modules(model)
     for module in modules:
         module.kvbench_session = session

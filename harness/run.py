@@ -1,13 +1,27 @@
 """The run loop: every sample of every task through one method, one JSONL row per sample.
 
-Rows are appended and flushed as each sample finishes, so a crash or a kill
-loses at most the sample in flight; a rerun skips the ``_id``s already written.
+How a run goes, and why in this order (`kvbench run` refuses anything it can before the
+weights load):
+
+1. `RunPlan` (tasks, data, limit, max length, output folder) and the method are built and
+   validated from the command line; the model's config alone (no weights) gives its
+   layer count and context window, and ``method.prepare`` checks the method against it
+   and loads the method's own files (classifier, profiles).
+2. `open_run` loads and checks every planned sample, works out the run's identity
+   (every setting that can change a row, see `run_identity`), takes the folder's lock,
+   and compares the identity with the folder's ``run.json``: a difference is refused in
+   one line naming it, so rows made under different settings never mix.
+3. The weights load; ``run.json`` is written; `execute_run` appends a row per finished
+   sample (flushed and fsynced), skipping the ``_id``s already there, so a crash or a
+   kill loses at most the samples in flight and a rerun resumes; ``scores.json`` is
+   written at the end.
 """
 
 from __future__ import annotations
 
-import json
-import os
+import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,74 +29,30 @@ from typing import Any
 from tqdm import tqdm
 
 from kvbench.errors import KvbenchError
-from kvbench.harness.generate import eos_token_ids, generate_greedy
-from kvbench.harness.model import LoadedModel
-from kvbench.methods.base import Method
+from kvbench.harness.generate import Generation, eos_token_ids, generate_stream
+from kvbench.harness.prefill import DecodeRequest
+from kvbench.harness.model import LoadedModel, ModelDescription
+from kvbench.methods.base import Compressor, Method
+from kvbench.paths import default_output_dir
+from kvbench.runfolder import (
+    RUN_FILE,
+    SCORES_FILE,
+    RunLock,
+    append_row,
+    check_writable_folder,
+    identity_differences,
+    read_json,
+    read_rows_for_resume,
+    result_path,
+    run_dir_for,
+    run_label,
+    write_json,
+)
 from kvbench.tasks.base import Task
+from kvbench.tasks.metrics import scorer_settings
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def default_output_dir() -> Path:
-    """`results/` of the checkout when kvbench runs from one, else ./results."""
-    return REPO_ROOT / "results" if (REPO_ROOT / "setup.cfg").is_file() else Path.cwd() / "results"
-
-
-def run_label(method: Method) -> str:
-    """Folder name of a run: the method, its budget, and every option set away from its default."""
-    budget = method.budget_label()
-    parts = [method.name] + ([budget] if budget else [])
-    parts += [f"{name}={value}" for name, value in method.non_default_options().items()]
-    return "-".join(str(part).replace("/", "_") for part in parts)
-
-
-def parse_result_file(path: Path) -> tuple[list[dict[str, Any]], int]:
-    """Rows of a ``<task>.jsonl`` result file ([] when absent), and the byte length of a last line
-    left unfinished by a writer that was killed or is still writing (0 when there is none).
-
-    Both the run loop (which drops that line and redoes the sample) and the report (which only
-    reads, possibly while a run appends) go through here, so they agree on what a finished row is.
-    """
-    if not path.is_file():
-        return [], 0
-    rows = []
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            if number == len(lines) and not line.endswith("\n"):
-                return rows, len(line.encode("utf-8"))
-            raise KvbenchError(f"{path}:{number}: not a JSON line; delete or repair the file") from None
-        if not isinstance(row, dict) or "_id" not in row:
-            raise KvbenchError(f"{path}:{number}: a result row must be a JSON object with an _id")
-        rows.append(row)
-    return rows, 0
-
-
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    """Finished rows of a result file. A last line cut short by a kill is cut off the file (and rewritten on resume)."""
-    rows, unfinished_bytes = parse_result_file(path)
-    if unfinished_bytes:
-        with open(path, "rb+") as handle:
-            handle.truncate(os.path.getsize(path) - unfinished_bytes)
-    return rows
-
-
-def append_row(path: Path, row: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write through a temporary file so a kill never leaves half a JSON file."""
-    partial = path.with_suffix(path.suffix + ".partial")
-    partial.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    partial.replace(path)
+#: version of what run.json records; a folder written under another version is refused, never mixed
+RUN_FORMAT = 2
 
 
 @dataclass
@@ -94,99 +64,245 @@ class RunPlan:
     output_dir: Path = field(default_factory=default_output_dir)
 
 
-def max_prompt_length(loaded: LoadedModel, task: Task, requested: int | None) -> int:
+def method_label(method: Method) -> str:
+    """Folder name of a run: the method, its budget, and every option set away from its default."""
+    budget = method.budget
+    return run_label([method.name] + ([str(budget)] if budget is not None else []), method.non_default_options())
+
+
+def max_prompt_length(context_window: int, task: Task, requested: int | None) -> int:
     """Prompt budget: --max-length, else the model's context window minus the task's generation length."""
     if requested is not None:
         if requested <= 0:
             raise KvbenchError(f"--max-length must be > 0, got {requested}")
         return requested
-    if loaded.context_window <= task.max_new_tokens:
+    if context_window <= task.max_new_tokens:
         raise KvbenchError(
-            f"cannot derive --max-length: the model's context window ({loaded.context_window}) is not larger than "
+            f"cannot derive --max-length: the model's context window ({context_window}) is not larger than "
             f"{task.name}'s generation length ({task.max_new_tokens}); pass --max-length"
         )
-    return loaded.context_window - task.max_new_tokens
+    return context_window - task.max_new_tokens
 
 
-def context_limit(loaded: LoadedModel, task: Task, requested_max_length: int | None) -> int:
+def context_limit(context_window: int, task: Task, requested_max_length: int | None) -> int:
     """Tokens a prompt plus its answer may span: the model's window, or less under --max-length."""
-    window = loaded.context_window
     if requested_max_length is None:
-        return window
+        return context_window
     limit = requested_max_length + task.max_new_tokens
-    return min(limit, window) if window else limit
+    return min(limit, context_window) if context_window else limit
 
 
 def summarize(values: list[int]) -> dict[str, float]:
     return {"mean": round(sum(values) / len(values), 2), "min": min(values), "max": max(values)}
 
 
-def run_benchmark(loaded: LoadedModel, method: Method, plan: RunPlan) -> tuple[Path, dict[str, dict[str, Any]]]:
-    """Run every planned sample not already in the run folder; return the folder and per-task scores."""
+def run_identity(model: ModelDescription, method: Method, compressor: Compressor, plan: RunPlan) -> dict[str, Any]:
+    """Every setting that can change a row, besides each task's own (``task_identity``).
+
+    Not part of it, because they never change a row: the device and the batch of
+    decoding (bf16 rounding aside, see the README), ``--limit`` and the needle grid
+    (they choose samples), the data folder's path (its content is what counts).
+    """
+    return {
+        "format": RUN_FORMAT,
+        "model": {"name": model.name, **model.identity},
+        "dtype": model.dtype,
+        "attention": model.attention,
+        "max_length": plan.max_length,
+        "method": method.name,
+        "options": method.options(),
+        "method_files": compressor.identity(),
+        "scorer": scorer_settings(),
+    }
+
+
+@dataclass
+class OpenRun:
+    """A run folder checked against the plan and locked for this process (see `open_run`)."""
+
+    run_dir: Path
+    method: Method
+    compressor: Compressor
+    plan: RunPlan
+    identity: dict[str, Any]
+    task_identity: dict[str, dict[str, Any]]
+    samples_by_task: dict[str, list[dict[str, Any]]]
+    previous: dict[str, Any]
+    lock: RunLock
+
+    def close(self) -> None:
+        self.lock.__exit__(None, None, None)
+
+    def __enter__(self) -> OpenRun:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def open_run(model: ModelDescription, method: Method, compressor: Compressor, plan: RunPlan) -> OpenRun:
+    """Load and check the planned samples, lock the run folder and check its recorded identity.
+
+    Every refusal happens here, before the weights load and before anything is written
+    but the lock file.
+    """
     samples_by_task = {}
+    task_identity = {}
     for task in plan.tasks:
-        task.validate_for_model(context_limit(loaded, task, plan.max_length))
+        task.validate_for_model(context_limit(model.context_window, task, plan.max_length))
+        max_prompt_length(model.context_window, task, plan.max_length)
         samples = task.load_samples(plan.data_dir)
         samples_by_task[task.name] = samples[: plan.limit] if plan.limit is not None else samples
-    run_dir = Path(plan.output_dir) / loaded.name / run_label(method)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    # A folder reused for more tasks keeps what earlier runs recorded for theirs.
-    previous = json.loads((run_dir / "run.json").read_text(encoding="utf-8")) if (run_dir / "run.json").is_file() else {}
-    write_json(
-        run_dir / "run.json",
-        {
-            "model": loaded.name,
-            "method": method.name,
-            "capacity": method.capacity,
-            "settings": method.settings(),
-            "tasks": {**previous.get("tasks", {}),
-                      **{name: len(samples) for name, samples in samples_by_task.items()}},
-            "task_settings": {**previous.get("task_settings", {}),
-                              **{task.name: task.settings() for task in plan.tasks if task.settings()}},
-            "max_length": plan.max_length,
-            "device": str(loaded.model.device),
-            "dtype": str(loaded.model.dtype).replace("torch.", ""),
-            "attention": loaded.model.config._attn_implementation.removeprefix("kvbench_"),
-        },
-    )
-    method.bind_model(loaded.name, loaded.model.config.num_hidden_layers)
-    stop_ids = eos_token_ids(loaded.model, loaded.tokenizer)
-    scores_path = run_dir / "scores.json"
-    scores = json.loads(scores_path.read_text(encoding="utf-8")) if scores_path.is_file() else {}
+        task_identity[task.name] = task.identity(plan.data_dir)
+    identity = run_identity(model, method, compressor, plan)
+    check_writable_folder(plan.output_dir, "--output")
+    run_dir = run_dir_for(plan.output_dir, model.name, method_label(method))
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise KvbenchError(f"--output {plan.output_dir}: cannot create {run_dir} ({error.strerror or error})") from None
     for task in plan.tasks:
-        path = run_dir / f"{task.name}.jsonl"
-        done = {row["_id"] for row in read_rows(path)}
-        todo = [sample for sample in samples_by_task[task.name] if sample["_id"] not in done]
-        max_length = max_prompt_length(loaded, task, plan.max_length)
-        task_stop_ids = stop_ids | task.stop_token_ids(loaded.tokenizer)
-        for sample in tqdm(todo, desc=f"{task.name} ({method.name})", unit="sample", initial=len(done),
-                           total=len(samples_by_task[task.name])):
-            prompt_ids = task.prompt_ids(sample, loaded.tokenizer, max_length)
+        if result_path(run_dir, task.name).is_dir():
+            raise KvbenchError(f"{result_path(run_dir, task.name)}: is a folder, expected the task's result file")
+    lock = RunLock(run_dir).__enter__()
+    try:
+        previous = read_json(run_dir / RUN_FILE) if (run_dir / RUN_FILE).exists() else {}
+        _check_identity(run_dir, previous, identity, task_identity)
+    except BaseException:
+        lock.__exit__(None, None, None)
+        raise
+    return OpenRun(run_dir, method, compressor, plan, identity, task_identity, samples_by_task, previous, lock)
+
+
+def _check_identity(run_dir: Path, previous: dict[str, Any], identity: dict[str, Any],
+                    task_identity: dict[str, dict[str, Any]]) -> None:
+    """Refuse a folder whose rows were made under other settings, naming the first differences."""
+    if not previous:
+        if any(run_dir.glob("*.jsonl")):
+            raise KvbenchError(f"{run_dir}: holds result files but no {RUN_FILE}, so their settings are unknown; "
+                               "move them away or use another --output")
+        return
+    recorded = previous.get("identity")
+    if not isinstance(recorded, dict) or recorded.get("format") != RUN_FORMAT:
+        raise KvbenchError(f"{run_dir / RUN_FILE}: written by another kvbench version, without the settings this "
+                           "version checks; use another --output, or move the folder away")
+    differences = identity_differences(recorded, identity)
+    recorded_tasks = previous.get("task_identity") or {}
+    for task, current in task_identity.items():
+        if task in recorded_tasks:
+            differences += identity_differences(recorded_tasks[task], current, prefix=f"{task}.")
+    if differences:
+        shown = "; ".join(differences[:3]) + (f"; and {len(differences) - 3} more" if len(differences) > 3 else "")
+        raise KvbenchError(f"{run_dir} holds rows made under other settings ({shown}): use another --output, "
+                           "or move that folder away")
+
+
+def _write_run_file(run: OpenRun, model: ModelDescription, device: str) -> None:
+    previous = run.previous
+    planned = {name: len(samples) for name, samples in run.samples_by_task.items()}
+    write_json(run.run_dir / RUN_FILE, {
+        "model": model.name,
+        "method": run.method.name,
+        "capacity": run.method.budget,
+        "settings": run.method.options(),
+        "max_length": run.plan.max_length,
+        "dtype": model.dtype,
+        "attention": model.attention,
+        "device": device,
+        "data_dir": None if run.plan.data_dir is None else str(Path(run.plan.data_dir).resolve()),
+        # A folder reused for more tasks keeps what earlier runs recorded for theirs.
+        "tasks": {**previous.get("tasks", {}), **planned},
+        "task_settings": {**previous.get("task_settings", {}),
+                          **{task.name: task.settings() for task in run.plan.tasks if task.settings()}},
+        "identity": run.identity,
+        "task_identity": {**previous.get("task_identity", {}), **run.task_identity},
+    })
+
+
+def progress_bar(iterable=None, **options):
+    """tqdm on a terminal; nothing on a pipe or in a log file, where bars would flood the lines."""
+    return tqdm(iterable, disable=not sys.stderr.isatty(), **options)
+
+
+@dataclass
+class RunSummary:
+    run_dir: Path
+    scores: dict[str, dict[str, Any]]
+    samples_done: int
+    seconds: float
+
+
+def execute_run(run: OpenRun, loaded: LoadedModel, report: Callable[[str], None] | None = None,
+                batch_size: int = 1) -> RunSummary:
+    """Run every planned sample not already in the folder, up to ``batch_size`` decoded together;
+    write run.json first, each row as its sample finishes, and scores.json last."""
+    model_description = ModelDescription.of(loaded)
+    _write_run_file(run, model_description, str(loaded.model.device))
+    stop_ids = eos_token_ids(loaded.model, loaded.tokenizer)
+    scores_path = run.run_dir / SCORES_FILE
+    scores = read_json(scores_path) if scores_path.exists() else {}
+    work: list[tuple[Task, dict[str, Any]]] = []
+    planned_total = 0
+    for task in run.plan.tasks:
+        done = {row["_id"] for row in read_rows_for_resume(result_path(run.run_dir, task.name))}
+        planned = run.samples_by_task[task.name]
+        planned_total += len(planned)
+        work += [(task, sample) for sample in planned if sample["_id"] not in done]
+
+    def requests():
+        limits = {task.name: max_prompt_length(loaded.context_window, task, run.plan.max_length)
+                  for task in run.plan.tasks}
+        task_stop_ids = {task.name: stop_ids | task.stop_token_ids(loaded.tokenizer) for task in run.plan.tasks}
+        for task, sample in work:
+            prompt_ids = task.prompt_ids(sample, loaded.tokenizer, limits[task.name])
             method_view = {**sample, "task": task.name, "prompt_text": task.prompt_text(sample)}
-            generation = generate_greedy(loaded.model, prompt_ids, method, task.max_new_tokens, task_stop_ids,
-                                         method_view)
-            text = loaded.tokenizer.decode(generation.token_ids, skip_special_tokens=True)
-            prediction = task.postprocess(text)
-            fields = task.row_fields(sample)
-            row = {
-                "_id": sample["_id"],
-                "pred": prediction,
-                **fields,
-                **task.score_row({"pred": prediction, **fields}),
-                "prompt_tokens": generation.prompt_tokens,
-                "kept_tokens": summarize(generation.kept_per_layer),
-                "new_tokens": len(generation.token_ids),
-                "prefill_seconds": round(generation.prefill_seconds, 4),
-                "decode_seconds": round(generation.decode_seconds, 4),
-                "kv_cache_mb": round(generation.kv_cache_bytes / 2**20, 3),
-                "peak_memory_mb": None if generation.peak_memory_bytes is None
-                else round(generation.peak_memory_bytes / 2**20, 1),
-                **method.sample_record(),
-            }
-            append_row(path, row)
-        wanted = {sample["_id"] for sample in samples_by_task[task.name]}
-        rows = [row for row in read_rows(path) if row["_id"] in wanted]
+            yield DecodeRequest(prompt_ids, task.max_new_tokens, task_stop_ids[task.name], method_view,
+                                tag=(task, sample))
+
+    started = time.perf_counter()
+    samples_done = 0
+    bar = progress_bar(None, desc=run.run_dir.name, unit="sample", initial=planned_total - len(work),
+                       total=planned_total)
+    with bar:
+        for generation in generate_stream(loaded.model, run.compressor, requests(), batch_size, say=report):
+            task, sample = generation.tag
+            append_row(result_path(run.run_dir, task.name), _sample_row(loaded, task, sample, generation))
+            samples_done += 1
+            bar.update(1)
+    for task in run.plan.tasks:
+        wanted = {sample["_id"] for sample in run.samples_by_task[task.name]}
+        rows = [row for row in read_rows_for_resume(result_path(run.run_dir, task.name)) if row["_id"] in wanted]
         scores[task.name] = task.score(rows) if rows else {"score": None}
         scores[task.name]["n"] = len(rows)
     write_json(scores_path, scores)
-    return run_dir, {task.name: scores[task.name] for task in plan.tasks}
+    return RunSummary(run.run_dir, {task.name: scores[task.name] for task in run.plan.tasks}, samples_done,
+                      time.perf_counter() - started)
+
+
+def _sample_row(loaded: LoadedModel, task: Task, sample: dict[str, Any], generation: Generation) -> dict[str, Any]:
+    text = loaded.tokenizer.decode(generation.token_ids, skip_special_tokens=True)
+    prediction = task.postprocess(text)
+    fields = task.row_fields(sample)
+    return {
+        "_id": sample["_id"],
+        "pred": prediction,
+        **fields,
+        **task.score_row({"pred": prediction, **fields}),
+        "prompt_tokens": generation.prompt_tokens,
+        "kept_tokens": summarize(generation.kept_per_layer),
+        "new_tokens": len(generation.token_ids),
+        "prefill_seconds": round(generation.prefill_seconds, 4),
+        "decode_seconds": round(generation.decode_seconds, 4),
+        "kv_cache_mb": round(generation.kv_cache_bytes / 2**20, 3),
+        "peak_memory_mb": None if generation.peak_memory_bytes is None
+        else round(generation.peak_memory_bytes / 2**20, 1),
+        **generation.method_record,
+    }
+
+
+def run_benchmark(loaded: LoadedModel, method: Method, plan: RunPlan,
+                  report: Callable[[str], None] | None = None, batch_size: int = 1) -> RunSummary:
+    """Everything of a run with the model already loaded (tests, notebooks): prepare, open, execute."""
+    compressor = method.prepare(loaded.info)
+    with open_run(ModelDescription.of(loaded), method, compressor, plan) as run:
+        return execute_run(run, loaded, report, batch_size)

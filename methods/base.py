@@ -1,37 +1,48 @@
-"""What a compression method is: a small configured object the cache hook consults.
+"""What a compression method is: a typed configuration, and pure tensor code the engine calls.
 
-The hook (`kvbench.harness.hook`) calls a method at two moments:
+Three objects, each with one job:
 
-* ``select(layer)`` once per layer during prefill, right after that layer's
-  attention ran over the whole prompt. The method sees the layer's post-RoPE
-  queries and keys/values (keys and values *un-repeated*, one per KV head) and
-  answers which positions each KV head keeps (a `Selection`), or ``None`` to keep
-  everything. The hook gathers the kept keys/values into the cache before the next
-  layer runs, so the full cache of all layers never exists at once.
-* ``decode_eviction(layer_idx, cache_length, tokens_seen)`` before each decoding
-  step appends a token; methods that hold the cache at a fixed size while
-  decoding (PrefixKV, Elastic Cache) return the cache index to drop.
+* a **Method** is the configuration: a frozen dataclass whose fields are its options,
+  each declared with `option` (default, help, choices). ``validate`` only checks
+  values. `kvbench run` turns every declared field into a flag and refuses a flag
+  the chosen method does not declare; the fields set away from their defaults name
+  the run folder, and all of them go into ``run.json``.
+* ``Method.prepare(model)`` gives a **Compressor**: the method bound to one model
+  for one run. It loads what the run needs (a classifier, a profile), checks
+  settings that depend on the model (its layer count), and reports the content
+  digest of what it loaded (``identity``), so that results made with other files
+  never share a run folder.
+* ``Compressor.start_sample(prompt_length, sample)`` gives a **SampleCompression**:
+  the state of one sample (a task type, per-layer budgets, what a group leader
+  chose). The engine keeps one per sample, so samples decoded side by side never
+  share state. It is called at three moments:
 
-Two optional hooks, no-ops by default:
+  - ``select(layer)`` once per layer during prefill, right after that layer's
+    attention ran over the whole prompt. It sees the layer's post-RoPE queries
+    and keys/values (keys and values *un-repeated*, one per KV head) and answers
+    which positions each KV head keeps (a `Selection`), or ``None`` to keep
+    everything. The hook stores only the kept entries before the next layer runs.
+  - ``observe(layer)``, only when ``needs_scoring_pass`` is true for the sample
+    (PrefixKV ``--prefix-config online``, whose per-layer budgets need every
+    layer's scores before the first layer is compressed): the engine first runs
+    the prompt through the model storing nothing and shows each layer here.
+    Prefill hidden states do not depend on what is stored, so the real prefill
+    then sees the same layers.
+  - ``decode_eviction(layer_idx, cache_length, tokens_seen)`` before each decoding
+    step appends a token; methods that hold the cache at a fixed size while
+    decoding (PrefixKV, Elastic Cache) return the cache index to drop.
 
-* ``bind_model(model_name, num_layers)`` once, after the model is loaded and
-  before the first sample (``model_name``: the run's short model name,
-  `LoadedModel.name`); PrefixKV finds and checks its per-model profile here.
-* A scoring pre-pass, for methods with ``needs_scoring_pass`` true (PrefixKV
-  ``--prefix-config online``: its per-layer budgets need every layer's scores
-  before the first layer is compressed): after ``start_sample`` and before the
-  real prefill, the engine runs the prompt once more through the model without
-  storing any cache and calls ``observe(layer)`` for every layer instead of
-  ``select``. Prefill hidden states do not depend on what is stored, so the
-  real prefill then sees the same layers.
+  ``record()`` gives the sample's extra fields for its result row.
 
-Per-sample state (a task type, per-layer budgets found by a search, positions a
-group leader chose) is reset in ``start_sample`` and reported through
-``sample_record`` into the run's JSONL row.
+A method without per-sample state (SnapKV, PyramidKV, ...) only writes
+``Method.select(layer)``; the default compressor and sample state call it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import types
+import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -39,16 +50,59 @@ import torch
 
 from kvbench.errors import KvbenchError
 
+_OPTION_METADATA = "kvbench_option"
+
+
+def option(default: Any, help: str, *, choices: tuple | None = None) -> Any:
+    """Declare a method option: a dataclass field whose metadata carries its help text and choices."""
+    return dataclasses.field(default=default, metadata={_OPTION_METADATA: (help, choices)})
+
 
 @dataclass(frozen=True)
-class Option:
-    """One tunable of a method; becomes ``--<name with dashes>`` on `kvbench run`."""
+class OptionSpec:
+    """One declared option of a method, as the CLI and `kvbench methods` present it."""
 
     name: str
+    #: the value's type (int, float, str, bool); an option may also be unset (None) when its default is None
     type: type
     default: Any
     help: str
     choices: tuple | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def parse(self, text: str) -> Any:
+        """A value given as text (``bench --methods snapkv:window_size=8``), checked against the type."""
+        try:
+            if self.type is bool:
+                lowered = text.lower()
+                if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                return lowered in ("true", "1", "yes")
+            return self.type(text)
+        except ValueError:
+            kind = {int: "an integer", float: "a number", bool: "true or false"}.get(self.type, "text")
+            raise KvbenchError(f"{self.name} must be {kind}, got {text!r}") from None
+
+
+def _value_type(annotation: Any) -> type:
+    """``int`` from ``int``, ``int | None`` or ``Optional[int]``."""
+    if isinstance(annotation, (types.UnionType,)) or typing.get_origin(annotation) is typing.Union:
+        members = [member for member in typing.get_args(annotation) if member is not type(None)]
+        if len(members) != 1:
+            raise TypeError(f"a method option has one value type, got {annotation}")
+        return members[0]
+    return annotation
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a method may know about the model: its short name (profiles are per model) and its layer count."""
+
+    name: str
+    num_layers: int
 
 
 @dataclass
@@ -98,74 +152,99 @@ def keep_positions(positions: torch.Tensor, num_kv_heads: int) -> Selection:
     return Selection(indices=positions.view(1, 1, -1).expand(1, num_kv_heads, -1).contiguous())
 
 
+@dataclass(frozen=True, kw_only=True)
 class Method:
-    """Base class: subclasses set ``name``, ``description`` and ``options``."""
+    """Base class of a method's configuration: subclasses set ``name`` and ``description`` and declare options."""
 
     name: ClassVar[str]
     description: ClassVar[str]
-    options: ClassVar[tuple[Option, ...]] = ()
-    #: whether the method needs a token budget (``--capacity``) at all
-    needs_capacity: ClassVar[bool] = True
-    #: whether the engine must run a scoring pre-pass calling ``observe`` (may be set per instance)
-    needs_scoring_pass: ClassVar[bool] = False
 
-    def __init__(self, capacity: int | None = None, **options: Any):
-        self.capacity = capacity
-        known = {option.name: option for option in self.options}
-        unknown = set(options) - set(known)
-        if unknown:
-            raise KvbenchError(f"method {self.name!r} has no option(s) {', '.join(sorted(unknown))}")
-        for option in self.options:
-            value = options.get(option.name)
+    def __post_init__(self) -> None:
+        for spec in self.option_specs():
+            value = getattr(self, spec.name)
             if value is None:
-                value = option.default
-            if option.choices is not None and value not in option.choices:
-                raise KvbenchError(
-                    f"--{option.name.replace('_', '-')} must be one of {', '.join(map(str, option.choices))}, got {value!r}"
-                )
-            setattr(self, option.name, value)
-        if self.needs_capacity and (capacity is None or capacity <= 0):
-            raise KvbenchError(f"method {self.name!r} needs --capacity > 0, got {capacity}")
+                continue
+            if spec.type is float and isinstance(value, int) and not isinstance(value, bool):
+                object.__setattr__(self, spec.name, float(value))  # --ratio 0 given as an int
+            elif not isinstance(value, spec.type) or (spec.type is int and isinstance(value, bool)):
+                raise KvbenchError(f"{spec.flag} of {self.name} must be {spec.type.__name__}, got {value!r}")
+            if spec.choices is not None and value not in spec.choices:
+                raise KvbenchError(f"{spec.flag} must be one of {', '.join(map(str, spec.choices))}, got {value!r}")
         self.validate()
 
+    @classmethod
+    def option_specs(cls) -> tuple[OptionSpec, ...]:
+        """The declared options, in declaration order."""
+        hints = typing.get_type_hints(cls)
+        specs = []
+        for field in dataclasses.fields(cls):
+            if _OPTION_METADATA not in field.metadata:
+                raise TypeError(f"{cls.__name__}.{field.name} must be declared with option()")
+            help_text, choices = field.metadata[_OPTION_METADATA]
+            specs.append(OptionSpec(field.name, _value_type(hints[field.name]), field.default, help_text, choices))
+        return tuple(specs)
+
     def validate(self) -> None:
-        """Raise KvbenchError for option values that cannot work together."""
+        """Raise KvbenchError for option values that cannot work (alone or together). Only checks."""
 
-    def settings(self) -> dict[str, Any]:
-        """The configuration recorded in a run's `run.json`."""
-        return {"capacity": self.capacity, **{option.name: getattr(self, option.name) for option in self.options}}
-
-    def budget_label(self) -> str:
-        """How the run folder names this method's budget ("512"); empty when it has none."""
-        return "" if self.capacity is None else str(self.capacity)
+    def options(self) -> dict[str, Any]:
+        """Every option's value: what `run.json` records."""
+        return {spec.name: getattr(self, spec.name) for spec in self.option_specs()}
 
     def non_default_options(self) -> dict[str, Any]:
-        """Options set away from their defaults, named in the run folder so variants never share one."""
-        return {o.name: getattr(self, o.name) for o in self.options if getattr(self, o.name) != o.default}
+        """Options set away from their defaults, capacity aside: they name the run folder with the budget."""
+        return {spec.name: getattr(self, spec.name) for spec in self.option_specs()
+                if spec.name != "capacity" and getattr(self, spec.name) != spec.default}
 
-    def bind_model(self, model_name: str, num_layers: int) -> None:
-        """Called once with the loaded model's short name and layer count, before the first sample."""
+    @property
+    def budget(self) -> int | None:
+        """The token budget (``--capacity``), when the method has one and it is set."""
+        return getattr(self, "capacity", None)
 
-    def start_sample(self, prompt_length: int, num_layers: int, sample: dict | None = None) -> None:
-        """Reset per-sample state before the sample's prefill."""
+    def prepare(self, model: ModelInfo) -> Compressor:
+        """The method bound to ``model`` for one run (methods with resources or model checks override)."""
+        return Compressor(self, model)
+
+    def select(self, layer: LayerPrefill) -> Selection | None:
+        """Positions to keep in this layer, or None to keep the whole prompt (stateless methods)."""
+        raise NotImplementedError(f"{type(self).__name__} keeps per-sample state: use prepare().start_sample()")
+
+
+class Compressor:
+    """A method bound to a model for one run: makes each sample's compression state."""
+
+    def __init__(self, method: Method, model: ModelInfo):
+        self.method = method
+        self.model = model
+
+    def identity(self) -> dict[str, Any]:
+        """Content digests of the files this run reads besides model and data (classifier, profiles)."""
+        return {}
+
+    def start_sample(self, prompt_length: int, sample: dict | None = None) -> SampleCompression:
+        """The compression state of one sample (``sample``: the task's fields plus ``prompt_text``)."""
+        return SampleCompression(self.method)
+
+
+class SampleCompression:
+    """One sample's compression: what the hook calls during prefill, the decode loop while decoding."""
+
+    #: whether the engine runs the scoring pre-pass (``observe`` on every layer) before the real prefill
+    needs_scoring_pass: bool = False
+
+    def __init__(self, method: Method):
+        self.method = method
 
     def observe(self, layer: LayerPrefill) -> None:
         """Scoring pre-pass (only when ``needs_scoring_pass``): see one layer; nothing is stored."""
 
     def select(self, layer: LayerPrefill) -> Selection | None:
-        """Positions to keep in this layer, or None to keep the whole prompt."""
-        raise NotImplementedError
+        return self.method.select(layer)
 
     def decode_eviction(self, layer_idx: int, cache_length: int, tokens_seen: int) -> int | None:
         """Cache index to drop before appending a decoded token, or None to just append."""
         return None
 
-    def sample_record(self) -> dict[str, Any]:
-        """Extra per-sample fields for the run's JSONL row (e.g. the task type used)."""
+    def record(self) -> dict[str, Any]:
+        """Extra fields for the sample's result row (e.g. the task type used)."""
         return {}
-
-
-def option_values(method_class: type[Method]) -> dict[str, Any]:
-    """Default option values of a method class, for listings."""
-    return {option.name: option.default for option in method_class.options}
-

@@ -31,17 +31,22 @@ and why:
     ``scatter_reduce(..., 'mean')`` with ``include_self`` does.
   * Decoding: see `kvbench.methods.fixed_point` (exact integer rule, ``--capacity``
     holds the size constant).
+
+Where we follow the reference as it is: ``--ratio R`` drops ``int(L - L * (1 - R))``
+tokens per layer, the reference's ``forget_num`` at prefill, truncated in floating
+point (so R = 0.3 of 10 tokens drops 2, as there, not 3).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from kvbench.methods import register
-from kvbench.methods.base import LayerPrefill, Option, Selection, keep_positions
-from kvbench.methods.fixed_point import FIXED_POINT_OPTIONS, FixedPointMethod
+from kvbench.methods.base import Compressor, LayerPrefill, ModelInfo, Selection, keep_positions, option
+from kvbench.methods.fixed_point import FixedPointMethod, FixedPointSample
 from kvbench.methods.importance import attention_importance, protected_positions, rank_middle
 
 
@@ -74,32 +79,51 @@ def merge_into_anchors(
 
 
 @register
+@dataclass(frozen=True, kw_only=True)
 class ElasticCache(FixedPointMethod):
     name = "elastic"
     description = (
         "Same drop count in every layer; dropped tokens merged (averaged) into the nearest important anchor; "
         "fixed-point eviction while decoding."
     )
-    options = FIXED_POINT_OPTIONS + (
-        Option("merge", bool, True, "merge dropped tokens into their nearest anchor (--no-merge: plain eviction)"),
-    )
 
-    def start_sample(self, prompt_length: int, num_layers: int, sample: dict | None = None) -> None:
-        super().start_sample(prompt_length, num_layers, sample)
-        self.drop = self.layer_drop(prompt_length)
+    merge: bool = option(True, "merge dropped tokens into their nearest anchor (--no-merge: plain eviction)")
+
+    def ratio_drop(self, prompt_length: int) -> int:
+        # The reference's forget_num = int(seq_len - num_of_token * (1 - ratio)), seq_len = num_of_token at prefill.
+        return int(prompt_length - prompt_length * (1 - self.ratio))
+
+    def prepare(self, model: ModelInfo) -> Compressor:
+        return ElasticCompressor(self, model)
+
+
+class ElasticCompressor(Compressor):
+    def start_sample(self, prompt_length: int, sample: dict | None = None) -> ElasticSample:
+        return ElasticSample(self.method, prompt_length, self.model.num_layers)
+
+
+class ElasticSample(FixedPointSample):
+    """One sample: the same drop count in every layer."""
+
+    method: ElasticCache
+
+    def __init__(self, method: ElasticCache, prompt_length: int, num_layers: int):
+        super().__init__(method, prompt_length, num_layers)
+        self.drop = method.layer_drop(prompt_length)
         self.kept = [prompt_length - self.drop] * num_layers
 
     def select(self, layer: LayerPrefill) -> Selection | None:
         if self.drop == 0:
             return None
+        method = self.method
         scores = attention_importance(layer.queries, layer.keys, layer.scaling)
-        ranked = rank_middle(scores, self.start_size, self.protect_size)
+        ranked = rank_middle(scores, method.start_size, method.protect_size)
         anchors = ranked[: ranked.shape[0] - self.drop].sort().values
         dropped = ranked[ranked.shape[0] - self.drop :]
-        protected = protected_positions(layer.prompt_length, self.start_size, self.protect_size, scores.device)
+        protected = protected_positions(layer.prompt_length, method.start_size, method.protect_size, scores.device)
         num_kv_heads = layer.keys.shape[1]
         selection = keep_positions(torch.cat([protected, anchors]), num_kv_heads)
-        if not self.merge or anchors.numel() == 0:
+        if not method.merge or anchors.numel() == 0:
             return selection
         anchor_keys, anchor_values = merge_into_anchors(layer.keys, layer.values, anchors, dropped)
         # Assemble in the selection's ascending order: protected tokens as they are, anchors merged.
@@ -113,5 +137,5 @@ class ElasticCache(FixedPointMethod):
         values[:, :, anchor_slots] = anchor_values
         return Selection(indices=selection.indices, keys=keys, values=values)
 
-    def sample_record(self) -> dict[str, Any]:
+    def record(self) -> dict[str, Any]:
         return self.budget_record()

@@ -1,9 +1,9 @@
 """What PrefixKV and Elastic Cache share: budgets, protected tokens, fixed-point eviction.
 
 Budgets. Give exactly one of
-  ``--ratio R`` (0 <= R < 1): the fraction of the prompt dropped, as in both
-      references: ``round(R * L)`` tokens per layer, ``round(R * L * layers)``
-      over all layers;
+  ``--ratio R`` (0 <= R < 1): the fraction of the prompt dropped:
+      ``round(R * L * layers)`` over all layers (PrefixKV), and per layer as each
+      reference rounds it (Elastic Cache truncates ``L - L * (1 - R)``);
   ``--capacity C``: C prompt tokens kept per layer on average, i.e. per sample
       ``R = 1 - C / L``; worked out in integers (``L - C`` per layer,
       ``(L - C) * layers`` in all) so both flags reach the same code and agree
@@ -36,29 +36,27 @@ The size the cache is held at:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from kvbench.errors import KvbenchError
-from kvbench.methods.base import Method, Option
-
-FIXED_POINT_OPTIONS = (
-    Option("ratio", float, None, "fraction of the prompt dropped, 0 <= R < 1 (give --ratio or --capacity)"),
-    Option("distance", int, -25, "decoding evicts cache index kept_prompt_len + distance (< 0) or distance itself (> 0)"),
-    Option("decode_evict", bool, True, "hold the cache at its budget while decoding (fixed-point elimination)"),
-    Option("start_size", int, 4, "first prompt tokens always kept"),
-    Option("protect_size", int, 1, "last prompt tokens always kept"),
-)
+from kvbench.methods.base import Method, SampleCompression, option
 
 
 def round_half_up(value: float) -> int:
     return int(value + 0.5)
 
 
+@dataclass(frozen=True, kw_only=True)
 class FixedPointMethod(Method):
-    """Budget validation, per-sample budgets and the fixed-point decode rule."""
+    """The options PrefixKV and Elastic Cache share, their budgets, and their validation."""
 
-    options = FIXED_POINT_OPTIONS
-    needs_capacity = False
+    capacity: int | None = option(None, "prompt tokens kept per layer on average (give --capacity or --ratio)")
+    ratio: float | None = option(None, "fraction of the prompt dropped, 0 <= R < 1 (give --ratio or --capacity)")
+    distance: int = option(-25, "decoding evicts cache index kept_prompt_len + distance (< 0) or distance itself (> 0)")
+    decode_evict: bool = option(True, "hold the cache at its budget while decoding (fixed-point elimination)")
+    start_size: int = option(4, "first prompt tokens always kept")
+    protect_size: int = option(1, "last prompt tokens always kept")
 
     def validate(self) -> None:
         if (self.ratio is None) == (self.capacity is None):
@@ -74,9 +72,6 @@ class FixedPointMethod(Method):
             raise KvbenchError("--distance must not be 0 (negative: offset from the kept prompt's end; positive: cache index)")
         if self.start_size < 0 or self.protect_size < 0:
             raise KvbenchError(f"--start-size and --protect-size must be >= 0, got {self.start_size} and {self.protect_size}")
-        self.prompt_length = 0
-        self.num_layers = 0
-        self.kept: list[int] | None = None
 
     # -- budgets -------------------------------------------------------------------------
 
@@ -89,6 +84,10 @@ class FixedPointMethod(Method):
         if self.capacity is not None:
             return self.capacity < prompt_length and self.middle_size(prompt_length) > 0
         return self.ratio > 0 and self.middle_size(prompt_length) > 0
+
+    def ratio_drop(self, prompt_length: int) -> int:
+        """Tokens ``--ratio`` drops from one layer of a prompt (each method rounds as its reference does)."""
+        return round_half_up(self.ratio * prompt_length)
 
     def total_drop(self, prompt_length: int, num_layers: int) -> int:
         """Prompt tokens dropped over all layers, clipped to what the protected tokens leave."""
@@ -104,18 +103,8 @@ class FixedPointMethod(Method):
         """Prompt tokens dropped in each layer under a uniform budget."""
         if not self.compresses(prompt_length):
             return 0
-        if self.capacity is not None:
-            wanted = prompt_length - self.capacity
-        else:
-            wanted = round_half_up(self.ratio * prompt_length)
+        wanted = prompt_length - self.capacity if self.capacity is not None else self.ratio_drop(prompt_length)
         return min(wanted, self.middle_size(prompt_length))
-
-    # -- decoding --------------------------------------------------------------------------
-
-    def start_sample(self, prompt_length: int, num_layers: int, sample: dict | None = None) -> None:
-        self.prompt_length = prompt_length
-        self.num_layers = num_layers
-        self.kept = None  # set by the subclass once the per-layer budgets are known
 
     def eviction_index(self, kept: int) -> int:
         """The fixed cache index evicted while decoding, for a layer that kept ``kept`` prompt tokens."""
@@ -124,15 +113,27 @@ class FixedPointMethod(Method):
             index = kept // 2
         return index
 
+
+class FixedPointSample(SampleCompression):
+    """One sample of a fixed-point method: its per-layer kept counts and the decode-time eviction rule."""
+
+    def __init__(self, method: FixedPointMethod, prompt_length: int, num_layers: int):
+        super().__init__(method)
+        self.prompt_length = prompt_length
+        self.num_layers = num_layers
+        #: prompt tokens each layer keeps; None until the budgets are known (PrefixKV online: after the pre-pass)
+        self.kept: list[int] | None = None
+
     def decode_eviction(self, layer_idx: int, cache_length: int, tokens_seen: int) -> int | None:
-        if not self.decode_evict or self.kept is None or not self.compresses(self.prompt_length):
+        method = self.method
+        if not method.decode_evict or self.kept is None or not method.compresses(self.prompt_length):
             return None  # no eviction: uncompressed samples grow like the full cache
         kept = self.kept[layer_idx]
-        if self.capacity is not None:
+        if method.capacity is not None:
             over = cache_length >= kept
         else:
             over = cache_length * self.prompt_length >= (tokens_seen + 1) * kept
-        return self.eviction_index(kept) if over else None
+        return method.eviction_index(kept) if over else None
 
     def budget_record(self) -> dict[str, Any]:
         """Per-sample JSONL fields: prompt tokens kept per layer, their mean/min/max, and the total dropped."""

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from kvbench.methods import register
 from kvbench.methods.base import LayerPrefill, Method, Selection
 
 
 @register
+@dataclass(frozen=True, kw_only=True)
 class FullKV(Method):
     name = "fullkv"
     description = "Keep every prompt token (the uncompressed baseline)."
-    needs_capacity = False
-
-    def __init__(self, capacity: int | None = None, **options):
-        # A budget means nothing here; dropping it keeps every full-cache run in one folder.
-        super().__init__(capacity=None, **options)
 
     def select(self, layer: LayerPrefill) -> Selection | None:
         return None

@@ -1,45 +1,91 @@
-"""Whole-prompt attention importance, shared by PrefixKV and Elastic Cache.
+"""Whole-prompt attention mass: the importance score of PrefixKV and Elastic Cache (and H2O's, per KV head).
 
-The score of prompt token ``j`` in a layer is the attention it receives from
-every prompt query, causally, averaged over the query heads::
+The mass of prompt token ``j`` in a layer is the causal attention it receives from every prompt
+query, averaged over query heads::
 
-    score[j] = 1/Hq * sum_h sum_{i >= j} softmax_j(q_hi . k_hj * scaling)
+    mass[j] = 1/Hq * sum_h sum_{i >= j} softmax_j(logit_hij),   logit_hij = (q_hi . k_hj) * scaling
 
 which is what both references compute from the eager attention matrix
-(``attentions.mean(heads).sum(query rows)``). Under GQA, query head ``h`` reads
-KV head ``h // groups`` (the model's ``repeat_kv``), and the average runs over
-all query heads, so there is one score per token per layer.
+(``attentions.mean(heads).sum(query rows)``). Under GQA, query head ``h`` reads KV head
+``h // groups`` (the model's ``repeat_kv``); `attention_mass(..., per_kv_head=True)` instead gives one
+row per KV head, averaging that head's group of query heads (H2O's heavy hitters). The logits are
+the eager attention's: the matmul in the inputs' dtype, then times ``scaling`` in that dtype; softmax
+and sums are float32. (Scaling the queries first rounds differently in bf16: in the tests, scores off
+by up to 4e-2 relative, 6e-3 on average, whenever ``scaling`` is not a power of two.)
 
-Memory: the attention matrix of a 32k-token prompt is never materialised. The
-queries are taken in row chunks ``[a, a + c)``; a chunk only needs the keys
-``[0, a + c)`` (causal), and its ``Hq * c * (a + c)`` logits are the only large
-temporaries: the matmul output in the model dtype, the float32 copy that
-softmax makes of it, and the float32 probabilities (10 bytes an element in
-bf16/fp16, 8 in fp32). ``c`` is picked per chunk so that they stay under
-``chunk_bytes`` (default 512 MiB, at least one row), so the extra peak memory is
-about ``max(chunk_bytes, Hq * L * 10 B)`` plus O(Hq * c * head_dim + L). For a
-32k prompt with 32 query heads one query row over all keys is
-32 * 32768 * 10 B = 10 MiB, so the last chunks hold about 50 rows; early chunks
-see fewer keys and take more rows.
+Two paths compute it, chosen by `attention_mass`:
 
-Cost, measured on an H100 (bf16, Hq 32, Hkv 8, head_dim 128, 32k tokens), with
-the extra peak memory it took: default 512 MiB budget, 209 ms per layer (6.7 s
-for 32 layers) and 524 MiB; 256 MiB, 239 ms and 296 MiB; 1 GiB, 198 ms and
-1042 MiB. That is about five times the layer's causal SDPA attention (39 ms),
-since every attention probability is written to memory once. At 8k tokens,
-about 15 ms per layer. A fused kernel (a row log-sum-exp pass, then column
-sums of ``exp(logit - lse)`` without storing probabilities) would remove that
-traffic; not written yet.
+* CUDA with triton importable: the fused Triton kernel (`kvbench.methods.attention_mass_triton`), two
+  flash-attention-style passes (each query row's log-sum-exp, then each key block's column sums of
+  ``exp(logit - lse)``) that never write an attention probability to memory. Extra memory:
+  ``(Hq + Hkv) * L`` float32.
+* Otherwise (CPU, or no triton): `chunked_attention_mass`, PyTorch on query row chunks. A chunk
+  ``[a, a + c)`` only needs the keys ``[0, a + c)`` (causal), and its ``Hq * c * (a + c)`` logits
+  are the only large temporaries: the matmul output in the model dtype, the float32 copy that
+  softmax makes of it, and the float32 probabilities (10 bytes an element in bf16/fp16, 8 in fp32).
+  ``c`` is picked per chunk so that they stay under ``chunk_bytes`` (default 512 MiB, at least one
+  row), so the extra peak memory is about ``max(chunk_bytes, Hq * L * 10 B)`` plus
+  O(Hq * c * head_dim + Hkv * L). For a 32k prompt with 32 query heads one query row over all keys
+  is 32 * 32768 * 10 B = 10 MiB, so the last chunks hold about 50 rows; early chunks see fewer keys
+  and take more rows.
+
+Cost on an H100 (bf16, Hq 32, Hkv 8, head_dim 128, 32k tokens). The chunked path, measured
+while it still scaled the queries (scaling the logits adds one in-place pass over them), with the
+extra peak memory it took: default
+512 MiB budget, 209 ms per layer (6.7 s for 32 layers) and 524 MiB; 256 MiB, 239 ms and 296 MiB;
+1 GiB, 198 ms and 1042 MiB; about five times the layer's causal SDPA attention (39 ms), since every
+attention probability is written to memory once; at 8k tokens, about 15 ms per layer.
+PLACEHOLDER (fused kernel timings): not measured yet; fill in from ``python tests/gpu_attention_mass.py``
+on an H100 (ms per layer at 8k/16k/32k/64k against the chunked path and SDPA).
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 
 import torch
 
-#: bound on the logits temporary of one query chunk (bytes)
+#: bound on the logits temporary of one query chunk of the PyTorch path (bytes)
 DEFAULT_CHUNK_BYTES = 512 * 1024 * 1024
+
+
+def attention_mass(
+    queries: torch.Tensor, keys: torch.Tensor, scaling: float, per_kv_head: bool = False
+) -> torch.Tensor:
+    """Causal attention received by each prompt token from every prompt query, float32.
+
+    queries: (1, Hq, L, d) post-RoPE; keys: (1, Hkv, L, d) post-RoPE, un-repeated (query head h
+    reads KV head h // (Hq // Hkv)). Returns (L,), averaged over all query heads, or with
+    per_kv_head (Hkv, L), each KV head averaging its group's query heads. Runs the fused Triton
+    kernel on CUDA tensors where triton imports, else the chunked PyTorch path; both compute
+    logits as eager attention does, ``(q @ k^T) * scaling`` in the inputs' dtype, and softmax and
+    sums in float32.
+    """
+    if queries.is_cuda:
+        fused = _fused_attention_mass()
+        if fused is not None:
+            return fused(queries, keys, scaling, per_kv_head)
+    return chunked_attention_mass(queries, keys, scaling, per_kv_head)
+
+
+def attention_importance(queries: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
+    """The score PrefixKV and Elastic Cache rank by: `attention_mass` averaged over all query heads, (L,)."""
+    return attention_mass(queries, keys, scaling)
+
+
+@functools.cache
+def _fused_attention_mass():
+    """The Triton path's entry point, or None where triton does not import; imported on first CUDA use only."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        warnings.warn("triton does not import: attention mass on CUDA falls back to the slower chunked PyTorch path")
+        return None
+    from kvbench.methods.attention_mass_triton import fused_attention_mass
+
+    return fused_attention_mass
 
 
 def _chunk_rows(start: int, length: int, num_query_heads: int, bytes_per_element: int, chunk_bytes: int) -> int:
@@ -49,39 +95,36 @@ def _chunk_rows(start: int, length: int, num_query_heads: int, bytes_per_element
     return max(1, min(rows, length - start))
 
 
-def attention_importance(
+def chunked_attention_mass(
     queries: torch.Tensor,
     keys: torch.Tensor,
     scaling: float,
+    per_kv_head: bool = False,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> torch.Tensor:
-    """Column sums of the causal attention, averaged over query heads: float32 (prompt_length,).
-
-    queries: (1, Hq, L, d) post-RoPE; keys: (1, Hkv, L, d) post-RoPE, un-repeated.
-    Logits are computed in the inputs' dtype (as the model's eager attention does, the
-    scaling applied to the queries), softmax and sums in float32.
-    """
+    """`attention_mass` in PyTorch, by query row chunks whose logits stay under chunk_bytes."""
     _, num_query_heads, length, head_dim = queries.shape
     num_kv_heads = keys.shape[1]
     groups = num_query_heads // num_kv_heads
     # logits in the model dtype, softmax's float32 copy of them (not made for float32 logits), float32 probabilities
     bytes_per_element = queries.element_size() + 4 + (0 if queries.dtype == torch.float32 else 4)
-    scores = torch.zeros(length, dtype=torch.float32, device=queries.device)
+    mass = torch.zeros(num_kv_heads, length, dtype=torch.float32, device=queries.device)
     start = 0
     while start < length:
         rows = _chunk_rows(start, length, num_query_heads, bytes_per_element, chunk_bytes)
         end = start + rows
         # (Hq, c, d) -> (Hkv, groups * c, d): query head h = kv * groups + g reads KV head kv.
-        chunk = (queries[0, :, start:end] * scaling).reshape(num_kv_heads, groups * rows, head_dim)
-        logits = torch.matmul(chunk, keys[0, :, :end].transpose(-1, -2)).view(num_query_heads, rows, end)
+        chunk = queries[0, :, start:end].reshape(num_kv_heads, groups * rows, head_dim)
+        # Scaled after the matmul, in the model dtype, as eager attention does (in place: no second temporary).
+        logits = torch.matmul(chunk, keys[0, :, :end].transpose(-1, -2)).mul_(scaling).view(num_query_heads, rows, end)
         future = torch.ones(rows, rows, dtype=torch.bool, device=queries.device).triu_(diagonal=1)
         logits[:, :, start:end].masked_fill_(future, float("-inf"))
         probabilities = torch.softmax(logits, dim=-1, dtype=torch.float32)
         del logits
-        scores[:end] += probabilities.view(-1, end).sum(dim=0)
+        mass[:, :end] += probabilities.view(num_kv_heads, groups * rows, end).sum(dim=1)
         del probabilities
         start = end
-    return scores.div_(num_query_heads)
+    return mass.div_(groups) if per_kv_head else mass.sum(dim=0).div_(num_query_heads)
 
 
 def middle_range(prompt_length: int, start_size: int, protect_size: int) -> tuple[int, int]:

@@ -46,9 +46,9 @@ Differences from the reference (THU-MIG/PrefixKV, ``obtain_cdf_num``) and why:
 
 from __future__ import annotations
 
-import json
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,9 +56,11 @@ import torch
 
 from kvbench.errors import KvbenchError
 from kvbench.methods import register
-from kvbench.methods.base import LayerPrefill, Method, Option, Selection, keep_positions
-from kvbench.methods.fixed_point import FIXED_POINT_OPTIONS, FixedPointMethod, round_half_up
+from kvbench.methods.base import Compressor, LayerPrefill, ModelInfo, Selection, keep_positions, option
+from kvbench.methods.fixed_point import FixedPointMethod, FixedPointSample, round_half_up
 from kvbench.methods.importance import attention_importance, middle_range, protected_positions, rank_middle
+from kvbench.paths import kvbench_home
+from kvbench.runfolder import file_digest, read_json, write_json
 
 CONFIG_FORMAT = "kvbench-prefixkv-1"
 ONLINE = "online"
@@ -178,8 +180,6 @@ def allocate_drops(layer_ratios: list[float], total_drop: int, cap: int) -> list
 
 
 def config_dir() -> Path:
-    from kvbench.harness.model import kvbench_home
-
     return kvbench_home() / "prefixkv"
 
 
@@ -208,80 +208,56 @@ def profile_command(ratio: float | str) -> str:
     return f"kvbench profile --method prefixkv --model <this run's --model> --ratio {ratio}"
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def read_config(path: str | Path) -> dict[str, Any]:
     """Load and check a profile written by `kvbench profile`; KvbenchError naming the file otherwise."""
     path = Path(path)
-    try:
-        config = json.loads(path.read_text())
-    except OSError as error:
-        raise KvbenchError(f"cannot read PrefixKV config {path}: {error.strerror or error}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise KvbenchError(f"PrefixKV config {path} is not valid JSON: {error}") from None
-    if not isinstance(config, dict):
-        raise KvbenchError(f"PrefixKV config {path} is not a JSON object")
+    if not path.is_file():
+        raise KvbenchError(f"cannot read PrefixKV config {path}: no such file")
+    config = read_json(path)
     missing = [key for key in ("model", "num_layers", "ratio", "layer_ratios") if key not in config]
     if missing:
         raise KvbenchError(f"PrefixKV config {path} lacks {', '.join(missing)}; rewrite it with `kvbench profile`")
     ratios = config["layer_ratios"]
     if (
         not isinstance(config["num_layers"], int)
+        or isinstance(config["num_layers"], bool)
         or not isinstance(ratios, list)
         or len(ratios) != config["num_layers"]
-        or not all(isinstance(r, (int, float)) and 0 <= r <= 1 for r in ratios)
+        or not all(_is_number(r) and 0 <= r <= 1 for r in ratios)
     ):
         raise KvbenchError(
             f"PrefixKV config {path}: layer_ratios must be num_layers ({config['num_layers']}) numbers in [0, 1]"
         )
-    if not isinstance(config["ratio"], (int, float)) or not 0 <= config["ratio"] < 1:
+    if not _is_number(config["ratio"]) or not 0 <= config["ratio"] < 1:
         raise KvbenchError(f"PrefixKV config {path}: ratio must be in [0, 1), got {config['ratio']!r}")
     config["path"] = str(path)
+    config["sha256"] = file_digest(path)
     return config
 
 
 def write_config(config: dict[str, Any], path: str | Path) -> Path:
+    """Write a profile atomically (a kill never leaves half a file where `run` looks)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    stored = {key: value for key, value in config.items() if key != "path"}
-    path.write_text(json.dumps(stored, indent=1) + "\n")
+    write_json(path, {key: value for key, value in config.items() if key not in ("path", "sha256")})
     return path
 
 
-def check_config_model(config: dict[str, Any], model_name: str | None, num_layers: int) -> None:
+def check_config_model(config: dict[str, Any], model_name: str, num_layers: int) -> None:
     if config["num_layers"] != num_layers:
         raise KvbenchError(
             f"PrefixKV config {config['path']} was profiled on {config['model']} with {config['num_layers']} layers; "
             f"this model has {num_layers}: run `{profile_command(config['ratio'])}`"
         )
-    if model_name is not None and config["model"] != model_name:
+    if config["model"] != model_name:
         raise KvbenchError(
             f"PrefixKV config {config['path']} is for model {config['model']}, not {model_name}: "
             f"run `{profile_command(config['ratio'])}`"
         )
-
-
-# -- profiling ------------------------------------------------------------------------------
-
-
-class _ScoreCollector(Method):
-    """Records each layer's importance scores during a prefill; compresses nothing."""
-
-    name = "prefixkv-scores"
-    description = "collects PrefixKV importance scores"
-    needs_capacity = False
-
-    def __init__(self):
-        super().__init__()
-        self.scores: list[torch.Tensor] = []
-
-    def start_sample(self, prompt_length: int, num_layers: int, sample: dict | None = None) -> None:
-        self.scores = []
-
-    def select(self, layer: LayerPrefill) -> Selection | None:
-        self.observe(layer)
-        return None
-
-    def observe(self, layer: LayerPrefill) -> None:
-        self.scores.append(attention_importance(layer.queries, layer.keys, layer.scaling).cpu())
 
 
 def layer_drop_ratios(
@@ -298,109 +274,54 @@ def layer_drop_ratios(
     return [drop / length for drop in drops]
 
 
-def profile_prefixkv(
-    model,
-    prompts: list[list[int]],
-    ratio: float,
-    model_name: str | None = None,
-    start_size: int = 4,
-    protect_size: int = 1,
-    progress=None,
-) -> dict[str, Any]:
-    """Offline PrefixKV profile: per-layer drop ratios averaged over calibration prompts.
-
-    Each prompt is prefilled once through the kvbench hook (full cache, one token
-    decoded); its per-layer scores go through the same search a run uses, with
-    the budget ``round(ratio * L * layers)``. Returns the config dict that
-    `write_config` stores and ``--prefix-config`` reads.
-    """
-    from kvbench.harness.generate import generate_greedy
-    from kvbench.harness.model import model_short_name
-
-    if not 0 <= ratio < 1:
-        raise KvbenchError(f"--ratio must be in [0, 1), got {ratio}")
-    if not prompts:
-        raise KvbenchError("profiling PrefixKV needs at least one calibration prompt")
-    num_layers = model.config.num_hidden_layers
-    name = model_name or model_short_name(getattr(model.config, "_name_or_path", "") or "model")
-    collector = _ScoreCollector()
-    sums = [0.0] * num_layers
-    lengths = []
-    for index, prompt in enumerate(prompts):
-        generate_greedy(model, prompt, collector, max_new_tokens=1, eos_token_ids=set())
-        if len(collector.scores) != num_layers:
-            raise KvbenchError(f"the hook saw {len(collector.scores)} attention layers, the model has {num_layers}")
-        ratios = layer_drop_ratios(torch.stack(collector.scores), ratio, start_size, protect_size)
-        sums = [total + r for total, r in zip(sums, ratios)]
-        lengths.append(len(prompt))
-        if progress is not None:
-            progress(index + 1, len(prompts))
-    return {
-        "format": CONFIG_FORMAT,
-        "method": "prefixkv",
-        "model": name,
-        "num_layers": num_layers,
-        "ratio": float(ratio),
-        "layer_ratios": [total / len(prompts) for total in sums],
-        "samples": len(prompts),
-        "prompt_tokens_mean": sum(lengths) / len(lengths),
-        "start_size": start_size,
-        "protect_size": protect_size,
-    }
-
-
 # -- the method -------------------------------------------------------------------------------
 
 
 @register
+@dataclass(frozen=True, kw_only=True)
 class PrefixKV(FixedPointMethod):
     name = "prefixkv"
     description = (
         "Per-layer budgets from one global retention level over cumulative attention (binary search; "
         "offline profile or online), fixed-point eviction while decoding."
     )
-    options = FIXED_POINT_OPTIONS + (
-        Option(
-            "prefix_config",
-            str,
-            None,
-            "per-layer budget profile: a JSON file from `kvbench profile`, 'online' (search per sample), "
-            "or unset for the profile of this model and ratio under KVBENCH_HOME/prefixkv",
-        ),
+
+    prefix_config: str | None = option(
+        None,
+        "per-layer budget profile: a JSON file from `kvbench profile`, 'online' (search per sample), "
+        "or unset for the profile of this model and ratio under KVBENCH_HOME/prefixkv",
     )
 
-    def validate(self) -> None:
-        super().validate()
-        self.needs_scoring_pass = self.prefix_config == ONLINE
-        self.model_name: str | None = None
-        self.model_layers: int | None = None
+    def prepare(self, model: ModelInfo) -> PrefixKVCompressor:
+        return PrefixKVCompressor(self, model)
+
+
+class PrefixKVCompressor(Compressor):
+    """PrefixKV bound to a model: the profiles it may use, found and checked before any sample."""
+
+    method: PrefixKV
+
+    def __init__(self, method: PrefixKV, model: ModelInfo):
+        super().__init__(method, model)
         #: candidate profiles: one for --ratio or a given file; every ratio of the model for --capacity
         self.configs: list[dict[str, Any]] = []
-        if self.prefix_config not in (None, ONLINE):
-            self.configs = [read_config(self.prefix_config)]
-        self.drops: list[int] | None = None
-        self.scores: dict[int, torch.Tensor] = {}
-        self.sample_info: dict[str, Any] = {}
-
-    # -- engine hooks ---------------------------------------------------------------
-
-    def bind_model(self, model_name: str, num_layers: int) -> None:
-        """Called once after the model is loaded: find and check the profile for this model."""
-        self.model_name, self.model_layers = model_name, num_layers
-        if self.prefix_config == ONLINE:
+        if method.prefix_config == ONLINE:
             return
-        if self.prefix_config is None:
-            self.configs = self._default_configs(model_name)
+        if method.prefix_config is not None:
+            self.configs = [read_config(method.prefix_config)]
+        else:
+            self.configs = self._default_configs(model.name)
         for config in self.configs:
-            check_config_model(config, model_name, num_layers)
+            check_config_model(config, model.name, model.num_layers)
 
     def _default_configs(self, model_name: str) -> list[dict[str, Any]]:
-        if self.ratio is not None:
-            path = config_path(model_name, self.ratio)
+        ratio = self.method.ratio
+        if ratio is not None:
+            path = config_path(model_name, ratio)
             if not path.is_file():
                 raise KvbenchError(
-                    f"no PrefixKV profile for {model_name} at ratio {self.ratio} ({path}): run "
-                    f"`{profile_command(self.ratio)}`, or pass --prefix-config online"
+                    f"no PrefixKV profile for {model_name} at ratio {ratio} ({path}): run "
+                    f"`{profile_command(ratio)}`, or pass --prefix-config online"
                 )
             return [read_config(path)]
         configs = model_configs(model_name)
@@ -412,37 +333,44 @@ class PrefixKV(FixedPointMethod):
             )
         return configs
 
-    def start_sample(self, prompt_length: int, num_layers: int, sample: dict | None = None) -> None:
-        super().start_sample(prompt_length, num_layers, sample)
-        self.scores = {}
-        self.drops = None
-        self.sample_info = {}
-        if self.prefix_config is None and not self.configs:
-            raise KvbenchError(
-                "PrefixKV needs the model name to find its profile (the engine calls bind_model), "
-                "or pass --prefix-config PATH or online"
-            )
-        if self.model_layers is None:
-            for config in self.configs:
-                check_config_model(config, None, num_layers)
-        total = self.total_drop(prompt_length, num_layers)
+    def identity(self) -> dict[str, Any]:
+        """The profiles' content digests: results made with another profile never share a run folder."""
+        return {"prefixkv_profiles": {Path(config["path"]).name: config["sha256"] for config in self.configs}}
+
+    def start_sample(self, prompt_length: int, sample: dict | None = None) -> PrefixKVSample:
+        return PrefixKVSample(self, prompt_length)
+
+
+class PrefixKVSample(FixedPointSample):
+    """One sample: its per-layer drops (from a profile, or searched after the scoring pre-pass)."""
+
+    method: PrefixKV
+
+    def __init__(self, compressor: PrefixKVCompressor, prompt_length: int):
+        method = compressor.method
+        num_layers = compressor.model.num_layers
+        super().__init__(method, prompt_length, num_layers)
+        self.scores: dict[int, torch.Tensor] = {}
+        self.drops: list[int] | None = None
+        self.info: dict[str, Any] = {}
+        total = method.total_drop(prompt_length, num_layers)
         if total == 0:
             self.drops = [0] * num_layers
-        elif self.prefix_config != ONLINE:
-            config = self._config_for(prompt_length)
-            self.drops = allocate_drops(config["layer_ratios"], total, self.middle_size(prompt_length))
-            self.sample_info = {"prefix_config": config["path"], "prefix_config_ratio": config["ratio"]}
-        # online: the drops are searched once the pre-pass has observed every layer; the engine reads
-        # needs_scoring_pass after start_sample, so an uncompressed sample skips the pre-pass
-        self.needs_scoring_pass = self.prefix_config == ONLINE and self.drops is None
+        elif method.prefix_config != ONLINE:
+            config = self._config_for(compressor.configs, prompt_length)
+            self.drops = allocate_drops(config["layer_ratios"], total, method.middle_size(prompt_length))
+            self.info = {"prefix_config": config["path"], "prefix_config_ratio": config["ratio"]}
+        # online: the drops are searched once the pre-pass has observed every layer; an uncompressed
+        # sample needs no pre-pass
+        self.needs_scoring_pass = self.drops is None
         self._set_kept()
 
-    def _config_for(self, prompt_length: int) -> dict[str, Any]:
+    def _config_for(self, configs: list[dict[str, Any]], prompt_length: int) -> dict[str, Any]:
         """The profile for this sample: the only one, or (with --capacity) the nearest ratio."""
-        if len(self.configs) == 1:
-            return self.configs[0]
-        target = 1 - self.capacity / prompt_length
-        return min(self.configs, key=lambda config: (abs(config["ratio"] - target), config["ratio"]))
+        if len(configs) == 1:
+            return configs[0]
+        target = 1 - self.method.capacity / prompt_length
+        return min(configs, key=lambda config: (abs(config["ratio"] - target), config["ratio"]))
 
     def _set_kept(self) -> None:
         self.kept = None if self.drops is None else [self.prompt_length - drop for drop in self.drops]
@@ -456,11 +384,12 @@ class PrefixKV(FixedPointMethod):
             self._search()
 
     def _search(self) -> None:
+        method = self.method
         length = self.prompt_length
-        lo, hi = middle_range(length, self.start_size, self.protect_size)
+        lo, hi = middle_range(length, method.start_size, method.protect_size)
         middle = torch.stack([self.scores[i][lo:hi] for i in range(self.num_layers)])
-        self.drops, level = search_layer_drops(middle, self.total_drop(length, self.num_layers))
-        self.sample_info = {"prefix_config": ONLINE, "prefix_level": level}
+        self.drops, level = search_layer_drops(middle, method.total_drop(length, self.num_layers))
+        self.info = {"prefix_config": ONLINE, "prefix_level": level}
         self._set_kept()
 
     def select(self, layer: LayerPrefill) -> Selection | None:
@@ -472,13 +401,14 @@ class PrefixKV(FixedPointMethod):
         drop = self.drops[layer.layer_idx]
         if drop == 0:
             return None
+        method = self.method
         scores = self.scores.pop(layer.layer_idx, None)
         if scores is None:
             scores = attention_importance(layer.queries, layer.keys, layer.scaling)
-        ranked = rank_middle(scores, self.start_size, self.protect_size)
+        ranked = rank_middle(scores, method.start_size, method.protect_size)
         keep = ranked[: ranked.shape[0] - drop]
-        positions = torch.cat([protected_positions(layer.prompt_length, self.start_size, self.protect_size, keep.device), keep])
-        return keep_positions(positions, layer.keys.shape[1])
+        protected = protected_positions(layer.prompt_length, method.start_size, method.protect_size, keep.device)
+        return keep_positions(torch.cat([protected, keep]), layer.keys.shape[1])
 
-    def sample_record(self) -> dict[str, Any]:
-        return {**self.budget_record(), **self.sample_info}
+    def record(self) -> dict[str, Any]:
+        return {**self.budget_record(), **self.info}

@@ -5,21 +5,19 @@ the highest, averaging to the capacity. With ``P = capacity - window`` prefix
 tokens per layer on average: the top layer keeps ``P // beta``, the bottom
 layer ``2P - P // beta``, steps of ``(bottom - top) // (layers - 1)``. When the
 bottom budget would exceed the prompt's prefix it is clipped to the prefix and
-the top raised to keep the average; prompts shorter than ``2P + window`` fall back to
-SnapKV's uniform budget, as the reference does.
+the top raised to keep the average; prompts shorter than ``2P`` tokens fall back to
+SnapKV's uniform budget, as the reference does (it compares the prompt length, window
+included, with ``2P``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from kvbench.errors import KvbenchError
 from kvbench.methods import register
-from kvbench.methods.base import LayerPrefill, Option, Selection
-from kvbench.methods.snapkv import (
-    WINDOW_OPTIONS,
-    ObservationWindowMethod,
-    keep_top_prefix_and_window,
-    pooled_window_votes,
-)
+from kvbench.methods.base import LayerPrefill, Selection, option
+from kvbench.methods.snapkv import ObservationWindowMethod, keep_top_prefix_and_window, pooled_window_votes
 
 
 def pyramid_prefix_budget(capacity: int, window: int, beta: int, layer_idx: int, num_layers: int, prompt_length: int) -> int:
@@ -37,10 +35,12 @@ def pyramid_prefix_budget(capacity: int, window: int, beta: int, layer_idx: int,
 
 
 @register
+@dataclass(frozen=True, kw_only=True)
 class PyramidKV(ObservationWindowMethod):
     name = "pyramidkv"
     description = "SnapKV's selection with per-layer budgets decreasing from low to high layers (pyramid)."
-    options = WINDOW_OPTIONS + (Option("beta", int, 20, "top layer keeps 1/beta of the average prefix budget"),)
+
+    beta: int = option(20, "top layer keeps 1/beta of the average prefix budget")
 
     def validate(self) -> None:
         super().validate()

@@ -11,19 +11,17 @@ cache holds un-repeated heads.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from kvbench.errors import KvbenchError
 from kvbench.methods import register
-from kvbench.methods.base import LayerPrefill, Method, Option, Selection
+from kvbench.methods.base import LayerPrefill, Method, Selection, option
 from kvbench.methods.scoring import mean_over_groups, observation_window_attention
 
-WINDOW_OPTIONS = (
-    Option("window_size", int, 8, "observation window: last prompt tokens whose queries vote, always kept"),
-    Option("kernel_size", int, 7, "pooling kernel over the votes (odd)"),
-    Option("pooling", str, "maxpool", "pooling of the votes", choices=("maxpool", "avgpool")),
-)
+CAPACITY_HELP = "tokens kept per layer per KV head, observation window included"
 
 
 def pooled_window_votes(layer: LayerPrefill, window: int, kernel_size: int, pooling: str) -> torch.Tensor:
@@ -49,12 +47,17 @@ def keep_top_prefix_and_window(votes: torch.Tensor, prefix_budget: int, prompt_l
     return Selection(indices=torch.cat([top, window_positions], dim=-1))
 
 
+@dataclass(frozen=True, kw_only=True)
 class ObservationWindowMethod(Method):
-    """Shared validation of the SnapKV-family options."""
+    """The SnapKV family's options and their validation."""
 
-    options = WINDOW_OPTIONS
+    capacity: int | None = option(None, CAPACITY_HELP)
+    window_size: int = option(8, "observation window: last prompt tokens whose queries vote, always kept")
+    kernel_size: int = option(7, "pooling kernel over the votes (odd)")
+    pooling: str = option("maxpool", "pooling of the votes", choices=("maxpool", "avgpool"))
 
     def validate(self) -> None:
+        require_capacity(self)
         if self.window_size <= 0:
             raise KvbenchError(f"--window-size must be > 0, got {self.window_size}")
         if self.kernel_size <= 0 or self.kernel_size % 2 == 0:
@@ -65,7 +68,14 @@ class ObservationWindowMethod(Method):
             )
 
 
+def require_capacity(method: Method) -> None:
+    """The methods with a fixed token budget need ``--capacity`` > 0."""
+    if method.capacity is None or method.capacity <= 0:
+        raise KvbenchError(f"method {method.name!r} needs --capacity > 0, got {method.capacity}")
+
+
 @register
+@dataclass(frozen=True, kw_only=True)
 class SnapKV(ObservationWindowMethod):
     name = "snapkv"
     description = "Keep the prefix tokens the last prompt tokens attend to most, plus that window (same budget every layer)."

@@ -44,8 +44,7 @@ Where we differ from, or decide beyond, the reference:
   sizes or beta at construction; a capacity too small to give every group a
   positive budget (``capacity * S // beta >= 1``, i.e. ``capacity >=
   ceil(beta / S)``, and ``S < 2 * beta``) as soon as the layer count is known
-  (``bind_model``, right after the model is loaded, or at the latest
-  ``start_sample`` before the first prefill). The reference runs on with
+  (``prepare``, from the model's config, before its weights load). The reference runs on with
   zero or negative budgets, keeping only the suffix.
 * ``shared_layers >= layers`` (one group): the reference divides by zero
   (G = 1) or indexes an empty list (G = 0). We give the single group the
@@ -70,9 +69,9 @@ Where we differ from, or decide beyond, the reference:
   followers reuse a stale list from an earlier group or sample.
 * ``review_window_size = 1``: the reference averages the top ``1 // 2 = 0``
   tokens (NaN scores); we average at least one token.
-* Group decisions are reset per sample and tagged with the prompt length; a
-  follower that finds no decision for its prompt (never expected from the
-  engine) scores by itself instead of reusing stale positions.
+* Group decisions live in the sample's own state, so samples never share them;
+  a follower whose leader has not chosen (never expected from the engine)
+  scores by itself instead of reusing stale positions.
 
 Numerics match the reference: logits in the model dtype, softmax in float32
 cast back to the model dtype, summed over the suffix and averaged per window in
@@ -82,14 +81,17 @@ the model dtype, so rounding and ties in bf16/fp16 behave as there.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from kvbench.errors import KvbenchError
 from kvbench.methods import register
-from kvbench.methods.base import LayerPrefill, Method, Option, Selection, keep_positions
+from kvbench.methods.base import Compressor, LayerPrefill, Method, ModelInfo, SampleCompression, Selection, keep_positions
+from kvbench.methods.base import option
 from kvbench.methods.scoring import observation_window_attention
+from kvbench.methods.snapkv import require_capacity
 
 TASK_TYPES = ("qa", "other")
 STRATEGY = {"qa": "max", "other": "average"}
@@ -164,114 +166,116 @@ def kept_windows(scores: torch.Tensor, drop: int) -> torch.Tensor:
 
 
 @register
+@dataclass(frozen=True, kw_only=True)
 class WindowKV(Method):
     name = "windowkv"
     description = (
         "Keep whole windows of the prompt chosen by the last prompt tokens' attention, task-adaptive scoring, "
         "layers in groups sharing one choice, budgets decreasing by group."
     )
-    options = (
-        Option("review_window_size", int, 8, "tokens per review window (the unit kept or dropped)"),
-        Option("shared_layers", int, 8, "consecutive layers per group sharing the first layer's choice"),
-        Option("suffix_max", int, 32, "suffix (scoring queries, always kept) for QA tasks ('max' scoring)"),
-        Option("suffix_avg", int, 16, "suffix (scoring queries, always kept) for other tasks ('average' scoring)"),
-        Option("beta", int, 14, "the last group keeps capacity*shared_layers//beta reviewable tokens"),
-        Option(
-            "task_type",
-            str,
-            "auto",
-            "scoring strategy: qa ('max'), other ('average'), or auto (the task classifier, per sample)",
-            choices=("auto", "qa", "other"),
-        ),
-        Option("classifier", str, None, "task classifier checkpoint for --task-type auto (default location if unset)"),
-    )
+
+    capacity: int | None = option(None, "average reviewable tokens kept per layer (the suffix comes on top)")
+    review_window_size: int = option(8, "tokens per review window (the unit kept or dropped)")
+    shared_layers: int = option(8, "consecutive layers per group sharing the first layer's choice")
+    suffix_max: int = option(32, "suffix (scoring queries, always kept) for QA tasks ('max' scoring)")
+    suffix_avg: int = option(16, "suffix (scoring queries, always kept) for other tasks ('average' scoring)")
+    beta: int = option(14, "the last group keeps capacity*shared_layers//beta reviewable tokens")
+    task_type: str = option("auto", "scoring strategy: qa ('max'), other ('average'), or auto (the task classifier, "
+                                    "per sample)", choices=("auto", "qa", "other"))
+    classifier: str | None = option(None, "task classifier checkpoint for --task-type auto (default location if unset)")
 
     def validate(self) -> None:
-        for option in ("review_window_size", "shared_layers", "suffix_max", "suffix_avg", "beta"):
-            value = getattr(self, option)
+        require_capacity(self)
+        for name in ("review_window_size", "shared_layers", "suffix_max", "suffix_avg", "beta"):
+            value = getattr(self, name)
             if value <= 0:
-                raise KvbenchError(f"--{option.replace('_', '-')} must be > 0, got {value}")
-        self._task_classifier = None
-        if self.task_type == "auto":
-            # Load now so that a missing checkpoint fails before any model work.
-            from kvbench import classifier as classifier_module
+                raise KvbenchError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+        if self.classifier is not None and self.task_type != "auto":
+            raise KvbenchError(f"--classifier is read only with --task-type auto, not with --task-type {self.task_type}")
 
-            load_classifier = getattr(classifier_module, "load_classifier", None)
-            if load_classifier is None:
-                raise KvbenchError("the task classifier is not available in this install; pass --task-type qa|other")
-            self._task_classifier = load_classifier(self.classifier)
-        self._sample_task_type: str | None = None if self.task_type == "auto" else self.task_type
-        self._budgets: list[int] | None = None
-        self._budgets_layers: int | None = None
-        self._group_choice: dict[int, tuple[int, torch.Tensor | None]] = {}
+    def prepare(self, model: ModelInfo) -> WindowKVCompressor:
+        return WindowKVCompressor(self, model)
 
-    # -- per sample ---------------------------------------------------------------------------
 
-    def bind_model(self, model_name: str, num_layers: int) -> None:
-        # Check the group budgets as soon as the layer count is known.
-        self._layer_budgets(num_layers)
+class WindowKVCompressor(Compressor):
+    """WindowKV bound to a model: its group budgets (checked for the layer count) and, for auto, the classifier."""
 
-    def start_sample(self, prompt_length: int, num_layers: int, sample: dict | None = None) -> None:
-        self._group_choice = {}
-        self._layer_budgets(num_layers)
-        if self.task_type != "auto":
-            self._sample_task_type = self.task_type
-            return
+    method: WindowKV
+
+    def __init__(self, method: WindowKV, model: ModelInfo):
+        super().__init__(method, model)
+        self.budgets = group_budgets(method.capacity, method.shared_layers, method.beta, model.num_layers)
+        self.task_classifier = None
+        self.classifier_digest: str | None = None
+        if method.task_type == "auto":
+            # Loaded now, so that a missing checkpoint fails before any model work.
+            from kvbench.classifier import checkpoint_digest, default_checkpoint_path, load_classifier
+
+            self.task_classifier = load_classifier(method.classifier)
+            self.classifier_digest = checkpoint_digest(method.classifier or default_checkpoint_path())
+
+    def identity(self) -> dict[str, Any]:
+        return {} if self.classifier_digest is None else {"classifier": self.classifier_digest}
+
+    def start_sample(self, prompt_length: int, sample: dict | None = None) -> WindowKVSample:
+        method = self.method
+        if method.task_type != "auto":
+            return WindowKVSample(self, method.task_type)
         text = (sample or {}).get("prompt_text")
         if text is None:
             raise KvbenchError("--task-type auto needs the sample's prompt text for the classifier; pass --task-type qa|other")
-        predicted = self._task_classifier.predict(text)
+        predicted = self.task_classifier.predict(text)
         if predicted not in TASK_TYPES:
             raise KvbenchError(f"the task classifier answered {predicted!r}, expected one of {', '.join(TASK_TYPES)}")
-        self._sample_task_type = predicted
+        return WindowKVSample(self, predicted)
 
-    def sample_record(self) -> dict[str, Any]:
-        record: dict[str, Any] = {"task_type": self._sample_task_type}
-        if self._budgets is not None:
-            record["group_budgets"] = list(self._budgets)
-        return record
 
-    # -- prefill ------------------------------------------------------------------------------
+class WindowKVSample(SampleCompression):
+    """One sample: its task type, and the positions each group leader chose for its followers."""
 
-    def _layer_budgets(self, num_layers: int) -> list[int]:
-        if self._budgets is None or self._budgets_layers != num_layers:
-            self._budgets = group_budgets(self.capacity, self.shared_layers, self.beta, num_layers)
-            self._budgets_layers = num_layers
-        return self._budgets
+    method: WindowKV
+
+    def __init__(self, compressor: WindowKVCompressor, task_type: str):
+        super().__init__(compressor.method)
+        self.task_type = task_type
+        self.budgets = compressor.budgets
+        #: group -> reviewable positions its leader kept (None: every window dropped)
+        self.group_choice: dict[int, torch.Tensor | None] = {}
+
+    def record(self) -> dict[str, Any]:
+        return {"task_type": self.task_type, "group_budgets": list(self.budgets)}
 
     @property
     def suffix(self) -> int:
-        return self.suffix_max if self._sample_task_type == "qa" else self.suffix_avg
+        return self.method.suffix_max if self.task_type == "qa" else self.method.suffix_avg
 
     def select(self, layer: LayerPrefill) -> Selection | None:
-        if self._sample_task_type is None:
-            raise RuntimeError("WindowKV.select called before start_sample classified the sample")
-        group = layer.layer_idx // self.shared_layers
-        budget = self._layer_budgets(layer.num_layers)[group]
+        method = self.method
+        group = layer.layer_idx // method.shared_layers
+        budget = self.budgets[group]
         length = layer.prompt_length
         suffix = self.suffix
         reviewable = length - suffix
         if reviewable <= budget:
             return None
-        choice = self._group_choice.get(group)
-        if layer.layer_idx % self.shared_layers == 0 or choice is None or choice[0] != length:
-            choice = (length, self._choose(layer, reviewable, budget, suffix))
-            self._group_choice[group] = choice
-        kept = choice[1]
+        # The leader chooses; a follower whose leader left no choice (never expected from the engine) chooses itself.
+        if layer.layer_idx % method.shared_layers == 0 or group not in self.group_choice:
+            self.group_choice[group] = self._choose(layer, reviewable, budget, suffix)
+        kept = self.group_choice[group]
         suffix_positions = torch.arange(reviewable, length, device=layer.keys.device)
         positions = suffix_positions if kept is None else torch.cat([kept.to(layer.keys.device), suffix_positions])
         return keep_positions(positions, layer.keys.shape[1])
 
     def _choose(self, layer: LayerPrefill, reviewable: int, budget: int, suffix: int) -> torch.Tensor | None:
         """Reviewable positions (ascending) the group keeps, or None when every window is dropped."""
-        window = self.review_window_size
+        window = self.method.review_window_size
         num_windows = math.ceil(reviewable / window)
         drop = math.ceil((reviewable - budget) / window)
         if drop >= num_windows:
             return None
         attention = observation_window_attention(layer.queries, layer.keys, suffix).to(layer.queries.dtype)
         votes = attention[..., :reviewable].sum(dim=-2)  # (1, Hq, L_r), over query heads as the reference
-        scores = window_scores(votes, window, STRATEGY[self._sample_task_type])
+        scores = window_scores(votes, window, STRATEGY[self.task_type])
         windows = kept_windows(scores, drop)
         positions = (windows.view(-1, 1) * window + torch.arange(window, device=windows.device)).flatten()
         return positions[positions < reviewable]

@@ -8,7 +8,8 @@ from collections.abc import Callable
 
 from kvbench.errors import KvbenchError
 from kvbench.tasks.base import Task
-from kvbench.tasks.longbench import LONGBENCH_E_TASKS, LONGBENCH_TASKS, LongBenchTask
+from kvbench.tasks.longbench import LongBenchTask
+from kvbench.tasks.longbench_spec import LONGBENCH_E_TASKS, LONGBENCH_TASKS, unknown_name_message
 from kvbench.tasks.needle import NeedleTask
 
 #: task name -> callable building the task from keyword options
@@ -30,14 +31,27 @@ def get_task(name: str, **options) -> Task:
     """The task called ``name``, built with the options its factory takes.
 
     Options the task does not take, and options left at None (the task's default),
-    are not passed, so one set of command-line options serves a list of mixed tasks.
+    are not passed, so one set of command-line options serves a list of mixed tasks;
+    `build_tasks` refuses an option that no task of the list takes.
     """
     try:
         factory = TASK_FACTORIES[name]
     except KeyError:
-        raise KvbenchError(f"unknown task {name!r}; known tasks: {', '.join(TASK_FACTORIES)}") from None
+        raise KvbenchError(unknown_name_message("task", name, [*TASK_GROUPS, *TASK_FACTORIES])) from None
     accepted = inspect.signature(factory).parameters
     return factory(**{key: value for key, value in options.items() if key in accepted and value is not None})
+
+
+def build_tasks(spec: str, **options) -> list[Task]:
+    """The tasks of a ``--tasks`` spec, each built with the options it takes; an option set (not None) that
+    none of them takes is refused, since running without it would record another experiment."""
+    names = resolve_task_names(spec)
+    unused = [key for key, value in options.items() if value is not None
+              and not any(key in inspect.signature(TASK_FACTORIES[name]).parameters for name in names)]
+    if unused:
+        flags = ", ".join(f"--{key.replace('_', '-')}" for key in unused)
+        raise KvbenchError(f"{flags} applies to no task of --tasks {spec!r} (needle options need --tasks needle)")
+    return [get_task(name, **options) for name in names]
 
 
 def resolve_task_names(spec: str) -> list[str]:
@@ -51,8 +65,7 @@ def resolve_task_names(spec: str) -> list[str]:
         elif item in TASK_FACTORIES:
             expanded = [item]
         else:
-            known = [*TASK_GROUPS, *TASK_FACTORIES]
-            raise KvbenchError(f"unknown task {item!r}; known: {', '.join(known)}")
+            raise KvbenchError(unknown_name_message("task", item, [*TASK_GROUPS, *TASK_FACTORIES]))
         names.extend(name for name in expanded if name not in names)
     if not names:
         raise KvbenchError(f"no task named in {spec!r}")

@@ -26,6 +26,11 @@ class Task:
         """All samples of the task, each a dict with a unique string ``_id``."""
         raise NotImplementedError
 
+    def identity(self, data_dir: str | None) -> dict[str, Any]:
+        """What this task's rows depend on besides the model and the method: a digest of its data and its
+        fixed options. A run folder refuses a rerun whose identity differs (see `kvbench.runfolder`)."""
+        raise NotImplementedError
+
     def prompt_text(self, sample: dict[str, Any]) -> str:
         """The formatted prompt before truncation and chat template (what WindowKV's classifier reads)."""
         raise NotImplementedError
@@ -46,7 +51,8 @@ class Task:
         """Refuse, before any model work, settings the model's context window cannot hold."""
 
     def settings(self) -> dict[str, Any]:
-        """Task options recorded in the run's `run.json` (e.g. the needle grid)."""
+        """Task options recorded in the run's `run.json` (e.g. the needle grid); unlike ``identity``, they may
+        change between reruns of a folder, as ``--limit`` may (they choose samples, not how a row is made)."""
         return {}
 
     def score_row(self, row: dict[str, Any]) -> dict[str, Any]:

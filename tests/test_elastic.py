@@ -8,6 +8,7 @@ from kvbench.methods import build_method
 from kvbench.methods import elastic as elastic_module
 from kvbench.methods.base import LayerPrefill
 from kvbench.methods.elastic import nearest_anchor
+from tests.method_helpers import recording, sample_state
 from tests.tiny_models import random_prompt, tiny_model
 
 LENGTH = 10
@@ -40,8 +41,7 @@ def test_nearest_anchor_ties_go_to_the_earlier_anchor():
 
 
 def test_dropped_tokens_are_averaged_into_their_nearest_anchor(fake_scores):
-    method = elastic(capacity=6)  # drop 4 of the 7 middle tokens
-    method.start_sample(LENGTH, 1)
+    method = sample_state(elastic(capacity=6), LENGTH)  # drop 4 of the 7 middle tokens
     layer = hand_layer()
     selection = method.select(layer)
     assert selection.indices[0].tolist() == [[0, 1, 2, 6, 8, 9]] * 2
@@ -62,8 +62,7 @@ def test_dropped_tokens_are_averaged_into_their_nearest_anchor(fake_scores):
 
 
 def test_no_merge_is_plain_top_k_eviction(fake_scores):
-    method = elastic(capacity=6, merge=False)
-    method.start_sample(LENGTH, 1)
+    method = sample_state(elastic(capacity=6, merge=False), LENGTH)
     selection = method.select(hand_layer())
     assert selection.indices[0, 0].tolist() == [0, 1, 2, 6, 8, 9]
     assert selection.keys is None and selection.values is None
@@ -80,8 +79,7 @@ def test_anchors_are_the_top_ranked_tokens_not_the_reference_index_comparison(mo
     middle = torch.tensor([5.0, 1, 8, 3, 7, 2, 6, 4])  # positions 2..9
     scores = torch.cat([torch.zeros(2), middle, torch.zeros(1)])
     monkeypatch.setattr(elastic_module, "attention_importance", lambda queries, keys, scaling: scores)
-    method = elastic(capacity=8)  # 11 tokens, drop 3: keep the 5 best middle tokens
-    method.start_sample(11, 1)
+    method = sample_state(elastic(capacity=8), 11)  # 11 tokens, drop 3: keep the 5 best middle tokens
     positions = torch.zeros(1, 1, 11, 2)
     layer = LayerPrefill(0, 1, positions, positions.clone(), positions.clone(), 1.0)
     kept_middle = [p - 2 for p in method.select(layer).indices[0, 0].tolist()[2:-1]]
@@ -93,8 +91,7 @@ def test_anchors_are_the_top_ranked_tokens_not_the_reference_index_comparison(mo
 
 
 def test_dropping_every_middle_token_keeps_the_protected_ones_unmerged(fake_scores):
-    method = elastic(capacity=1)
-    method.start_sample(LENGTH, 1)
+    method = sample_state(elastic(capacity=1), LENGTH)
     layer = hand_layer()
     selection = method.select(layer)
     assert selection.indices[0, 0].tolist() == [0, 1, 9]
@@ -108,11 +105,10 @@ def test_protected_tokens_always_kept_and_exact_drop_on_random_layers(seed):
     queries = torch.randn(1, 4, length, 8, generator=generator) * 3
     keys = torch.randn(1, 2, length, 8, generator=generator) * 3
     values = torch.randn(1, 2, length, 8, generator=generator)
-    method = build_method("elastic", ratio=0.6)
-    method.start_sample(length, 1)
+    method = sample_state(build_method("elastic", ratio=0.6), length)
     selection = method.select(LayerPrefill(0, 1, queries, keys, values, 8**-0.5))
     kept = selection.indices[0, 0].tolist()
-    assert len(kept) == length - round(0.6 * length)
+    assert len(kept) == length - int(length - length * (1 - 0.6))
     assert kept[:4] == [0, 1, 2, 3] and kept[-1] == length - 1
     assert selection.indices.shape[:2] == (1, 2) and torch.equal(selection.indices[0, 0], selection.indices[0, 1])
     assert selection.keys.shape == (1, 2, len(kept), 8)
@@ -121,8 +117,7 @@ def test_protected_tokens_always_kept_and_exact_drop_on_random_layers(seed):
 def test_ratio_and_capacity_agree_on_the_same_sample(fake_scores):
     selections = []
     for budget in ({"capacity": 6}, {"ratio": 0.4}):  # 10 tokens: both drop 4
-        method = elastic(**budget)
-        method.start_sample(LENGTH, 1)
+        method = sample_state(elastic(**budget), LENGTH)
         selections.append(method.select(hand_layer()))
     assert torch.equal(selections[0].indices, selections[1].indices)
     assert torch.equal(selections[0].keys, selections[1].keys)
@@ -131,20 +126,18 @@ def test_ratio_and_capacity_agree_on_the_same_sample(fake_scores):
 def test_tiny_gqa_model_holds_the_cache_for_50_steps():
     model = tiny_model("llama", num_layers=3)
     prompt = random_prompt(120)
-    method = build_method("elastic", capacity=60)
-    calls = []
-    decode_eviction = method.decode_eviction
-
-    def record(layer_idx, cache_length, tokens_seen):
-        index = decode_eviction(layer_idx, cache_length, tokens_seen)
-        calls.append((cache_length, index))
-        return index
-
-    method.decode_eviction = record
-    generation = generate_greedy(model, prompt, method, 51, set())
+    compressor = recording(build_method("elastic", capacity=60), 3)
+    generation = generate_greedy(model, prompt, compressor, 51, set())
     assert generation.kept_per_layer == [60] * 3
-    assert calls == [(60, 35)] * (50 * 3)
-    assert method.sample_record()["budget_per_layer"] == [60] * 3
+    assert [(length, index) for _, length, _, index in compressor.evictions] == [(60, 35)] * (50 * 3)
+    assert compressor.last_sample.record()["budget_per_layer"] == [60] * 3
+
+
+def test_ratio_truncates_the_drop_as_the_reference_does():
+    # The reference's forget_num = int(L - L * (1 - R)): 15 tokens at R = 0.3 drop int(4.5) = 4, where
+    # rounding R * L half up would drop 5.
+    assert sample_state(build_method("elastic", ratio=0.3), 15).drop == 4
+    assert sample_state(build_method("elastic", ratio=0.5), 101).drop == int(101 - 101 * 0.5) == 50
 
 
 def test_merge_changes_the_output_of_a_tiny_model():

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from kvbench.cli import main
 from kvbench.errors import KvbenchError
 from kvbench.tasks.evaluate import evaluate_path, score_rows
-from kvbench.tasks.longbench import LONGBENCH_TASKS, TASK_TABLE
+from kvbench.tasks.longbench_spec import LONGBENCH_TASKS, TASK_TABLE
 
 CLASSES = ["Date", "Individual", "Description of a person"]
 
@@ -159,6 +159,7 @@ def test_eval_command_prints_the_table_and_writes_json(tmp_path):
         "trec     few-shot  2   50.00",
         "lcc      code      1  100.00",
         "average                75.00",
+        "(lcc and repobench-p scored with fuzzywuzzy's ratio on the levenshtein matcher)",
     ]
     assert result.stderr == "note: skipped needle.jsonl: not a LongBench task\n"
     assert json.loads(json_file.read_text()) == {"trec": 50.0, "lcc": 100.0}

@@ -8,7 +8,8 @@ import torch
 
 from kvbench.errors import KvbenchError
 from kvbench.methods import build_method
-from kvbench.methods.importance import attention_importance, protected_positions, rank_middle
+from tests.method_helpers import sample_state
+from kvbench.methods.importance import chunked_attention_mass, protected_positions, rank_middle
 
 BOTH = ["prefixkv", "elastic"]
 
@@ -29,26 +30,14 @@ def test_importance_is_the_causal_column_sum_averaged_over_query_heads(chunk_byt
     #   column sums 11/6, 5/6, 1/3.
     # Head 1 has query 1 against keys [0, ln 2, 0] -> rows [1], [1/3 2/3], [1/4 1/2 1/4],
     #   column sums 19/12, 7/6, 1/4.
+    # (Exhaustive comparisons with the dense attention matrix, and of the Triton kernel: test_attention_mass.py.)
     queries = torch.tensor([0.0, 0, 0, 1, 1, 1]).view(1, 2, 3, 1)
     keys = torch.tensor([0.0, math.log(2), 0]).view(1, 1, 3, 1)
-    scores = attention_importance(queries, keys, 1.0, chunk_bytes=chunk_bytes)
     expected = torch.tensor([(11 / 6 + 19 / 12) / 2, (5 / 6 + 7 / 6) / 2, (1 / 3 + 1 / 4) / 2])
-    torch.testing.assert_close(scores, expected)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_chunked_importance_equals_the_full_attention_matrix(dtype):
-    generator = torch.Generator().manual_seed(0)
-    queries = torch.randn(1, 8, 57, 16, generator=generator).to(dtype)
-    keys = torch.randn(1, 2, 57, 16, generator=generator).to(dtype)
-    logits = queries.float() @ keys.float().repeat_interleave(4, dim=1).transpose(-1, -2) * 0.25
-    logits = logits.masked_fill(torch.ones(57, 57, dtype=torch.bool).triu(1), float("-inf"))
-    expected = logits.softmax(-1).mean(dim=1).sum(dim=-2)[0]
-    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
-    for chunk_bytes in (1, 5000, 10**9):  # one row per chunk, a few rows, one chunk
-        scores = attention_importance(queries, keys, 0.25, chunk_bytes=chunk_bytes)
-        torch.testing.assert_close(scores, expected, rtol=tolerance, atol=tolerance)
-        assert scores.sum().item() == pytest.approx(57, rel=1e-5)
+    torch.testing.assert_close(chunked_attention_mass(queries, keys, 1.0, chunk_bytes=chunk_bytes), expected)
+    # One KV head: its group is every query head, so the per-KV-head score is the same row.
+    per_kv_head = chunked_attention_mass(queries, keys, 1.0, per_kv_head=True, chunk_bytes=chunk_bytes)
+    torch.testing.assert_close(per_kv_head, expected.view(1, 3))
 
 
 def test_middle_ranking_and_protected_positions():
@@ -115,8 +104,7 @@ def decode(method_object, prompt_positions, prompt_length, steps, layer=0):
 
 @pytest.mark.parametrize("name", BOTH)
 def test_capacity_holds_the_cache_at_its_size_and_evicts_at_the_fixed_point(name):
-    m = method(name, capacity=60)
-    m.start_sample(120, 1)
+    m = sample_state(method(name, capacity=60), 120)
     if name == "prefixkv":
         m.drops = [60]
         m._set_kept()
@@ -129,22 +117,18 @@ def test_capacity_holds_the_cache_at_its_size_and_evicts_at_the_fixed_point(name
 
 
 def test_positive_distance_is_an_absolute_index_and_bad_indices_fall_back_to_the_middle():
-    m = method("elastic", capacity=60, distance=7)
-    m.start_sample(120, 1)
+    m = sample_state(method("elastic", capacity=60, distance=7), 120)
     assert m.decode_eviction(0, 60, 120) == 7
-    far = method("elastic", capacity=60, distance=500)
-    far.start_sample(120, 1)
+    far = sample_state(method("elastic", capacity=60, distance=500), 120)
     assert far.decode_eviction(0, 60, 120) == 30
-    short = method("elastic", capacity=10, distance=-25)  # 10 - 25 < 1: the reference's kept // 2
-    short.start_sample(120, 1)
+    short = sample_state(method("elastic", capacity=10, distance=-25), 120)  # 10 - 25 < 1: the reference's kept // 2
     assert short.decode_eviction(0, 10, 120) == 5
 
 
 @pytest.mark.parametrize("prompt_length, ratio", [(128, 0.25), (100, 0.3), (77, 0.6)])
 def test_ratio_mode_follows_the_reference_rule_exactly(prompt_length, ratio):
     """The reference, after appending: evict iff int(len - seen * (1 - R_l)) > 0; here in exact fractions."""
-    m = method("elastic", ratio=ratio)
-    m.start_sample(prompt_length, 1)
+    m = sample_state(method("elastic", ratio=ratio), prompt_length)
     kept = m.kept[0]
     keep_fraction = Fraction(kept, prompt_length)
     cache_length = kept
@@ -160,9 +144,7 @@ def test_ratio_mode_follows_the_reference_rule_exactly(prompt_length, ratio):
 
 @pytest.mark.parametrize("name", BOTH)
 def test_no_decode_evict_and_uncompressed_samples_just_append(name):
-    m = method(name, capacity=60, decode_evict=False)
-    m.start_sample(120, 1)
+    m = sample_state(method(name, capacity=60, decode_evict=False), 120)
     assert m.decode_eviction(0, 60, 120) is None
-    m = method(name, capacity=200)  # capacity >= prompt: no compression at all
-    m.start_sample(120, 1)
+    m = sample_state(method(name, capacity=200), 120)  # capacity >= prompt: no compression at all
     assert m.decode_eviction(0, 120, 120) is None

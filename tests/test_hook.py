@@ -6,9 +6,9 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.models.llama.modeling_llama import repeat_kv
 
-from kvbench.harness.cache import CompressibleCache
-from kvbench.harness.generate import generate_greedy
-from kvbench.harness.hook import CompressionSession, compression, install_hook
+from kvbench.harness.decode import DecodeBatch
+from kvbench.harness.generate import as_compressor, generate_greedy
+from kvbench.harness.prefill import DecodeRequest, prefill
 from kvbench.methods import build_method
 from kvbench.methods.pyramidkv import pyramid_prefix_budget
 from tests.tiny_models import FAMILIES, random_prompt, tiny_model
@@ -60,19 +60,23 @@ def test_compression_really_changes_the_output():
 
 
 class RecordingSnapKV:
-    """SnapKV that remembers what each layer kept."""
+    """SnapKV whose samples remember what each layer kept."""
 
-    def __init__(self, **options):
-        self.inner = build_method("snapkv", **options)
+    def __init__(self, model, **options):
+        self.compressor = as_compressor(build_method("snapkv", **options), model)
         self.kept = {}
 
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
+    def start_sample(self, prompt_length, sample=None):
+        state = self.compressor.start_sample(prompt_length, sample)
+        select = state.select
 
-    def select(self, layer):
-        selection = self.inner.select(layer)
-        self.kept[layer.layer_idx] = selection.indices[0]
-        return selection
+        def recording_select(layer):
+            selection = select(layer)
+            self.kept[layer.layer_idx] = selection.indices[0]
+            return selection
+
+        state.select = recording_select
+        return state
 
 
 def masked_last_row_attention(kept_by_layer, prompt_length):
@@ -100,16 +104,16 @@ def masked_last_row_attention(kept_by_layer, prompt_length):
 def test_decoding_logits_equal_attention_over_the_kept_keys_at_original_positions(family):
     model = tiny_model(family, attn="sdpa")
     prompt = random_prompt(120, seed=3)
-    method = RecordingSnapKV(capacity=24, window_size=4, kernel_size=3)
+    method = RecordingSnapKV(model, capacity=24, window_size=4, kernel_size=3)
     next_token = 7
 
-    install_hook(model)
-    cache = CompressibleCache()
-    with torch.inference_mode(), compression(model, CompressionSession(method, cache, 4, reserve=1)):
-        model(input_ids=torch.tensor([prompt]), cache=cache, position_ids=torch.arange(120).view(1, -1))
-        hooked = model(input_ids=torch.tensor([[next_token]]), cache=cache,
-                       position_ids=torch.tensor([[120]])).logits[0, -1]
-    assert cache.layer_lengths() == [24 + 1] * 4  # the kept prompt and the new token
+    prefilled = prefill(model, method, DecodeRequest(prompt, 2, set()))
+    batch = DecodeBatch(model, max_rows=2)
+    batch.admit(prefilled)
+    batch.tokens[0] = next_token
+    with torch.inference_mode():
+        hooked = batch.decode_logits(1)[0]
+    assert batch.valid[:, 0].sum(dim=-1).tolist() == [24 + 1] * 4  # the kept prompt and the new token
 
     AttentionInterface.register("by_hand", masked_last_row_attention(method.kept, 120))
     AttentionMaskInterface.register("by_hand", ALL_MASK_ATTENTION_FUNCTIONS["eager"])
@@ -135,14 +139,3 @@ def test_generation_stops_at_eos():
     first_stop = free.token_ids.index(stop_token)
     stopped = generate_greedy(model, prompt, build_method("fullkv"), NEW_TOKENS, {stop_token})
     assert stopped.token_ids == free.token_ids[: first_stop + 1]
-
-
-def test_cache_drop_shifts_later_entries():
-    cache = CompressibleCache()
-    keys = torch.arange(6.0).view(1, 1, 6, 1)
-    cache.update(keys, keys.clone(), 0)
-    cache.layers[0].store(keys, keys.clone(), reserve=2)
-    cache.layers[0].drop(2)
-    cache.update(torch.tensor([[[[9.0]]]]), torch.tensor([[[[9.0]]]]), 0)
-    assert cache.layers[0].keys.flatten().tolist() == [0, 1, 3, 4, 5, 9]
-    assert cache.layer_lengths() == [6]

@@ -11,6 +11,7 @@ from kvbench.tasks.metrics import (
     classification_score,
     code_sim_score,
     count_score,
+    fuzz_ratio,
     normalize_answer,
     normalize_zh_answer,
     qa_f1_score,
@@ -20,6 +21,8 @@ from kvbench.tasks.metrics import (
     rouge_score,
     rouge_zh_score,
     score_prediction,
+    scorer_settings,
+    using_code_sim_matcher,
 )
 
 TREC_CLASSES = ["Description of something", "Description of a person", "Individual", "Date", "Manner of an action"]
@@ -233,5 +236,23 @@ def test_score_prediction_needs_class_names_for_classification():
 
 
 def test_score_prediction_refuses_a_task_that_is_not_longbench():
-    with pytest.raises(KvbenchError, match="not a LongBench task"):
+    with pytest.raises(KvbenchError, match="unknown LongBench task 'needle'"):
         score_prediction("needle", "x", ["x"], None)
+
+
+def test_code_sim_matcher_is_explicit_and_defaults_to_python_levenshtein():
+    # A pair on which python-Levenshtein's ratio (what KVCache-Factory's published numbers used) and
+    # difflib's pure-Python SequenceMatcher disagree: 26 against 21.
+    prediction, gold = ".beb)))=(", "db)a((.a)ed.b aaa=,a(=d(a,d)),"
+    assert code_sim_score(prediction, gold) == 0.26
+    assert scorer_settings() == {"code_sim_matcher": "levenshtein"}
+    with using_code_sim_matcher("difflib"):
+        assert code_sim_score(prediction, gold) == 0.21
+        assert scorer_settings() == {"code_sim_matcher": "difflib"}
+    assert code_sim_score(prediction, gold) == 0.26
+    # fuzzywuzzy's wrappers: equal strings 100, an empty side 0
+    assert fuzz_ratio("same", "same", "difflib") == fuzz_ratio("same", "same", "levenshtein") == 100
+    assert fuzz_ratio("", "x", "levenshtein") == 0
+    with pytest.raises(KvbenchError, match="--code-sim-matcher must be one of"):
+        with using_code_sim_matcher("jaro"):
+            pass

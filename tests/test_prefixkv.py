@@ -9,16 +9,17 @@ from kvbench.errors import KvbenchError
 from kvbench.harness.generate import generate_greedy
 from kvbench.methods import build_method
 from kvbench.methods import prefixkv as prefixkv_module
-from kvbench.methods.base import LayerPrefill
+from kvbench.harness.profile import profile_prefixkv
+from kvbench.methods.base import LayerPrefill, ModelInfo
 from kvbench.methods.prefixkv import (
     allocate_drops,
     config_path,
     exclusive_mass,
-    profile_prefixkv,
     read_config,
     search_layer_drops,
     write_config,
 )
+from tests.method_helpers import recording, sample_state
 from tests.tiny_models import random_prompt, tiny_model
 
 # Middle scores of a 3-layer toy (4 middle tokens each). Normalised, sorted, the mass ranked before
@@ -120,13 +121,14 @@ def fake_scores(monkeypatch):
 
 
 def run_online(method, length=LENGTH):
-    """What the engine does for --prefix-config online: pre-pass observe() on every layer, then select()."""
-    method.start_sample(length, 3)
-    assert method.needs_scoring_pass
+    """What the engine does for --prefix-config online: pre-pass observe() on every layer, then select().
+    Returns the selections and the sample's state."""
+    state = sample_state(method, length, 3)
+    assert state.needs_scoring_pass
     built = layers()
     for layer in built:
-        method.observe(layer)
-    return [method.select(layer) for layer in built]
+        state.observe(layer)
+    return [state.select(layer) for layer in built], state
 
 
 def kept_positions(selections):
@@ -135,17 +137,18 @@ def kept_positions(selections):
 
 def test_online_budgets_sum_to_the_budget_and_differ_per_layer(fake_scores):
     method = build_method("prefixkv", capacity=8, prefix_config="online")  # drop 6 per layer on average
-    selections = kept_positions(run_online(method))
+    selections, state = run_online(method)
+    selections = kept_positions(selections)
     kept = [len(s) for s in selections]
     assert sum(kept) == 8 * 3
     assert kept[0] < kept[1] < kept[2]  # the concentrated layer keeps least
-    assert kept == method.kept
+    assert kept == state.kept
     for positions, scores in zip(selections, MIDDLE_SCORES):
         assert positions[:4] == [0, 1, 2, 3] and positions[-1] == LENGTH - 1  # protected
         middle = [p - 4 for p in positions[4:-1]]
         dropped = [i for i in range(9) if i not in middle]
         assert min((scores[i] for i in middle), default=99) >= max((scores[i] for i in dropped), default=-1)
-    record = method.sample_record()
+    record = state.record()
     assert record["budget_per_layer"] == kept
     assert (record["budget_mean"], record["budget_min"], record["budget_max"]) == (8.0, min(kept), max(kept))
     assert record["prefix_config"] == "online"
@@ -153,7 +156,7 @@ def test_online_budgets_sum_to_the_budget_and_differ_per_layer(fake_scores):
 
 def test_gqa_keeps_one_index_set_per_layer_on_the_unrepeated_kv_heads(fake_scores):
     method = build_method("prefixkv", ratio=0.5, prefix_config="online")
-    for selection in run_online(method):
+    for selection in run_online(method)[0]:
         assert selection.indices.shape[:2] == (1, 2)  # 2 KV heads, not 4 query heads
         assert torch.equal(selection.indices[0, 0], selection.indices[0, 1])
 
@@ -161,38 +164,35 @@ def test_gqa_keeps_one_index_set_per_layer_on_the_unrepeated_kv_heads(fake_score
 def test_ratio_and_capacity_agree_on_the_same_sample(fake_scores, tmp_path):
     # capacity 8 of 14 drops 6 per layer, 18 in all; ratio 6/14 drops round(6/14 * 14 * 3) = 18
     online = [
-        kept_positions(run_online(build_method("prefixkv", prefix_config="online", **budget)))
+        kept_positions(run_online(build_method("prefixkv", prefix_config="online", **budget))[0])
         for budget in ({"capacity": 8}, {"ratio": 6 / 14})
     ]
     assert online[0] == online[1]
     path = write_config(profile_dict([0.2, 0.4, 0.6]), tmp_path / "p.json")
     profiled = []
     for budget in ({"capacity": 8}, {"ratio": 6 / 14}):
-        method = build_method("prefixkv", prefix_config=str(path), **budget)
-        method.start_sample(LENGTH, 3)
-        profiled.append(kept_positions([method.select(layer) for layer in layers()]))
+        state = sample_state(build_method("prefixkv", prefix_config=str(path), **budget), LENGTH, 3)
+        profiled.append(kept_positions([state.select(layer) for layer in layers()]))
     assert profiled[0] == profiled[1]
     assert [len(p) for p in profiled[0]] == [LENGTH - d for d in allocate_drops([0.2, 0.4, 0.6], 18, 9)]
 
 
 def test_budget_beyond_the_middle_keeps_only_protected_tokens(fake_scores):
     method = build_method("prefixkv", capacity=1, prefix_config="online")
-    for positions in kept_positions(run_online(method)):
+    for positions in kept_positions(run_online(method)[0]):
         assert positions == [0, 1, 2, 3, LENGTH - 1]
 
 
 def test_uncompressed_samples_skip_the_pre_pass():
-    method = build_method("prefixkv", capacity=20, prefix_config="online")
-    method.start_sample(LENGTH, 3)
-    assert not method.needs_scoring_pass
-    assert method.select(layers()[0]) is None
+    state = sample_state(build_method("prefixkv", capacity=20, prefix_config="online"), LENGTH, 3)
+    assert not state.needs_scoring_pass
+    assert state.select(layers()[0]) is None
 
 
 def test_online_without_the_pre_pass_is_a_clear_error(fake_scores):
-    method = build_method("prefixkv", ratio=0.5, prefix_config="online")
-    method.start_sample(LENGTH, 3)
+    state = sample_state(build_method("prefixkv", ratio=0.5, prefix_config="online"), LENGTH, 3)
     with pytest.raises(KvbenchError, match="pre-pass"):
-        method.select(layers()[0])
+        state.select(layers()[0])
 
 
 # -- profiles ---------------------------------------------------------------------------------------
@@ -203,31 +203,30 @@ def profile_dict(layer_ratios, model="tiny", ratio=0.5):
 
 
 def test_config_errors_are_one_line(tmp_path):
+    def prepare(path, model=ModelInfo("tiny", 2)):
+        return build_method("prefixkv", ratio=0.5, prefix_config=str(path)).prepare(model)
+
     with pytest.raises(KvbenchError, match="cannot read PrefixKV config"):
-        build_method("prefixkv", ratio=0.5, prefix_config=str(tmp_path / "missing.json"))
+        prepare(tmp_path / "missing.json")
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(KvbenchError, match="not valid JSON"):
-        build_method("prefixkv", ratio=0.5, prefix_config=str(tmp_path / "bad.json"))
+        prepare(tmp_path / "bad.json")
     (tmp_path / "short.json").write_text(json.dumps({**profile_dict([0.5, 0.5]), "num_layers": 3}))
     with pytest.raises(KvbenchError, match="layer_ratios must be num_layers"):
-        build_method("prefixkv", ratio=0.5, prefix_config=str(tmp_path / "short.json"))
+        prepare(tmp_path / "short.json")
     path = write_config(profile_dict([0.5, 0.5]), tmp_path / "two.json")
-    method = build_method("prefixkv", ratio=0.5, prefix_config=str(path))
-    with pytest.raises(KvbenchError, match="2 layers; this model has 3"):
-        method.start_sample(20, 3)
     with pytest.raises(KvbenchError, match="is for model tiny, not other"):
-        method.bind_model("other", 2)
+        prepare(path, ModelInfo("other", 2))
     with pytest.raises(KvbenchError, match="2 layers; this model has 4"):
-        method.bind_model("tiny", 4)
+        prepare(path, ModelInfo("tiny", 4))
+    assert prepare(path).identity()["prefixkv_profiles"] == {"two.json": read_config(path)["sha256"]}
 
 
 def test_missing_default_profile_names_the_profile_command(tmp_path, monkeypatch):
     monkeypatch.setenv("KVBENCH_HOME", str(tmp_path))
     method = build_method("prefixkv", ratio=0.5)
     with pytest.raises(KvbenchError, match=r"no PrefixKV profile for tiny at ratio 0.5 .*: run `kvbench profile --method prefixkv --model <this run's --model> --ratio 0.5`"):
-        method.bind_model("tiny", 3)
-    with pytest.raises(KvbenchError, match="bind_model"):
-        method.start_sample(20, 3)
+        method.prepare(ModelInfo("tiny", 3))
 
 
 def test_default_profiles_by_ratio_and_nearest_ratio_for_capacity(tmp_path, monkeypatch, fake_scores):
@@ -236,14 +235,10 @@ def test_default_profiles_by_ratio_and_nearest_ratio_for_capacity(tmp_path, monk
         write_config(profile_dict(shape, ratio=ratio), config_path("tiny", ratio))
     # another model whose name starts like this one's: its profiles are not candidates
     write_config(profile_dict([0.5, 0.5], model="tiny_0.5", ratio=0.4), config_path("tiny_0.5", 0.4))
-    by_ratio = build_method("prefixkv", ratio=0.25)
-    by_ratio.bind_model("tiny", 3)
-    by_ratio.start_sample(LENGTH, 3)
-    assert by_ratio.sample_record()["prefix_config_ratio"] == 0.25
-    by_capacity = build_method("prefixkv", capacity=8)  # 1 - 8/14 = 0.43: nearest profile is 0.5
-    by_capacity.bind_model("tiny", 3)
-    by_capacity.start_sample(LENGTH, 3)
-    record = by_capacity.sample_record()
+    by_ratio = sample_state(build_method("prefixkv", ratio=0.25), LENGTH, 3)
+    assert by_ratio.record()["prefix_config_ratio"] == 0.25
+    by_capacity = sample_state(build_method("prefixkv", capacity=8), LENGTH, 3)  # 1 - 8/14 = 0.43: profile 0.5
+    record = by_capacity.record()
     assert record["prefix_config_ratio"] == 0.5
     assert record["budget_dropped"] == 18
     assert record["budget_per_layer"][0] < record["budget_per_layer"][2]  # the 0.5 profile drops most in layer 0
@@ -252,33 +247,20 @@ def test_default_profiles_by_ratio_and_nearest_ratio_for_capacity(tmp_path, monk
 # -- tiny random models through the engine ------------------------------------------------------------------
 
 
-def recording_evictions(method):
-    calls = []
-    decode_eviction = method.decode_eviction
-
-    def record(layer_idx, cache_length, tokens_seen):
-        index = decode_eviction(layer_idx, cache_length, tokens_seen)
-        calls.append((layer_idx, cache_length, tokens_seen, index))
-        return index
-
-    method.decode_eviction = record
-    return calls
-
-
 def test_online_run_on_a_tiny_gqa_model_holds_each_layer_at_its_budget_for_50_steps():
     model = tiny_model("llama", num_layers=3)
     with torch.no_grad():  # a peakier first layer, so the layers' budgets differ
         model.model.layers[0].self_attn.q_proj.weight.mul_(4)
     prompt = random_prompt(120)
-    method = build_method("prefixkv", capacity=60, prefix_config="online")
-    calls = recording_evictions(method)
-    generation = generate_greedy(model, prompt, method, 51, set())  # the engine runs the scoring pre-pass
-    assert generation.kept_per_layer == method.kept
+    compressor = recording(build_method("prefixkv", capacity=60, prefix_config="online"), 3)
+    generation = generate_greedy(model, prompt, compressor, 51, set())  # the engine runs the scoring pre-pass
+    kept_per_layer = compressor.last_sample.kept
+    assert generation.kept_per_layer == kept_per_layer
     assert sum(generation.kept_per_layer) == 60 * 3
     assert len(set(generation.kept_per_layer)) > 1
-    assert len(calls) == 50 * 3
-    for layer_idx, cache_length, _, index in calls:
-        kept = method.kept[layer_idx]
+    assert len(compressor.evictions) == 50 * 3
+    for layer_idx, cache_length, _, index in compressor.evictions:
+        kept = kept_per_layer[layer_idx]
         assert cache_length == kept  # held at its size: one eviction per appended token
         assert index == (kept - 25 if kept > 25 else kept // 2)
 
@@ -296,8 +278,7 @@ def test_profile_on_a_tiny_model_and_run_with_it(tmp_path):
     results = []
     for budget in ({"ratio": 0.5}, {"capacity": 45}):
         method = build_method("prefixkv", prefix_config=str(path), decode_evict=False, **budget)
-        method.bind_model("tiny", 3)
-        results.append(generate_greedy(model, prompts[0], method, 8, set()))
+        results.append(generate_greedy(model, prompts[0], method.prepare(ModelInfo("tiny", 3)), 8, set()))
         assert sum(results[-1].kept_per_layer) == 45 * 3
     assert results[0].token_ids == results[1].token_ids
     assert results[0].kept_per_layer == results[1].kept_per_layer
@@ -307,7 +288,7 @@ def test_profile_on_a_tiny_model_and_run_with_it(tmp_path):
 
 
 def test_calibration_is_a_stratified_round_robin_sample():
-    from kvbench.methods.prefixkv_profile import stratified_samples
+    from kvbench.harness.profile import stratified_samples
 
     by_task = {"a": [{"_id": f"a{i}"} for i in range(5)], "b": [{"_id": "b0"}], "c": [{"_id": f"c{i}"} for i in range(3)]}
     chosen = stratified_samples(by_task, 6)
@@ -351,7 +332,7 @@ def test_profile_command_then_run_finds_the_profile(longbench_mini, tmp_path):
     assert config["samples"] == 2 and len(config["layer_ratios"]) == config["num_layers"]
     assert [s.split(":")[0] for s in config["calibration"]["samples"]] == ["trec", "qasper"]
     method = build_method("prefixkv", ratio=0.5, prefix_config=str(out))
-    method.bind_model(config["model"], config["num_layers"])
+    method.prepare(ModelInfo(config["model"], config["num_layers"]))
 
 
 def test_online_ratio_and_capacity_agree_through_the_engine():

@@ -5,18 +5,31 @@ from __future__ import annotations
 import base64
 import json
 import math
+import subprocess
+import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
 import matplotlib.image
 import pandas as pd
+from matplotlib.figure import Figure
 import pytest
 from click.testing import CliRunner
 
 from kvbench.cli import main
 from kvbench.errors import KvbenchError
-from kvbench.results import load_runs, write_report
-from kvbench.results.tables import leaderboard, longbench_e_table, needle_table, to_markdown
+from kvbench.report import load_runs, write_report
+from kvbench.report import plots
+from kvbench.report.tables import (
+    PAPER_TASKS,
+    leaderboard,
+    longbench_e_table,
+    needle_table,
+    paper_table,
+    runs_table,
+    to_html,
+    to_markdown,
+)
 from kvbench.tasks.needle import DEFAULT_ANSWER
 
 MODEL = "tiny-model"
@@ -25,13 +38,20 @@ RIGHT_ANSWER = "Eat a sandwich and sit in Dolores Park on a sunny day."
 
 def write_run(root: Path, method: str, capacity: int | None, planned: dict[str, int],
               rows: dict[str, list[dict]], scores: dict | None = None, settings: dict | None = None,
-              folder: str | None = None) -> Path:
+              folder: str | None = None, method_files: dict | None = None, max_length: int | None = 8000,
+              model: str = MODEL) -> Path:
     """A run folder as `kvbench run` writes it: run.json, <task>.jsonl, and scores.json when finished."""
-    run_dir = root / MODEL / (folder or (method if capacity is None else f"{method}-{capacity}"))
+    run_dir = root / model / (folder or (method if capacity is None else f"{method}-{capacity}"))
     run_dir.mkdir(parents=True)
+    options = {"capacity": capacity, **(settings or {})}
     (run_dir / "run.json").write_text(json.dumps({
-        "model": MODEL, "method": method, "capacity": capacity,
-        "settings": {"capacity": capacity, **(settings or {})}, "tasks": planned, "max_length": 8000,
+        "model": model, "method": method, "capacity": capacity, "settings": options, "max_length": max_length,
+        "dtype": "bfloat16", "attention": "sdpa", "device": "cuda", "data_dir": None, "tasks": planned,
+        "task_settings": {},
+        "identity": {"format": 1, "model": {"name": model}, "dtype": "bfloat16", "attention": "sdpa",
+                     "max_length": max_length, "method": method, "options": options,
+                     "method_files": method_files or {}, "scorer": {"code_sim_matcher": "difflib"}},
+        "task_identity": {},
     }))
     for task, task_rows in rows.items():
         with open(run_dir / f"{task}.jsonl", "w") as handle:
@@ -40,6 +60,18 @@ def write_run(root: Path, method: str, capacity: int | None, planned: dict[str, 
     if scores is not None:
         (run_dir / "scores.json").write_text(json.dumps(scores))
     return run_dir
+
+
+def finished_run(root: Path, method: str, capacity: int | None, scores: dict[str, float], **options) -> Path:
+    """A finished run of one sample per task, its scores (read from scores.json) given."""
+    return write_run(root, method, capacity, {task: 1 for task in scores}, {task: qa_rows(1, 0) for task in scores},
+                     {task: {"score": score, "n": 1} for task, score in scores.items()}, **options)
+
+
+def measured(rows: list[dict], kept_tokens: list[float], kv_cache_mb: list[float]) -> list[dict]:
+    """``rows`` with each one's mean kept tokens per layer and KV cache MiB, as the run loop records them."""
+    return [{**row, "kept_tokens": {"mean": kept, "min": int(kept), "max": int(kept) + 1}, "kv_cache_mb": mib}
+            for row, kept, mib in zip(rows, kept_tokens, kv_cache_mb)]
 
 
 def qa_rows(right: int, wrong: int, lengths: list[int] | None = None) -> list[dict]:
@@ -194,8 +226,8 @@ def test_report_files(results, tmp_path):
     out = tmp_path / "report"
     written = write_report([results], out)
     names = {path.name for path in written}
-    assert {"report.md", "report.html", "runs.csv", "longbench.csv", "longbench_e.csv", "needle.csv",
-            "needle_cells.csv", "needle-tiny-model-snapkv-128.png", "capacity-tiny-model.png"} <= names
+    assert {"report.md", "paper.md", "report.html", "runs.csv", "longbench.csv", "paper.csv", "longbench_e.csv",
+            "needle.csv", "needle_cells.csv", "needle-tiny-model-snapkv-128.png", "capacity-tiny-model.png"} <= names
 
     for png in out.glob("*.png"):
         picture = matplotlib.image.imread(png)
@@ -203,7 +235,7 @@ def test_report_files(results, tmp_path):
 
     page = _PageParts()
     page.feed((out / "report.html").read_text())
-    assert page.tables == 4  # LongBench, LongBench-E, needle, runs
+    assert page.tables == 5  # LongBench, the papers' layout, LongBench-E, needle, runs
     assert len(page.images) == 2
     for source in page.images:
         assert source.startswith("data:image/png;base64,")
@@ -236,14 +268,258 @@ def test_cli_report(results, tmp_path):
     (lambda root: root / "absent", "no such run folder"),
     (lambda root: root, "no run in"),
     (lambda root: write_run(root, "snapkv", 64, {"qasper": 3}, {}), "no finished sample yet"),
+    (lambda root: _with_bytes(write_run(root, "snapkv", 64, {"qasper": 1}, {"qasper": qa_rows(1, 0)}) / "run.json",
+                              b'{"model": "m\xff"}'), "run.json: not UTF-8"),
+    (lambda root: _with_bytes(write_run(root, "snapkv", 64, {"qasper": 1}, {}) / "qasper.jsonl",
+                              b'{"_id": "s0", "pred": "Par\xe9", "answers": ["Paris"]}\n'), "qasper.jsonl:1: not UTF-8"),
+    (lambda root: write_run(root, "snapkv", 64, {"needle": 1},
+                            {"needle": [{"_id": "a", "pred": "x", "answers": ["y"]}]}),
+     "needle.jsonl: row 'a' has no numeric context_length"),
 ])
 def test_cli_report_bad_input_is_one_line_and_exit_2(tmp_path, make_input, message):
     folder = make_input(tmp_path)
     result = CliRunner().invoke(main, ["report", str(folder)])
     assert result.exit_code == 2
     assert result.output.count("\n") == 1 and message in result.output
+    assert result.output.startswith("error: ") and "Traceback" not in result.output
+
+
+def _with_bytes(path: Path, data: bytes) -> Path:
+    """Overwrite ``path`` with ``data``; the run folder holding it."""
+    path.write_bytes(data)
+    return path.parent
+
+
+@pytest.mark.parametrize("make_out, message", [
+    (lambda root: _file(root / "taken"), "is a file"),
+    (lambda root: _file(root / "taken") / "report", "lies under the file"),
+])
+def test_cli_report_refuses_an_out_folder_it_cannot_make_before_reading_runs(tmp_path, make_out, message):
+    out = make_out(tmp_path)
+    for runs in (tmp_path / "absent", tmp_path):  # checked first: the missing runs are not what it says
+        result = CliRunner().invoke(main, ["report", str(runs), "--out", str(out)])
+        assert result.exit_code == 2, result.output
+        assert result.output.count("\n") == 1 and message in result.output and "--out" in result.output
+    with pytest.raises(KvbenchError, match=message):
+        write_report([tmp_path / "absent"], out)
+
+
+def _file(path: Path) -> Path:
+    path.write_text("not a folder")
+    return path
 
 
 def test_cli_report_bad_format(results):
     result = CliRunner().invoke(main, ["report", str(results), "--format", "pdf"])
     assert result.exit_code == 2 and "--format" in result.output
+
+
+# -- the papers' layout ---------------------------------------------------------------------------------
+
+
+def test_paper_table_blocks_methods_tasks_and_marks(tmp_path):
+    """Blocks FullKV first then by capacity, the papers' method order, their abbreviations, Chinese left out."""
+    tasks = {"narrativeqa": 10.0, "lcc": 50.0, "multifieldqa_zh": 70.0}
+    finished_run(tmp_path, "fullkv", None, tasks)
+    for position, method in enumerate(["elastic", "windowkv", "snapkv", "h2o", "prefixkv", "streamingllm",
+                                       "pyramidkv", "custom"]):
+        finished_run(tmp_path, method, 512, {"narrativeqa": 20.0 + position, "lcc": 40.0 - position})
+    finished_run(tmp_path, "snapkv", 128, {"narrativeqa": 15.0, "lcc": 30.0})
+    finished_run(tmp_path, "snapkv", 64, {"narrativeqa": 14.0})
+    table = paper_table(load_runs(tmp_path))
+
+    assert table.columns == ["NrtvQA", "Lcc", "Avg."]
+    assert table.groups == [("Single-Doc QA", 1), ("Code", 1), ("", 1)]
+    assert [label for _, label in table.blocks] == [
+        f"{MODEL}, Max Input Length = 8000, KV Size = {size}" for size in ("Full", "64", "128", "512")]
+    assert [position for position, _ in table.blocks] == [0, 1, 2, 3]
+    assert table.row_labels == ["FullKV", "SnapKV", "SnapKV", "StreamingLLM", "H2O", "SnapKV", "PyramidKV",
+                                "WindowKV", "PrefixKV", "Elastic Cache", "custom"]
+    texts = [[f"**{cell.text}**" if cell.best else cell.text for cell in row] for row in table.cells]
+    # Avg. is over the papers' 16 tasks: with 14 not run it is partial, never ranked.
+    assert texts[0] == ["10.00", "50.00", "30.00*"]
+    assert texts[1] == ["14.00", "–", "14.00*"]
+    # Bold marks the best of a column within a block (the 512 block: custom's 27, elastic's 40).
+    assert texts[4] == ["23.00", "37.00", "30.00*"]
+    assert texts[7] == ["21.00", "39.00", "30.00*"]
+    assert texts[9] == ["20.00", "**40.00**", "30.00*"]
+    assert texts[10] == ["**27.00**", "33.00", "30.00*"]
+    assert any("multifieldqa_zh" in note and "left out" in note for note in table.notes)
+
+    markdown = to_markdown(table)
+    assert "| Method | NrtvQA | Lcc | Avg. |" in markdown
+    assert f"| **{MODEL}, Max Input Length = 8000, KV Size = 512** |  |  |  |" in markdown
+    assert "| Elastic Cache | 20.00 | **40.00** | 30.00* |" in markdown
+    page = to_html(table)
+    assert f'<tr class="block"><th colspan="4">{MODEL}, Max Input Length = 8000, KV Size = Full</th></tr>' in page
+    assert '<th colspan="1" class="group">Single-Doc QA</th>' in page
+
+
+def test_paper_table_average_is_the_mean_of_the_16_tasks(tmp_path):
+    finished_run(tmp_path, "snapkv", 128, {task: float(position) for position, task in enumerate(PAPER_TASKS)})
+    finished_run(tmp_path, "pyramidkv", 128, {task: 1.0 for task in PAPER_TASKS})
+    table = paper_table(load_runs(tmp_path))
+    assert table.columns == ["NrtvQA", "Qasper", "MF-en", "HotpotQA", "2WikiMQA", "Musique", "GovReport", "QMSum",
+                             "MultiNews", "TREC", "TriviaQA", "SAMSum", "PCount", "PRe", "Lcc", "RB-P", "Avg."]
+    assert [label for label, _ in table.groups] == ["Single-Doc QA", "Multi-Doc QA", "Summarization",
+                                                    "Few-shot Learning", "Synthetic", "Code", ""]
+    snapkv = table.cells[table.row_labels.index("SnapKV")]
+    assert (snapkv[-1].text, snapkv[-1].complete, snapkv[-1].best) == ("7.50", True, True)
+
+
+def test_report_writes_the_papers_layout_in_every_format(results, tmp_path):
+    out = tmp_path / "report"
+    write_report([results], out)
+    assert "## LongBench, as in the papers" in (out / "report.md").read_text()
+    assert (out / "paper.md").read_text().startswith("## LongBench, as in the papers\n\n| Method | NrtvQA | Qasper |")
+    assert "LongBench, as in the papers</h2>" in (out / "report.html").read_text()
+    paper = pd.read_csv(out / "paper.csv", dtype={"capacity": "Int64"})
+    assert list(paper["method"]) == ["fullkv", "snapkv", "snapkv"]
+    assert list(paper["capacity"].astype("string").fillna("")) == ["", "128", "256"]
+
+
+# -- what a run keeps, how it was run -----------------------------------------------------------------------
+
+
+def test_leaderboard_shows_what_each_run_keeps(tmp_path):
+    """One --capacity, unequal budgets: the mean kept tokens and KV MiB over the run's rows are shown."""
+    write_run(tmp_path, "snapkv", 512, {"qasper": 2}, {"qasper": measured(qa_rows(2, 0), [512, 512], [30, 30])})
+    # Weighted by rows: (1 * 500 + 3 * 552) / 4 = 539.
+    write_run(tmp_path, "windowkv", 512, {"qasper": 1, "hotpotqa": 3},
+              {"qasper": measured(qa_rows(1, 0), [500], [29.0]),
+               "hotpotqa": measured(qa_rows(3, 0), [552, 552, 552], [32.0, 32.0, 32.0])})
+    table = leaderboard(load_runs(tmp_path))
+    markdown = to_markdown(table)
+    assert "| Model | Method | Capacity | Kept tok. | KV MiB | qasper |" in markdown
+    assert "| tiny-model | snapkv | 512 | 512.0 | 30.0 | **100.00** |" in markdown
+    assert "| tiny-model | windowkv | 512 | 539.0 | 31.2 | **100.00** |" in markdown
+    assert any(note.startswith("Kept tok.") for note in table.notes)
+    numbers = table.numbers()
+    assert list(numbers["kept_tokens"]) == [512.0, 539.0]
+
+
+def test_runs_without_measurements_show_no_such_columns(results):
+    markdown = to_markdown(leaderboard(load_runs(results)))
+    assert "Kept tok." not in markdown and "KV MiB" not in markdown
+
+
+def test_runs_table_shows_max_length_dtype_and_method_files(tmp_path):
+    rows = {"qasper": qa_rows(1, 0)}
+    write_run(tmp_path, "windowkv", 512, {"qasper": 1}, rows, method_files={"classifier": "ab12" * 16})
+    write_run(tmp_path, "prefixkv", None, {"qasper": 1}, rows, max_length=None,
+              method_files={"prefixkv_profiles": {"prefixkv_tiny_0.9.json": "cd34" * 16}})
+    write_run(tmp_path, "snapkv", 512, {"qasper": 1}, rows, max_length=4096)
+    table = runs_table(load_runs(tmp_path))
+    assert table.columns[:3] == ["Max length", "Dtype", "Method files"]
+    shown = {table.runs.iloc[position]["method"]: [cell.text for cell in row[:3]]
+             for position, row in enumerate(table.cells)}
+    assert shown == {
+        "prefixkv": ["auto", "bfloat16", "prefixkv_profiles/prefixkv_tiny_0.9.json=cd34cd34cd34"],
+        "snapkv": ["4096", "bfloat16", "–"],
+        "windowkv": ["8000", "bfloat16", "classifier=ab12ab12ab12"],
+    }
+
+
+def test_samples_done_never_exceeds_planned(tmp_path):
+    """A folder reused with a smaller --limit holds more rows than run.json plans."""
+    write_run(tmp_path, "snapkv", 64, {"qasper": 2, "hotpotqa": 4},
+              {"qasper": qa_rows(3, 0), "hotpotqa": qa_rows(1, 0)})
+    table = runs_table(load_runs(tmp_path))
+    assert table.cells[0][table.columns.index("Samples done")].text == "3/6"
+
+
+# -- CSVs ---------------------------------------------------------------------------------------------------
+
+
+def test_csvs_round_floats_and_write_whole_numbers_as_such(results, tmp_path):
+    out = tmp_path / "report"
+    write_report([results], out, ["csv"])
+    for path in out.glob("*.csv"):
+        text = pd.read_csv(path, dtype=str, keep_default_na=False)
+        for column in text.columns:
+            for value in text[column]:
+                if value.replace(".", "", 1).replace("-", "", 1).isdigit() and "." in value:
+                    assert len(value.split(".")[1]) <= 2, (path.name, column, value)
+        if "capacity" in text.columns:
+            assert set(text["capacity"]) <= {"", "128", "256"}, path.name
+            # Whole numbers read back as whole numbers; NA as an empty field.
+            read_back = pd.read_csv(path, dtype={"capacity": "Int64"})["capacity"]
+            assert read_back.isna().sum() == (text["capacity"] == "").sum()
+    assert pd.read_csv(out / "longbench.csv")["Task avg"].tolist() == [40.0, 43.33, 45.0]
+    runs = pd.read_csv(out / "runs.csv")
+    assert runs["max_length"].dtype == "int64" and runs["n_done"].dtype == "int64"
+    only_budgets = pd.read_csv(out / "needle_cells.csv")
+    assert only_budgets["capacity"].dtype == "int64"
+
+
+# -- pictures ------------------------------------------------------------------------------------------------
+
+
+def test_heatmap_prints_each_cells_score(results, tmp_path, monkeypatch):
+    drawn: list[tuple[str, str]] = []
+    save = Figure.savefig
+
+    def recording_savefig(figure, *args, **kwargs):
+        drawn.extend((text.get_text(), text.get_color()) for axes in figure.axes for text in axes.texts)
+        return save(figure, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", recording_savefig)
+    write_report([results / MODEL / "snapkv-128-needle"], tmp_path / "report", ["md"])
+    # Three of the four cells are done (recall 100, 25, 0); the grey one has no number.
+    assert sorted(text for text, _ in drawn) == ["0", "100", "25"]
+    assert {color for _, color in drawn} == {plots.CELL_TEXT_COLOR}
+
+
+def _capacity_points(monkeypatch) -> list[pd.DataFrame]:
+    """The points handed to the capacity figure, recorded as the report draws it."""
+    recorded: list[pd.DataFrame] = []
+    draw = plots.capacity_figure
+
+    def recording(points, title, path):
+        recorded.append(points)
+        return draw(points, title, path)
+
+    monkeypatch.setattr(plots, "capacity_figure", recording)
+    return recorded
+
+
+def test_capacity_points_are_hollow_only_for_the_runs_own_unfinished_tasks(tmp_path, monkeypatch):
+    recorded = _capacity_points(monkeypatch)
+    # snapkv-64 ran only qasper (finished); snapkv-128 also narrativeqa and hotpotqa, hotpotqa unfinished.
+    finished_run(tmp_path, "snapkv", 64, {"qasper": 40.0})
+    write_run(tmp_path, "snapkv", 128, {"qasper": 1, "narrativeqa": 1, "hotpotqa": 4},
+              {"qasper": qa_rows(1, 0), "narrativeqa": qa_rows(1, 0), "hotpotqa": qa_rows(1, 1)})
+    write_report([tmp_path], tmp_path / "report", ["md"])
+    (points,) = recorded
+    complete = {(row.capacity, row.panel): row.complete for row in points.itertuples()}
+    assert complete == {
+        (64, "single-doc QA"): True,  # narrativeqa is another run's task, not an unfinished one of its own
+        (64, "LongBench Avg"): True,
+        (128, "single-doc QA"): True,
+        (128, "multi-doc QA"): False,
+        (128, "LongBench Avg"): False,
+    }
+
+
+def test_report_says_why_a_model_has_no_capacity_plot(tmp_path):
+    finished_run(tmp_path, "fullkv", None, {"qasper": 40.0})
+    finished_run(tmp_path, "snapkv", 128, {"qasper": 30.0})
+    finished_run(tmp_path, "fullkv", None, {"qasper": 40.0}, model="other-model")
+    out = tmp_path / "report"
+    write_report([tmp_path], out, ["md", "html"])
+    assert not list(out.glob("capacity-*.png"))
+    markdown = (out / "report.md").read_text()
+    section = markdown.split("## Score versus capacity", 1)[1].split("## Runs", 1)[0]
+    assert f"{MODEL}: no plot, since its runs have one KV capacity (128)" in section
+    assert "other-model: no plot, since its runs have no KV capacity" in section
+    assert f"{MODEL}: no plot, since its runs have one KV capacity (128)" in (out / "report.html").read_text()
+
+
+def test_report_imports_no_torch(results, tmp_path):
+    script = (
+        "import sys\n"
+        "from kvbench.cli import main\n"
+        f"main(['report', {str(results)!r}, '--out', {str(tmp_path / 'r')!r}], standalone_mode=False)\n"
+        "assert 'torch' not in sys.modules, 'kvbench report imported torch'\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from kvbench.cli import main
-from kvbench.harness.run import append_row, read_rows
+from kvbench.runfolder import append_row, read_rows_for_resume
 from kvbench.tasks.evaluate import evaluate_path
 
 MODEL_NAME = "SmolLM2-135M-Instruct.Q4_1"
@@ -76,16 +76,36 @@ def test_a_line_cut_by_a_kill_is_dropped_and_rewritten(tmp_path):
     append_row(path, {"_id": "a", "pred": "x"})
     with open(path, "a", encoding="utf-8") as handle:
         handle.write('{"_id": "b", "pr')
-    assert [row["_id"] for row in read_rows(path)] == ["a"]
+    assert [row["_id"] for row in read_rows_for_resume(path)] == ["a"]
     append_row(path, {"_id": "b", "pred": "y"})
-    assert [row["_id"] for row in read_rows(path)] == ["a", "b"]
+    assert [row["_id"] for row in read_rows_for_resume(path)] == ["a", "b"]
+
+
+def test_a_line_cut_inside_a_multibyte_character_is_dropped_too(tmp_path):
+    path = tmp_path / "task.jsonl"
+    append_row(path, {"_id": "a", "pred": "雨"})
+    cut = ('{"_id": "b", "pred": "雨"}\n'.encode("utf-8"))[:-3]  # inside the 3-byte character
+    with open(path, "ab") as handle:
+        handle.write(cut)
+    assert [row["_id"] for row in read_rows_for_resume(path)] == ["a"]
+    assert path.read_bytes().endswith(b"}\n")
 
 
 @pytest.mark.parametrize(
     "args, message",
     [
         (["--method", "nosuch", "--capacity", "64"], "unknown method 'nosuch'; known methods:"),
+        (["--method", "snapkv", "--capacity", "64", "--beta", "5"], "--beta is not an option of snapkv"),
+        (["--method", "snapkv", "--capacity", "64", "--ratio", "0.5"], "--ratio is not an option of snapkv"),
+        (["--method", "fullkv", "--capacity", "64"], "fullkv keeps every token and takes no capacity"),
+        (["--method", "snapkv", "--capacity", "64", "--tasks", "trec", "--lengths", "1000"],
+         "--lengths applies to no task"),
+        (["--method", "snapkv", "--capacity", "64,x"], "--capacity must be a comma list of integers"),
+        (["--method", "snapkv,pyramidkv", "--capacity", "64", "--merge"], "--merge is not an option of snapkv, pyramidkv"),
+        (["--method", "fullkv", "--tasks", "trec", "--device-map", "garbage"], "--device-map must be one of"),
+        (["--method", "fullkv", "--tasks", "trec", "--model", "/"], "has no config.json"),
         (["--method", "snapkv", "--capacity", "0"], "--capacity > 0"),
+        (["--method", "snapkv"], "needs --capacity > 0"),
         (["--method", "snapkv", "--capacity", "4"], "larger than the observation window"),
         (["--method", "snapkv", "--capacity", "64", "--tasks", "nosuch"], "nosuch"),
         (["--method", "fullkv", "--tasks", "trec", "--model", "/no/such/model"], "model path not found"),
@@ -100,6 +120,40 @@ def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("content", [b"", b"not a gguf file at all"])
+def test_an_empty_or_garbage_gguf_is_one_line(tmp_path, content):
+    gguf_file = tmp_path / "broken.gguf"
+    gguf_file.write_bytes(content)
+    result = CliRunner().invoke(main, ["run", "--method", "fullkv", "--tasks", "trec", "--model", str(gguf_file),
+                                       "--output", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert "not a GGUF file" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_a_corrupt_checkpoint_is_one_line(tmp_path):
+    folder = tmp_path / "broken-model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 64,
+                                                    "num_attention_heads": 4, "intermediate_size": 128,
+                                                    "vocab_size": 128}))
+    (folder / "model.safetensors").write_bytes(b"\x00garbage" * 10)
+    result = CliRunner().invoke(main, ["run", "--method", "fullkv", "--tasks", "trec", "--model", str(folder),
+                                       "--data-dir", str(tmp_path), "--output", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("where", ["file", "under-file"])
+def test_an_output_that_is_a_file_is_refused_before_the_model_loads(tmp_path, where):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("x")
+    output = blocker if where == "file" else blocker / "sub"
+    result = CliRunner().invoke(main, ["run", "--method", "fullkv", "--tasks", "trec", "--output", str(output),
+                                       "--model", "/no/such/model"])
+    assert result.exit_code == 2
+    assert ("is a file" if where == "file" else "lies under the file") in result.output
+
+
 def test_gguf_without_the_gguf_package_is_one_line(tmp_path, monkeypatch):
     import importlib.util
 
@@ -107,9 +161,7 @@ def test_gguf_without_the_gguf_package_is_one_line(tmp_path, monkeypatch):
 
     gguf_file = tmp_path / "tiny.gguf"
     gguf_file.write_bytes(b"GGUF")
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(model_module.importlib.util, "find_spec",
-                        lambda name, *rest: None if name == "gguf" else real_find_spec(name, *rest))
+    monkeypatch.setattr(model_module, "module_available", lambda name: name != "gguf")
     result = CliRunner().invoke(main, ["run", "--method", "fullkv", "--tasks", "trec", "--model", str(gguf_file),
                                        "--output", str(tmp_path)])
     assert result.exit_code == 2

@@ -7,8 +7,9 @@ import torch
 
 from kvbench.errors import KvbenchError
 from kvbench.methods import build_method, get_method_class
-from kvbench.methods.base import LayerPrefill
+from kvbench.methods.base import LayerPrefill, ModelInfo
 from kvbench.methods.windowkv import WindowKV, group_budgets, kept_windows, window_scores
+from tests.method_helpers import recording, sample_state
 
 EPS = 1e-6
 
@@ -66,15 +67,15 @@ def test_layers_not_divisible_by_shared_layers_get_a_shorter_last_group():
     assert group_budgets(512, 8, 14, 25) == [732, 586, 440, 292]
     assert group_budgets(512, 8, 14, 24) == [732, 512, 292]
     wkv = method(capacity=512, task_type="qa")
-    wkv.start_sample(2000, 30, {})
-    assert wkv.sample_record() == {"task_type": "qa", "group_budgets": [732, 586, 440, 292]}
+    state = sample_state(wkv, 2000, 30, sample={})
+    assert state.record() == {"task_type": "qa", "group_budgets": [732, 586, 440, 292]}
     # Layers 24..29 form the last group: layer 24 leads, 25..29 reuse its choice, budget 292.
     torch.manual_seed(0)
     length = 400 + 32
-    leader = wkv.select(random_layer(24, 30, length))
+    leader = state.select(random_layer(24, 30, length))
     assert len(kept(leader)) == 288 + 32  # 400 reviewable - ceil(108 / 8) = 14 windows of 8
     for layer_idx in range(25, 30):
-        assert torch.equal(wkv.select(random_layer(layer_idx, 30, length)).indices, leader.indices)
+        assert torch.equal(state.select(random_layer(layer_idx, 30, length)).indices, leader.indices)
 
 
 @pytest.mark.parametrize("num_layers", [1, 6, 8])
@@ -82,11 +83,11 @@ def test_one_group_when_shared_layers_cover_the_model(num_layers):
     # The reference divides by zero (layers == S) or indexes an empty list (layers < S).
     assert group_budgets(40, 8, 14, num_layers) == [40]
     wkv = method(capacity=16, review_window_size=4, suffix_avg=4)
-    wkv.start_sample(36, num_layers, {})
+    state = sample_state(wkv, 36, num_layers, sample={})
     torch.manual_seed(0)
     selections = []
     for layer_idx in range(num_layers):
-        selections.append(kept(wkv.select(random_layer(layer_idx, num_layers, 36))))
+        selections.append(kept(state.select(random_layer(layer_idx, num_layers, 36))))
     assert len(selections[0]) == 16 + 4
     assert all(selection == selections[0] for selection in selections)
 
@@ -122,10 +123,10 @@ def test_ties_drop_the_later_window_first():
     assert kept_windows(torch.tensor([0.5, 0.2, 0.5, 0.2, 0.9]), 2).tolist() == [0, 2, 4]
     # Uniform attention (zero queries): every window ties, the last ones go.
     wkv = method(capacity=8, review_window_size=4, suffix_avg=4)
-    wkv.start_sample(20, 1, {})
+    state = sample_state(wkv, 20, 1, sample={})
     layer = layer_from_weights([1.0] * 16, suffix=4)
     layer.queries.zero_()
-    assert kept(wkv.select(layer)) == [0, 1, 2, 3, 4, 5, 6, 7] + [16, 17, 18, 19]
+    assert kept(state.select(layer)) == [0, 1, 2, 3, 4, 5, 6, 7] + [16, 17, 18, 19]
 
 
 # -- selection on hand-built queries/keys --------------------------------------------------------
@@ -137,22 +138,22 @@ WEIGHTS = [0.7] * 4 + [2.4, EPS, EPS, EPS] + [0.8] * 4 + [0.1] * 4
 def test_average_keeps_the_windows_with_the_highest_mean():
     # 16 reviewable tokens, budget 8 (one group): drop ceil(8 / 4) = 2 windows.
     wkv = method(capacity=8, review_window_size=4, suffix_avg=4, task_type="other")
-    wkv.start_sample(20, 1, {})
-    assert kept(wkv.select(layer_from_weights(WEIGHTS, suffix=4))) == [0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19]
+    state = sample_state(wkv, 20, 1, sample={})
+    assert kept(state.select(layer_from_weights(WEIGHTS, suffix=4))) == [0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19]
 
 
 def test_max_keeps_the_windows_with_the_highest_top_half():
     wkv = method(capacity=8, review_window_size=4, suffix_max=4, task_type="qa")
-    wkv.start_sample(20, 1, {})
-    assert kept(wkv.select(layer_from_weights(WEIGHTS, suffix=4))) == [4, 5, 6, 7, 8, 9, 10, 11, 16, 17, 18, 19]
+    state = sample_state(wkv, 20, 1, sample={})
+    assert kept(state.select(layer_from_weights(WEIGHTS, suffix=4))) == [4, 5, 6, 7, 8, 9, 10, 11, 16, 17, 18, 19]
 
 
 def test_suffix_size_follows_the_strategy():
     weights = [1.0] * 16
     for task_type, suffix in (("qa", 6), ("other", 3)):
         wkv = method(capacity=8, review_window_size=4, suffix_max=6, suffix_avg=3, task_type=task_type)
-        wkv.start_sample(16 + suffix, 1, {})
-        positions = kept(wkv.select(layer_from_weights(weights, suffix=suffix)))
+        state = sample_state(wkv, 16 + suffix, 1, sample={})
+        positions = kept(state.select(layer_from_weights(weights, suffix=suffix)))
         assert positions[-suffix:] == list(range(16, 16 + suffix))
         assert len(positions) == 8 + suffix
 
@@ -161,49 +162,49 @@ def test_budget_is_reviewed_tokens_and_short_last_window():
     # 14 reviewable tokens, windows 0-3, 4-7, 8-11, 12-13, budget 8: drop ceil(6 / 4) = 2 windows.
     weights = [0.5] * 4 + [0.1] * 4 + [0.9] * 4 + [0.05, 0.05]
     wkv = method(capacity=8, review_window_size=4, suffix_avg=4)
-    wkv.start_sample(18, 1, {})
+    state = sample_state(wkv, 18, 1, sample={})
     # The short window is among the dropped ones: 14 - 4 - 2 = 8 reviewable tokens kept.
-    assert kept(wkv.select(layer_from_weights(weights, suffix=4))) == [0, 1, 2, 3, 8, 9, 10, 11, 14, 15, 16, 17]
+    assert kept(state.select(layer_from_weights(weights, suffix=4))) == [0, 1, 2, 3, 8, 9, 10, 11, 14, 15, 16, 17]
     weights = [0.5] * 4 + [0.1] * 4 + [0.05] * 4 + [0.9, 0.9]
     # Dropping two full windows instead: only 6 reviewable tokens remain (the reference's arithmetic).
-    assert kept(wkv.select(layer_from_weights(weights, suffix=4))) == [0, 1, 2, 3, 12, 13, 14, 15, 16, 17]
+    assert kept(state.select(layer_from_weights(weights, suffix=4))) == [0, 1, 2, 3, 12, 13, 14, 15, 16, 17]
 
 
 def test_short_prompts_are_untouched():
     wkv = method(capacity=8, review_window_size=4, suffix_avg=4)
-    wkv.start_sample(12, 1, {})
-    assert wkv.select(layer_from_weights([1.0] * 8, suffix=4)) is None  # 8 reviewable == budget
-    assert wkv.select(layer_from_weights([1.0] * 1, suffix=2)) is None  # shorter than the suffix
-    assert wkv.select(layer_from_weights([1.0] * 9, suffix=4)) is not None
+    state = sample_state(wkv, 12, 1, sample={})
+    assert state.select(layer_from_weights([1.0] * 8, suffix=4)) is None  # 8 reviewable == budget
+    assert state.select(layer_from_weights([1.0] * 1, suffix=2)) is None  # shorter than the suffix
+    assert state.select(layer_from_weights([1.0] * 9, suffix=4)) is not None
 
 
 def test_budget_smaller_than_a_window_keeps_the_suffix_only_in_the_whole_group():
     # capacity 3 with windows of 4 and 8 reviewable tokens: ceil(5 / 4) = 2 = every window.
     wkv = method(capacity=3, review_window_size=4, suffix_avg=4, shared_layers=2)
-    wkv.start_sample(12, 2, {})
+    state = sample_state(wkv, 12, 2, sample={})
     for layer_idx in range(2):
         layer = layer_from_weights([1.0] * 8, suffix=4, layer_idx=layer_idx, num_layers=2)
-        assert kept(wkv.select(layer)) == [8, 9, 10, 11]
+        assert kept(state.select(layer)) == [8, 9, 10, 11]
 
 
 def test_shared_layers_reuse_the_group_leaders_positions():
     # 4 layers in groups of 2, capacity 6, beta 3: last 6*2//3 = 4, first 12 - 4 = 8.
     wkv = method(capacity=6, review_window_size=4, suffix_avg=4, shared_layers=2, beta=3)
-    wkv.start_sample(20, 4, {})
+    state = sample_state(wkv, 20, 4, sample={})
     favour_first = [0.9] * 4 + [0.8] * 4 + [0.1] * 4 + [0.05] * 4
     favour_last = list(reversed(favour_first))
     first_two_windows = list(range(8)) + list(range(16, 20))
     last_window = list(range(12, 20))
-    assert kept(wkv.select(layer_from_weights(favour_first, suffix=4, layer_idx=0, num_layers=4))) == first_two_windows
+    assert kept(state.select(layer_from_weights(favour_first, suffix=4, layer_idx=0, num_layers=4))) == first_two_windows
     # Layer 1 would choose the last windows on its own; it keeps the leader's.
-    assert kept(wkv.select(layer_from_weights(favour_last, suffix=4, layer_idx=1, num_layers=4))) == first_two_windows
+    assert kept(state.select(layer_from_weights(favour_last, suffix=4, layer_idx=1, num_layers=4))) == first_two_windows
     # Layer 2 leads the next group (budget 4): it scores its own input.
-    assert kept(wkv.select(layer_from_weights(favour_last, suffix=4, layer_idx=2, num_layers=4))) == last_window
-    assert kept(wkv.select(layer_from_weights(favour_first, suffix=4, layer_idx=3, num_layers=4))) == last_window
+    assert kept(state.select(layer_from_weights(favour_last, suffix=4, layer_idx=2, num_layers=4))) == last_window
+    assert kept(state.select(layer_from_weights(favour_first, suffix=4, layer_idx=3, num_layers=4))) == last_window
     # A new sample forgets the leaders' choices.
-    wkv.start_sample(20, 4, {})
-    wkv.select(layer_from_weights(favour_last, suffix=4, layer_idx=0, num_layers=4))
-    positions = kept(wkv.select(layer_from_weights(favour_first, suffix=4, layer_idx=1, num_layers=4)))
+    state = sample_state(wkv, 20, 4, sample={})
+    state.select(layer_from_weights(favour_last, suffix=4, layer_idx=0, num_layers=4))
+    positions = kept(state.select(layer_from_weights(favour_first, suffix=4, layer_idx=1, num_layers=4)))
     assert positions == list(range(8, 20))
 
 
@@ -214,14 +215,14 @@ def test_gqa_keeps_the_same_positions_in_every_unrepeated_kv_head():
     keys = torch.randn(1, kv_heads, length, 8)
     for task_type in ("qa", "other"):
         wkv = method(capacity=16, review_window_size=4, suffix_max=8, suffix_avg=8, task_type=task_type)
-        wkv.start_sample(length, 1, {})
-        grouped = wkv.select(LayerPrefill(0, 1, queries, keys, keys, 1.0))
+        state = sample_state(wkv, length, 1, sample={})
+        grouped = state.select(LayerPrefill(0, 1, queries, keys, keys, 1.0))
         assert grouped.indices.shape[:2] == (1, kv_heads)
         positions = kept(grouped)
         # Same as the reference's layout: keys repeated once per query head.
         repeated = keys.repeat_interleave(heads // kv_heads, dim=1)
-        wkv.start_sample(length, 1, {})
-        assert kept(wkv.select(LayerPrefill(0, 1, queries, repeated, repeated, 1.0))) == positions
+        state = sample_state(wkv, length, 1, sample={})
+        assert kept(state.select(LayerPrefill(0, 1, queries, repeated, repeated, 1.0))) == positions
 
 
 # -- options, errors, the classifier -------------------------------------------------------------
@@ -229,10 +230,14 @@ def test_gqa_keeps_the_same_positions_in_every_unrepeated_kv_head():
 
 def test_registered_with_every_option():
     assert get_method_class("windowkv") is WindowKV
-    names = [option.name for option in WindowKV.options]
-    assert names == ["review_window_size", "shared_layers", "suffix_max", "suffix_avg", "beta", "task_type", "classifier"]
-    wkv = build_method("windowkv", capacity=512, task_type="qa", window_size=3)
-    assert wkv.settings()["review_window_size"] == 8 and wkv.settings()["task_type"] == "qa"
+    names = [option.name for option in WindowKV.option_specs()]
+    assert names == ["capacity", "review_window_size", "shared_layers", "suffix_max", "suffix_avg", "beta", "task_type",
+                     "classifier"]
+    wkv = build_method("windowkv", capacity=512, task_type="qa")
+    assert wkv.options()["review_window_size"] == 8 and wkv.options()["task_type"] == "qa"
+    # SnapKV's observation window is not WindowKV's: refused, never silently dropped.
+    with pytest.raises(KvbenchError, match="--window-size is not an option of windowkv"):
+        build_method("windowkv", capacity=512, task_type="qa", window_size=3)
 
 
 @pytest.mark.parametrize(
@@ -253,15 +258,12 @@ def test_bad_options(options, message):
 
 
 def test_capacity_too_small_for_the_groups():
-    wkv = method(capacity=1)  # last group: 1 * 8 // 14 = 0
     with pytest.raises(KvbenchError, match="needs --capacity >= 2"):
-        wkv.start_sample(100, 32, {})
-    with pytest.raises(KvbenchError, match="needs --capacity >= 2"):
-        method(capacity=1).bind_model("llama-3-8b", 32)  # checked once the model is loaded
-    method(capacity=2).start_sample(100, 32, {})
-    method(capacity=1).start_sample(100, 8, {})  # one group: the capacity itself
+        method(capacity=1).prepare(ModelInfo("llama-3-8b", 32))  # last group: 1 * 8 // 14 = 0
+    method(capacity=2).prepare(ModelInfo("llama-3-8b", 32))
+    method(capacity=1).prepare(ModelInfo("tiny", 8))  # one group: the capacity itself
     with pytest.raises(KvbenchError, match="--shared-layers \\(28\\) must be below 2 x --beta"):
-        method(capacity=512, shared_layers=28).start_sample(100, 64, {})
+        method(capacity=512, shared_layers=28).prepare(ModelInfo("big", 64))
     with pytest.raises(KvbenchError, match="needs --capacity > 0"):
         method(capacity=0)
 
@@ -286,22 +288,25 @@ def test_auto_classifies_every_sample(monkeypatch):
         return fake
 
     monkeypatch.setattr(kvbench.classifier, "load_classifier", load_classifier, raising=False)
-    wkv = WindowKV(capacity=8, review_window_size=4, suffix_max=4, suffix_avg=4, classifier="ckpt.pt")
-    assert loaded == ["ckpt.pt"]  # at construction, once
+    monkeypatch.setattr(kvbench.classifier, "checkpoint_digest", lambda path: f"digest of {path}", raising=False)
+    compressor = WindowKV(capacity=8, review_window_size=4, suffix_max=4, suffix_avg=4,
+                          classifier="ckpt.pt").prepare(ModelInfo("tiny", 1))
+    assert loaded == ["ckpt.pt"]  # before the first sample, once
+    assert compressor.identity() == {"classifier": "digest of ckpt.pt"}
     for text, task_type, expected in (
         ("Question: who?", "qa", [4, 5, 6, 7, 8, 9, 10, 11, 16, 17, 18, 19]),
         ("Summarize:", "other", [0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19]),
         ("Question: where?", "qa", [4, 5, 6, 7, 8, 9, 10, 11, 16, 17, 18, 19]),
     ):
-        wkv.start_sample(20, 1, {"prompt_text": text, "task": "x"})
-        assert kept(wkv.select(layer_from_weights(WEIGHTS, suffix=4))) == expected
-        assert wkv.sample_record()["task_type"] == task_type
+        state = compressor.start_sample(20, {"prompt_text": text, "task": "x"})
+        assert kept(state.select(layer_from_weights(WEIGHTS, suffix=4))) == expected
+        assert state.record()["task_type"] == task_type
     assert loaded == ["ckpt.pt"] and len(fake.seen) == 3
     with pytest.raises(KvbenchError, match="prompt text"):
-        wkv.start_sample(20, 1, {"task": "x"})
+        compressor.start_sample(20, {"task": "x"})
 
 
-def test_auto_without_checkpoint_fails_at_construction(monkeypatch):
+def test_auto_without_checkpoint_fails_before_the_first_sample(monkeypatch):
     import kvbench.classifier
 
     def load_classifier(path=None):
@@ -309,8 +314,8 @@ def test_auto_without_checkpoint_fails_at_construction(monkeypatch):
 
     monkeypatch.setattr(kvbench.classifier, "load_classifier", load_classifier, raising=False)
     with pytest.raises(KvbenchError, match="train-classifier"):
-        WindowKV(capacity=512)
-    WindowKV(capacity=512, task_type="other")  # no classifier needed
+        WindowKV(capacity=512).prepare(ModelInfo("llama-3-8b", 32))
+    WindowKV(capacity=512, task_type="other").prepare(ModelInfo("llama-3-8b", 32))  # no classifier needed
 
 
 # -- the hook on a tiny random Llama -------------------------------------------------------------
@@ -334,50 +339,51 @@ def tiny_llama(num_layers):
 
 
 @pytest.mark.parametrize("task_type, suffix", [("qa", 32), ("other", 16)])
-def test_prefill_cache_holds_group_budget_plus_suffix(task_type, suffix, monkeypatch):
-    generate = pytest.importorskip("kvbench.harness.generate")
-    from kvbench.harness.cache import CompressibleCache
+def test_prefill_cache_holds_group_budget_plus_suffix(task_type, suffix):
+    from kvbench.harness.generate import generate_greedy
+    from kvbench.harness.prefill import DecodeRequest, prefill
 
     model = tiny_llama(6)
     # Groups of 2: capacity 56, beta 14 -> last 8, first 104, step 48: budgets 104, 56, 8 (whole windows).
     wkv = WindowKV(capacity=56, shared_layers=2, task_type=task_type)
     prompt = torch.randint(3, 100, (160 + suffix,), generator=torch.Generator().manual_seed(1)).tolist()
-    stored = {}
-
-    class RecordingCache(CompressibleCache):
-        def __init__(self):
-            super().__init__()
-            stored["cache"] = self
-
-    monkeypatch.setattr(generate, "CompressibleCache", RecordingCache)
-    result = generate.generate_greedy(model, prompt, wkv, max_new_tokens=3, eos_token_ids=set())
+    compressor = recording(wkv, 6)
+    result = generate_greedy(model, prompt, compressor, max_new_tokens=3, eos_token_ids=set())
     expected = [104 + suffix] * 2 + [56 + suffix] * 2 + [8 + suffix] * 2
     assert result.kept_per_layer == expected
     assert len(result.token_ids) == 3
-    cache = stored["cache"]
-    # Un-repeated KV heads, 2 decoded tokens appended (the third is never fed back).
-    assert [tuple(layer.keys.shape) for layer in cache.layers] == [(1, 2, n + 2, 16) for n in expected]
-    assert wkv.sample_record() == {"task_type": task_type, "group_budgets": [104, 56, 8]}
+    assert compressor.last_sample.record() == {"task_type": task_type, "group_budgets": [104, 56, 8]}
+    # The cache holds un-repeated KV heads.
+    prefilled = prefill(model, compressor, DecodeRequest(prompt, 3, set()))
+    assert [tuple(keys.shape) for keys, _ in prefilled.kept] == [(1, 2, n, 16) for n in expected]
 
 
 def test_followers_store_the_leaders_positions_on_a_tiny_model():
-    pytest.importorskip("kvbench.harness.generate")
     from kvbench.harness.generate import generate_greedy
 
     model = tiny_llama(5)  # groups of 2: layers 0-1, 2-3, 4 (shorter last group)
-    wkv = WindowKV(capacity=40, shared_layers=2, beta=7, task_type="qa")
+    compressor = WindowKV(capacity=40, shared_layers=2, beta=7, task_type="qa").prepare(ModelInfo("tiny", 5))
     chosen = {}
-    select = wkv.select
+    states = []
 
-    def recording_select(layer):
-        selection = select(layer)
-        chosen[layer.layer_idx] = None if selection is None else selection.indices.clone()
-        return selection
+    class RecordingSelect(type(compressor)):
+        def start_sample(self, prompt_length, sample=None):
+            state = super().start_sample(prompt_length, sample)
+            select = state.select
 
-    wkv.select = recording_select
+            def recording_select(layer):
+                selection = select(layer)
+                chosen[layer.layer_idx] = None if selection is None else selection.indices.clone()
+                return selection
+
+            state.select = recording_select
+            states.append(state)
+            return state
+
+    compressor.__class__ = RecordingSelect
     prompt = torch.randint(3, 100, (200,), generator=torch.Generator().manual_seed(2)).tolist()
-    result = generate_greedy(model, prompt, wkv, max_new_tokens=2, eos_token_ids=set())
-    assert wkv.sample_record()["group_budgets"] == [69, 40, 11]
+    result = generate_greedy(model, prompt, compressor, max_new_tokens=2, eos_token_ids=set())
+    assert states[0].record()["group_budgets"] == [69, 40, 11]
     assert torch.equal(chosen[0], chosen[1]) and torch.equal(chosen[2], chosen[3])
     # 168 reviewable tokens: 168 - 13*8, 168 - 16*8, 168 - 20*8 kept, plus the 32 suffix tokens.
     assert result.kept_per_layer == [96, 96, 72, 72, 40]
@@ -392,6 +398,6 @@ def test_half_precision_inputs(dtype):
     keys = torch.randn(1, 2, 100, 8, dtype=dtype)
     layer = LayerPrefill(0, 1, torch.randn(1, 4, 100, 8, dtype=dtype), keys, keys, 1.0)
     wkv = method(capacity=40, task_type="qa")
-    wkv.start_sample(100, 1, {})
-    positions = kept(wkv.select(layer))
+    state = sample_state(wkv, 100, 1, sample={})
+    positions = kept(state.select(layer))
     assert len(positions) == 40 + 32 and positions == sorted(set(positions))

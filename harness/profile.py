@@ -1,13 +1,13 @@
-"""`kvbench profile --method prefixkv`: calibration prompts -> a PrefixKV per-layer budget profile.
+"""`kvbench profile --method prefixkv`: calibration prompts through the engine -> a PrefixKV per-layer budget profile.
 
 The calibration set is a stratified sample of the chosen tasks (default: all of
 LongBench): the samples of each task are shuffled with a fixed seed and taken
 round-robin over the tasks, so ``--samples 42`` is two per LongBench task. Each
 prompt is built exactly as `kvbench run` builds it (same template, same
 middle truncation to ``--max-length`` or the context window minus the task's
-generation length), prefilled once, and searched with the run's search
-(`kvbench.methods.prefixkv.profile_prefixkv`); each layer's drop ratio is the
-mean over the samples. The JSON lands where `kvbench run --method prefixkv`
+generation length), prefilled once through the kvbench hook, and searched with
+the run's search (`kvbench.methods.prefixkv.layer_drop_ratios`); each layer's drop
+ratio is the mean over the samples. The JSON lands where `kvbench run --method prefixkv`
 looks for it (``KVBENCH_HOME/prefixkv/prefixkv_<model>_<ratio>.json``) unless
 ``--out`` says otherwise.
 """
@@ -19,8 +19,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from kvbench.errors import KvbenchError
-from kvbench.methods.prefixkv import config_path, profile_prefixkv, write_config
+from kvbench.harness.generate import generate_greedy, model_info
+from kvbench.methods.base import Compressor, LayerPrefill, SampleCompression, Selection
+from kvbench.methods.fullkv import FullKV
+from kvbench.methods.importance import attention_importance
+from kvbench.methods.prefixkv import CONFIG_FORMAT, config_path, layer_drop_ratios, write_config
+from kvbench.runfolder import check_writable_folder
 
 PROFILED_METHODS = ("prefixkv",)
 
@@ -40,6 +47,76 @@ def stratified_samples(samples_by_task: dict[str, list[dict[str, Any]]], count: 
             if queue and len(chosen) < count:
                 chosen.append((task, queue.pop(0)))
     return chosen
+
+
+class _ScoreCollector(SampleCompression):
+    """Records each layer's importance scores during a prefill; keeps the whole cache."""
+
+    def __init__(self):
+        super().__init__(FullKV())
+        self.scores: list[torch.Tensor] = []
+
+    def select(self, layer: LayerPrefill) -> Selection | None:
+        self.scores.append(attention_importance(layer.queries, layer.keys, layer.scaling).cpu())
+        return None
+
+
+class _CollectingCompressor(Compressor):
+    def __init__(self, model, collector: _ScoreCollector):
+        super().__init__(collector.method, model_info(model))
+        self.collector = collector
+
+    def start_sample(self, prompt_length: int, sample: dict | None = None) -> SampleCompression:
+        self.collector.scores = []
+        return self.collector
+
+
+def profile_prefixkv(
+    model,
+    prompts: list[list[int]],
+    ratio: float,
+    model_name: str | None = None,
+    start_size: int = 4,
+    protect_size: int = 1,
+    progress=None,
+) -> dict[str, Any]:
+    """Offline PrefixKV profile: per-layer drop ratios averaged over calibration prompts.
+
+    Each prompt is prefilled once through the kvbench hook (full cache, one token
+    decoded); its per-layer scores go through the same search a run uses, with
+    the budget ``round(ratio * L * layers)``. Returns the config dict that
+    `write_config` stores and ``--prefix-config`` reads.
+    """
+    if not 0 <= ratio < 1:
+        raise KvbenchError(f"--ratio must be in [0, 1), got {ratio}")
+    if not prompts:
+        raise KvbenchError("profiling PrefixKV needs at least one calibration prompt")
+    num_layers = model.config.num_hidden_layers
+    collector = _ScoreCollector()
+    compressor = _CollectingCompressor(model, collector)
+    sums = [0.0] * num_layers
+    lengths = []
+    for index, prompt in enumerate(prompts):
+        generate_greedy(model, prompt, compressor, max_new_tokens=1, eos_token_ids=set())
+        if len(collector.scores) != num_layers:
+            raise KvbenchError(f"the hook saw {len(collector.scores)} attention layers, the model has {num_layers}")
+        ratios = layer_drop_ratios(torch.stack(collector.scores), ratio, start_size, protect_size)
+        sums = [total + r for total, r in zip(sums, ratios)]
+        lengths.append(len(prompt))
+        if progress is not None:
+            progress(index + 1, len(prompts))
+    return {
+        "format": CONFIG_FORMAT,
+        "method": "prefixkv",
+        "model": model_name or compressor.model.name,
+        "num_layers": num_layers,
+        "ratio": float(ratio),
+        "layer_ratios": [total / len(prompts) for total in sums],
+        "samples": len(prompts),
+        "prompt_tokens_mean": sum(lengths) / len(lengths),
+        "start_size": start_size,
+        "protect_size": protect_size,
+    }
 
 
 def run_profile(
@@ -74,6 +151,10 @@ def run_profile(
         raise KvbenchError(f"--samples must be > 0, got {samples}")
     if data_dir is not None and not Path(data_dir).is_dir():
         raise KvbenchError(f"--data-dir {data_dir}: no such folder")
+    if out is not None:
+        if Path(out).is_dir():
+            raise KvbenchError(f"--out {out}: is a folder, expected a file name")
+        check_writable_folder(Path(out).parent, "--out")
     tasks = {name: get_task(name) for name in resolve_task_names(task_spec)}
     chosen = stratified_samples({name: task.load_samples(data_dir) for name, task in tasks.items()}, samples, seed)
     if not chosen:
@@ -83,7 +164,7 @@ def run_profile(
     prompts = []
     for name, sample in chosen:
         task = tasks[name]
-        prompts.append(task.prompt_ids(sample, loaded.tokenizer, max_prompt_length(loaded, task, max_length)))
+        prompts.append(task.prompt_ids(sample, loaded.tokenizer, max_prompt_length(loaded.context_window, task, max_length)))
 
     def report(done: int, total: int) -> None:
         if progress is not None:

@@ -3,10 +3,13 @@
 Written into the output folder:
 
 * ``report.md``: the tables ready to paste, with links to the PNG files beside it;
+* ``paper.md``: the LongBench table alone in the papers' layout (see `tables.paper_table`);
 * ``report.html``: one self-contained page, tables and pictures (base64) inside;
 * ``runs.csv`` (one row per run and task, as `load_runs` gives it), one CSV per table
-  (``longbench.csv``, ``longbench_e.csv``, ``needle.csv``, each value with a
-  ``complete`` flag) and ``needle_cells.csv`` (every needle cell's answer and scores);
+  (``longbench.csv``, ``paper.csv``, ``longbench_e.csv``, ``needle.csv``, each value with
+  a ``complete`` flag) and ``needle_cells.csv`` (every needle cell's answer and scores);
+  floats rounded to 2 decimals, whole numbers (capacity, max length) written as such and
+  a missing value as an empty field;
 * PNGs: ``needle-<run>.png`` heatmaps and ``capacity-<model>.png`` score-versus-capacity
   figures (written for the md and html formats).
 """
@@ -25,23 +28,30 @@ from typing import Iterable
 import pandas as pd
 
 from kvbench.errors import KvbenchError
-from kvbench.results import plots
-from kvbench.results.load import RUN_KEY, default_runs_dir, load_runs, needle_cells
-from kvbench.results.tables import (
+from kvbench.paths import default_output_dir
+from kvbench.report import plots
+from kvbench.report.load import RUN_KEY, load_runs, needle_cells
+from kvbench.report.tables import (
     NEEDLE,
-    Cell,
+    NEEDLE_SCORE_COLUMN,
     Table,
     leaderboard,
+    leaderboard_rows,
     longbench_e_table,
     needle_table,
+    paper_table,
+    runs_table,
     same_run,
-    sorted_runs,
     to_html,
     to_markdown,
 )
+from kvbench.runfolder import check_writable_folder
 
 FORMATS = ("md", "csv", "html")
 REPORT_FOLDER = "report"
+CAPACITY_SECTION = "Score versus capacity"
+#: decimals of every float in the CSVs: scores are official to the hundredth; tokens and MiB need no more
+CSV_DECIMALS = 2
 
 PAGE_STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2rem; color: #222; }
@@ -52,6 +62,7 @@ table.scores th, table.scores td { border: 1px solid #ccc; padding: 0.25rem 0.5r
 table.scores th { background: #f3f3f3; }
 table.scores th.group { background: #e4e9f2; }
 table.scores th.avg, table.scores td.avg { background: #f7f7fb; }
+table.scores tr.block th { background: #eef1f6; text-align: left; }
 td.key { white-space: nowrap; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 td.partial { color: #a05a00; font-style: italic; }
@@ -89,23 +100,6 @@ def _run_title(run: pd.Series) -> str:
     return f"{run['model']} · {run['method']}{capacity}{settings}"
 
 
-def overview_table(frame: pd.DataFrame) -> Table:
-    """Each run's progress: samples finished of planned per task, and its folder."""
-    runs = sorted_runs(frame)
-    cells = []
-    for _, run in runs.iterrows():
-        mine = frame[same_run(frame, run)]
-        done = int(mine["n_done"].sum())
-        planned = "?" if mine["n_total"].isna().any() else str(int(mine["n_total"].sum()))
-        complete = bool(mine["complete"].all())
-        tasks = ", ".join(mine["task"])
-        folders = ", ".join(dict.fromkeys(mine["run_dir"]))
-        cells.append([Cell(text=tasks, complete=True), Cell(text=f"{done}/{planned}", complete=complete),
-                      Cell(text=folders, complete=True)])
-    return Table(name="runs", title="Runs", runs=runs, columns=["Tasks", "Samples done", "Folder"], cells=cells,
-                 numeric=False)
-
-
 def _needle_pictures(frame: pd.DataFrame, out: Path) -> list[Picture]:
     cells = needle_cells(frame)
     pictures = []
@@ -125,52 +119,76 @@ def _needle_pictures(frame: pd.DataFrame, out: Path) -> list[Picture]:
     return pictures
 
 
-def _capacity_pictures(tables: list[Table], out: Path) -> list[Picture]:
-    """Score versus capacity per model, from the leaderboard's averages and the needle score."""
+def _capacity_points(frame: pd.DataFrame, tables: list[Table]) -> pd.DataFrame:
+    """The points of the score-versus-capacity figures: each run's category averages and Avg (from the
+    leaderboard) and its needle score.
+
+    A point is hollow (unfinished) only when the run itself has an unfinished task among those it
+    planned in the panel's categories; a task that only other runs have does not make it so.
+    """
+    leaderboard_frame = leaderboard_rows(frame)
+    leaderboard_categories = list(dict.fromkeys(leaderboard_frame["category"]))
+    # table name -> (its rows of the frame, [(panel, the table's column, the categories of its tasks)])
+    panels_of = {
+        "longbench": (leaderboard_frame,
+                      [(category, f"{category} avg", [category]) for category in leaderboard_categories]
+                      + [("LongBench Avg", "Avg", leaderboard_categories)]),
+        "needle": (frame[frame["category"] == NEEDLE], [("Needle", NEEDLE_SCORE_COLUMN, [NEEDLE])]),
+    }
     records = []
     for table in tables:
-        panels = {
-            "longbench": [column for column in table.columns
-                          if column == "Avg" or (column.endswith(" avg") and column != "Task avg")],
-            "needle": table.columns[:1],
-        }.get(table.name, [])
+        if table.name not in panels_of:
+            continue
+        rows, panels = panels_of[table.name]
         for run_position, (_, run) in enumerate(table.runs.iterrows()):
+            mine = rows[same_run(rows, run)]
             label = run["method"] + (f" ({run['settings']})" if run["settings"] else "")
-            for column in panels:
+            for panel, column, categories in panels:
                 cell = table.cells[run_position][table.columns.index(column)]
                 if math.isnan(cell.value):
                     continue
-                panel = {"needle": "Needle"}.get(table.name, "LongBench Avg" if column == "Avg" else column.removesuffix(" avg"))
+                planned = mine[mine["category"].isin(categories) & mine["n_total"].notna()]
                 records.append({"model": run["model"], "label": label, "capacity": run["capacity"], "panel": panel,
-                                "score": cell.value, "complete": cell.complete})
-    if not records:
-        return []
-    points = pd.DataFrame.from_records(records)
-    pictures = []
+                                "score": cell.value, "complete": bool(planned["complete"].all())})
+    points = pd.DataFrame.from_records(records, columns=["model", "label", "capacity", "panel", "score", "complete"])
+    return points.astype({"capacity": "Int64"})
+
+
+def _capacity_pictures(frame: pd.DataFrame, tables: list[Table], out: Path) -> tuple[list[Picture], list[str]]:
+    """Score versus capacity per model, and a note for each model whose runs give no curve to draw."""
+    points = _capacity_points(frame, tables)
+    pictures, notes = [], []
     for model, model_points in points.groupby("model", sort=True):
-        if model_points["capacity"].nunique() < 2:
-            continue  # fewer than two budgets: no curve to draw
+        capacities = sorted(model_points["capacity"].dropna().unique())
+        if len(capacities) < 2:
+            having = f"one KV capacity ({capacities[0]})" if capacities else "no KV capacity"
+            notes.append(f"{model}: no plot, since its runs have {having}; "
+                         "a curve needs runs at two or more capacities.")
+            continue
         title = f"{model}: score versus KV capacity"
         path = plots.capacity_figure(model_points, title, out / f"{_slug('capacity', model)}.png")
-        pictures.append(Picture("Score versus capacity", title, path))
-    return pictures
+        pictures.append(Picture(CAPACITY_SECTION, title, path))
+    return pictures, notes
 
 
-def _sections(tables: list[Table], overview: Table) -> list[tuple[str, Table | None]]:
-    """The report's sections in page order: the score tables, the capacity figures, the runs."""
-    return [(table.title, table) for table in tables] + [("Score versus capacity", None), ("Runs", overview)]
+def _sections(tables: list[Table], runs: Table, capacity_notes: list[str]) -> list[tuple[str, Table | None, list[str]]]:
+    """The report's sections in page order, (title, table, notes): the score tables, the capacity
+    figures (their notes say why a model has none), the runs."""
+    return ([(table.title, table, []) for table in tables]
+            + [(CAPACITY_SECTION, None, capacity_notes), ("Runs", runs, [])])
 
 
-def _markdown(tables: list[Table], overview: Table, pictures: list[Picture], sources: list[Path]) -> str:
+def _markdown(tables: list[Table], runs: Table, pictures: list[Picture], capacity_notes: list[str],
+              sources: list[Path]) -> str:
     lines = ["# kvbench report", "", f"Runs under {', '.join(f'`{source}`' for source in sources)}.", ""]
-    for title, table in _sections(tables, overview):
+    for title, table, notes in _sections(tables, runs, capacity_notes):
         images = [f"![{picture.caption}]({picture.path.name})" for picture in pictures if picture.section == title]
-        if table is None and not images:
+        if table is None and not images and not notes:
             continue
         lines += [f"## {title}", ""]
         if table is not None:
             lines.append(to_markdown(table))
-        lines += [image + "\n" for image in images]
+        lines += [image + "\n" for image in images] + [note + "\n" for note in notes]
     return "\n".join(lines)
 
 
@@ -181,57 +199,74 @@ def _embedded(picture: Picture) -> str:
     return f'<figure class="{kind}"><img src="data:image/png;base64,{data}" alt="{html.escape(picture.caption)}"></figure>'
 
 
-def _html_page(tables: list[Table], overview: Table, pictures: list[Picture], sources: list[Path]) -> str:
+def _html_page(tables: list[Table], runs: Table, pictures: list[Picture], capacity_notes: list[str],
+               sources: list[Path]) -> str:
     body = [
         "<h1>kvbench report</h1>",
         f'<p class="meta">Runs under {html.escape(", ".join(str(source) for source in sources))}; '
         f"generated {datetime.now():%Y-%m-%d %H:%M}.</p>",
     ]
-    for title, table in _sections(tables, overview):
+    for title, table, notes in _sections(tables, runs, capacity_notes):
         figures = [_embedded(picture) for picture in pictures if picture.section == title]
-        if table is None and not figures:
+        if table is None and not figures and not notes:
             continue
         body.append(f"<h2>{html.escape(title)}</h2>")
         if table is not None:
             body.append(f'<div class="scroll">{to_html(table)}</div>')
         if figures:
             body.append('<div class="figures">' + "".join(figures) + "</div>")
+        body += [f'<p class="note">{html.escape(note)}</p>' for note in notes]
     return ("<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>kvbench report</title>"
             f"<style>{PAGE_STYLE}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def _write_csv(frame: pd.DataFrame, path: Path) -> Path:
+    """``frame`` as CSV, floats rounded; nullable integer columns stay whole numbers, NA an empty field."""
+    frame.round({column: CSV_DECIMALS for column in frame.columns if pd.api.types.is_float_dtype(frame[column])}
+                ).to_csv(path, index=False)
+    return path
 
 
 def write_report(paths: Iterable[str | Path] = (), out: str | Path | None = None,
                  formats: Iterable[str] = FORMATS) -> list[Path]:
     """Read every run under ``paths`` (default: `kvbench run`'s output folder) and write the report
     into ``out`` (default: ``<first folder>/report``). Returns the files written."""
-    sources = [Path(path) for path in paths] or [default_runs_dir()]
+    sources = [Path(path) for path in paths] or [default_output_dir()]
     formats = list(formats)
+    if out is not None:
+        out = Path(out)
+        check_writable_folder(out, "--out")  # before reading and scoring every run
     frame = load_runs(*sources)
     if not frame["n_done"].any():
         raise KvbenchError(f"the runs under {', '.join(map(str, sources))} have no finished sample yet")
-    out = Path(out) if out is not None else sources[0] / REPORT_FOLDER
+    if out is None:
+        out = sources[0] / REPORT_FOLDER
+        check_writable_folder(out, "the report folder")
     out.mkdir(parents=True, exist_ok=True)
 
-    tables = [table for table in (leaderboard(frame), longbench_e_table(frame), needle_table(frame)) if table]
-    overview = overview_table(frame)
+    tables = [table for table in (leaderboard(frame), paper_table(frame), longbench_e_table(frame), needle_table(frame))
+              if table]
+    runs = runs_table(frame)
     written: list[Path] = []
     if "csv" in formats:
-        frame.to_csv(out / "runs.csv", index=False)
-        written.append(out / "runs.csv")
-        for table in tables:
-            table.numbers().to_csv(out / f"{table.name}.csv", index=False)
-            written.append(out / f"{table.name}.csv")
+        written.append(_write_csv(frame, out / "runs.csv"))
+        written += [_write_csv(table.numbers(), out / f"{table.name}.csv") for table in tables]
         cells = needle_cells(frame)
         if not cells.empty:
-            cells.to_csv(out / "needle_cells.csv", index=False)
-            written.append(out / "needle_cells.csv")
+            written.append(_write_csv(cells, out / "needle_cells.csv"))
     if "md" in formats or "html" in formats:
-        pictures = _needle_pictures(frame, out) + _capacity_pictures(tables, out)
+        capacity_pictures, capacity_notes = _capacity_pictures(frame, tables, out)
+        pictures = _needle_pictures(frame, out) + capacity_pictures
         written += [picture.path for picture in pictures]
         if "md" in formats:
-            (out / "report.md").write_text(_markdown(tables, overview, pictures, sources), encoding="utf-8")
+            (out / "report.md").write_text(_markdown(tables, runs, pictures, capacity_notes, sources), encoding="utf-8")
             written.append(out / "report.md")
+            paper = next((table for table in tables if table.name == "paper"), None)
+            if paper is not None:
+                (out / "paper.md").write_text(f"## {paper.title}\n\n{to_markdown(paper)}", encoding="utf-8")
+                written.append(out / "paper.md")
         if "html" in formats:
-            (out / "report.html").write_text(_html_page(tables, overview, pictures, sources), encoding="utf-8")
+            (out / "report.html").write_text(_html_page(tables, runs, pictures, capacity_notes, sources),
+                                             encoding="utf-8")
             written.append(out / "report.html")
     return written

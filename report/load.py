@@ -20,20 +20,16 @@ from typing import Any
 import pandas as pd
 
 from kvbench.errors import KvbenchError
+from kvbench.paths import default_output_dir
+from kvbench.runfolder import RUN_FILE, SCORES_FILE, read_finished_rows, read_json, result_path
+from kvbench.tasks.metrics import using_code_sim_matcher
 
-RUN_FILE = "run.json"
-SCORES_FILE = "scores.json"
 #: columns that name a run; `settings` holds only the options that tell runs of one method apart
 RUN_KEY = ["model", "method", "capacity", "settings"]
 #: keys of a task's score dict that count samples rather than score them
 _COUNT_KEYS = {"score", "n", "cells"}
-
-
-def default_runs_dir() -> Path:
-    """Where `kvbench run` writes when given no --output: the report reads there by default."""
-    from kvbench.harness.run import default_output_dir
-
-    return default_output_dir()
+#: hex digits of a content digest worth showing: enough to tell two files apart at a glance
+SHORT_DIGEST = 12
 
 
 def find_run_dirs(folder: str | Path) -> list[Path]:
@@ -51,32 +47,8 @@ def find_run_dirs(folder: str | Path) -> list[Path]:
     return run_dirs
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise KvbenchError(f"{path}: not valid JSON ({error.msg}, line {error.lineno})") from None
-    if not isinstance(data, dict):
-        raise KvbenchError(f"{path}: expected a JSON object")
-    return data
-
-
-def read_result_rows(path: Path) -> list[dict[str, Any]]:
-    """The rows of a ``<task>.jsonl``, first row of each ``_id``; [] when the file is absent.
-
-    A last line still being written is skipped, never cut: reading a report changes no file.
-    """
-    # Imported here, like default_output_dir: the run module pulls in torch and transformers.
-    from kvbench.harness.run import parse_result_file
-
-    rows: dict[str, dict[str, Any]] = {}
-    for row in parse_result_file(path)[0]:
-        rows.setdefault(str(row["_id"]), row)
-    return list(rows.values())
-
-
 def _run_info(run_dir: Path) -> dict[str, Any]:
-    info = _read_json(run_dir / RUN_FILE)
+    info = read_json(run_dir / RUN_FILE)
     missing = [key for key in ("model", "method", "tasks") if key not in info]
     if missing:
         raise KvbenchError(f"{run_dir / RUN_FILE}: missing {', '.join(missing)}")
@@ -134,10 +106,40 @@ def _number(value: Any) -> float:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
 
 
+def _row_mean(rows: list[dict[str, Any]], read) -> float:
+    """Mean over the rows that record a number for ``read(row)``; NaN when none does (older runs)."""
+    values = [number for number in (_number(read(row)) for row in rows) if not math.isnan(number)]
+    return sum(values) / len(values) if values else math.nan
+
+
+def _kept_tokens(row: dict[str, Any]) -> Any:
+    kept = row.get("kept_tokens")
+    return kept.get("mean") if isinstance(kept, dict) else None
+
+
+def _method_files_text(files: Any, prefix: str = "") -> str:
+    """``name=digest`` for each file the method read (nested maps joined with "/"), digests shortened."""
+    if not isinstance(files, dict):
+        return ""
+    parts = []
+    for name, value in files.items():
+        if isinstance(value, dict):
+            parts.append(_method_files_text(value, f"{prefix}{name}/"))
+        else:
+            parts.append(f"{prefix}{name}={str(value)[:SHORT_DIGEST]}")
+    return ", ".join(part for part in parts if part)
+
+
+def _whole_number_or_none(value: Any, what: str, path: Path) -> int | None:
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    raise KvbenchError(f"{path}: {what} must be a whole number or null, got {value!r}")
+
+
 def _task_record(run: dict[str, Any], task_name: str, scores: dict[str, Any], scorers: _Scorers) -> dict[str, Any]:
     run_dir: Path = run["run_dir"]
     task = scorers(task_name, run_dir)
-    rows = read_result_rows(run_dir / f"{task_name}.jsonl")
+    rows = read_finished_rows(result_path(run_dir, task_name))
     planned = run["tasks"].get(task_name)
     total = int(planned) if isinstance(planned, (int, float)) else None
     complete = total is not None and len(rows) >= total
@@ -146,7 +148,8 @@ def _task_record(run: dict[str, Any], task_name: str, scores: dict[str, Any], sc
     if complete and not math.isnan(saved_score):
         values, source = saved, SCORES_FILE
     elif rows:
-        values, source = task.score(rows), "rows"
+        with using_code_sim_matcher(run["code_sim_matcher"]):
+            values, source = task.score(rows), "rows"
     else:
         values, source = {}, "none"
     record = {
@@ -157,11 +160,16 @@ def _task_record(run: dict[str, Any], task_name: str, scores: dict[str, Any], sc
         "settings": run["settings"],
         "task": task_name,
         "category": task.category,
+        "max_length": run["max_length"],
+        "dtype": run["dtype"],
+        "method_files": run["method_files"],
         "n_done": len(rows),
         "n_total": total,
         "complete": complete,
         "score": _number(values.get("score")),
         "score_source": source,
+        "kept_tokens": _row_mean(rows, _kept_tokens),
+        "kv_cache_mb": _row_mean(rows, lambda row: row.get("kv_cache_mb")),
     }
     record.update({key: _number(value) for key, value in values.items() if key not in _COUNT_KEYS})
     return record
@@ -171,23 +179,35 @@ def load_runs(*paths: str | Path) -> pd.DataFrame:
     """Every run under ``paths`` (default: `kvbench run`'s output folder) as one DataFrame.
 
     Columns: run_dir, model, method, capacity (nullable int), settings, task, category,
-    n_done, n_total (nullable: unknown for a task run.json does not plan), complete,
+    max_length (nullable int: none given, each task's from the model's window), dtype,
+    method_files (``name=digest`` of the files the method read, digests shortened),
+    n_done (rows in the folder, which may exceed n_total when a smaller --limit reused it),
+    n_total (nullable: unknown for a task run.json does not plan), complete,
     score (0-100, NaN before the first row), score_source ("scores.json", "rows" or
-    "none"), then each task's extra scores (LongBench-E's "0-4k", "4-8k", "8k+"; the
+    "none"), kept_tokens and kv_cache_mb (means over the task's rows of the tokens kept
+    per layer and of the KV cache's MiB; NaN when the rows do not record them), then each
+    task's extra scores (LongBench-E's "0-4k", "4-8k", "8k+"; the
     needle's "rouge1_f", "phrase_found"), NaN where a task has none.
     """
     run_dirs: list[Path] = []
-    for path in paths or (default_runs_dir(),):
+    for path in paths or (default_output_dir(),):
         run_dirs += [run_dir for run_dir in find_run_dirs(path) if run_dir not in run_dirs]
     runs = []
     for run_dir in run_dirs:
         info = _run_info(run_dir)
         settings = info.get("settings") or {}
+        identity = info.get("identity") if isinstance(info.get("identity"), dict) else {}
         runs.append({
             "run_dir": run_dir,
+            # runs from before the matcher was recorded were scored with fuzzywuzzy's pure-Python matcher
+            "code_sim_matcher": (identity.get("scorer") or {}).get("code_sim_matcher", "difflib"),
             "model": str(info["model"]),
             "method": str(info["method"]),
-            "capacity": info.get("capacity"),
+            "capacity": _whole_number_or_none(info.get("capacity"), "capacity", run_dir / RUN_FILE),
+            "max_length": _whole_number_or_none(info.get("max_length", identity.get("max_length")), "max_length",
+                                                run_dir / RUN_FILE),
+            "dtype": str(info.get("dtype") or identity.get("dtype") or ""),
+            "method_files": _method_files_text(identity.get("method_files")),
             "tasks": info["tasks"],
             "all_settings": settings if isinstance(settings, dict) else {},
         })
@@ -196,13 +216,13 @@ def load_runs(*paths: str | Path) -> pd.DataFrame:
     records = []
     for run in runs:
         scores_path = run["run_dir"] / SCORES_FILE
-        scores = _read_json(scores_path) if scores_path.is_file() else {}
+        scores = read_json(scores_path) if scores_path.is_file() else {}
         records += [_task_record(run, name, scores, scorers) for name in _task_names(run["run_dir"], run["tasks"])]
     if not records:
         raise KvbenchError(f"the runs in {', '.join(str(path) for path in run_dirs)} plan no task")
     frame = pd.DataFrame.from_records(records)
-    frame["capacity"] = frame["capacity"].astype("Int64")
-    frame["n_total"] = frame["n_total"].astype("Int64")
+    for column in ("capacity", "max_length", "n_total"):
+        frame[column] = frame[column].astype("Int64")
     _refuse_duplicates(frame)
     return frame
 
@@ -227,17 +247,23 @@ def needle_cells(runs: pd.DataFrame) -> pd.DataFrame:
     records: list[dict[str, Any]] = []
     for run in runs[runs["category"] == "needle"].itertuples(index=False):
         task = scorers(run.task, Path(run.run_dir))
-        for row in read_result_rows(Path(run.run_dir) / f"{run.task}.jsonl"):
+        path = result_path(Path(run.run_dir), run.task)
+        for row in read_finished_rows(path):
+            length, depth = _number(row.get("context_length")), _number(row.get("depth_percent"))
+            if math.isnan(length) or math.isnan(depth):
+                raise KvbenchError(f"{path}: row {row['_id']!r} has no numeric context_length and depth_percent, "
+                                   "which place it in the needle grid")
             cell = task.score_row(row)
             records.append({
                 **{key: getattr(run, key) for key in RUN_KEY},
                 "task": run.task,
-                "context_length": int(row["context_length"]),
-                "depth_percent": float(row["depth_percent"]),
+                "context_length": int(length),
+                "depth_percent": depth,
                 "score": cell["rouge1_recall"],
                 "rouge1_f": cell["rouge1_f"],
                 "phrase_found": cell["phrase_found"],
                 "pred": row.get("pred", ""),
             })
-    return pd.DataFrame.from_records(records, columns=RUN_KEY + [
+    cells = pd.DataFrame.from_records(records, columns=RUN_KEY + [
         "task", "context_length", "depth_percent", "score", "rouge1_f", "phrase_found", "pred"])
+    return cells.astype({"capacity": "Int64"})

@@ -17,12 +17,16 @@ from matplotlib.colors import LinearSegmentedColormap  # noqa: E402
 #: gkamradt's needle colours: red (missed) through yellow to green (found)
 NEEDLE_COLORMAP = LinearSegmentedColormap.from_list("needle", ["#F0496E", "#EBB839", "#0CD79F"])
 NO_CELL_COLOR = "#d9d9d9"
+#: the score printed in each cell: near-black contrasts well with the map's red, yellow and green alike
+#: (white would fade on the yellow and the green)
+CELL_TEXT_COLOR = "#1a1a1a"
 
 
 def needle_heatmap(cells: pd.DataFrame, title: str, path: Path) -> Path:
-    """Depth percent (rows, 0 at the top) x context length (columns) of one run's cell scores, 0-100.
+    """Depth percent (rows, 0 at the top) x context length (columns) of one run's cell scores, 0-100,
+    each cell's score printed in it as a whole number.
 
-    Cells not run yet are grey.
+    Cells not run yet are grey and empty.
     """
     grid = cells.pivot_table(index="depth_percent", columns="context_length", values="score", aggfunc="mean")
     grid = grid.sort_index().sort_index(axis=1)
@@ -32,6 +36,9 @@ def needle_heatmap(cells: pd.DataFrame, title: str, path: Path) -> Path:
     figure, axes = plt.subplots(figsize=(max(8.6, 0.7 * grid.shape[1] + 3), max(6.2, 0.38 * grid.shape[0] + 2)))
     image = axes.imshow(np.ma.masked_invalid(grid.to_numpy(dtype=float)), cmap=colormap, vmin=0, vmax=100,
                         aspect="auto", interpolation="nearest")
+    for row, column in zip(*np.nonzero(grid.notna().to_numpy())):
+        axes.text(column, row, f"{grid.iat[row, column]:.0f}", ha="center", va="center", fontsize=9,
+                  color=CELL_TEXT_COLOR)
     axes.set_xticks(range(grid.shape[1]), [str(int(length)) for length in grid.columns], rotation=45, ha="right")
     axes.set_yticks(range(grid.shape[0]), [f"{depth:g}" for depth in grid.index])
     # Thin white lines between cells, as the reference figures draw them.
@@ -53,8 +60,8 @@ def capacity_figure(points: pd.DataFrame, title: str, path: Path) -> Path:
     """One panel per metric (category averages, Avg, needle): score versus KV capacity, a line per method.
 
     ``points`` has columns panel, label (method and settings), capacity (NA for a method
-    without a budget, drawn as a dashed level), score and complete; an unfinished
-    run's point is hollow.
+    without a budget, drawn as a dashed level), score and complete; a point is hollow
+    when its run has unfinished tasks in the panel.
     """
     panels = list(dict.fromkeys(points["panel"]))
     labels = sorted(set(points["label"]))
@@ -100,7 +107,7 @@ def capacity_figure(points: pd.DataFrame, title: str, path: Path) -> Path:
     ]
     if not points["complete"].all():
         handles.append(plt.Line2D([], [], color="grey", marker="o", markerfacecolor="white", linestyle="",
-                                  label="unfinished run"))
+                                  label="unfinished tasks"))
     figure.legend(handles=handles, loc="lower center", ncol=min(4, len(handles)), frameon=False)
     figure.suptitle(title)
     legend_rows = math.ceil(len(handles) / min(4, len(handles)))

@@ -1,0 +1,359 @@
+"""A decode batch of compressed caches: preallocated buffers, valid-slot masks, one static step.
+
+After its prefill a sample's compressed cache takes a free row of the batch. Each layer has
+one buffer of shape (rows, kv_heads, slots, head_dim) for keys and one for values; a row's
+layers hold different numbers of kept tokens (PyramidKV, WindowKV, PrefixKV budgets, or
+prompts of different lengths), so each (layer, row) has its own write position and a mask
+of valid slots, and attention runs over the valid slots only. Positions continue per row
+from the sample's own prompt length.
+
+Eviction while decoding (PrefixKV, Elastic Cache) clears a slot's valid bit instead of
+shifting the cache. Keys are stored after RoPE, so attention over a row is a sum over the
+*set* of valid slots, and the ``i``-th entry of the shifted cache is the ``i``-th valid slot
+(`tests/test_decode.py` checks that the two give the same attention). The method's answers
+are worked out at admission for every step (`kvbench.harness.prefill.eviction_schedule`).
+
+A step is therefore a fixed sequence of tensor operations for a given number of rows and
+slots: on CUDA it is captured once per (rows bucket, slots) as a CUDA graph and replayed;
+on CPU it runs eagerly. If capture fails the batch says so once and runs eagerly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from kvbench.harness.hook import DecodeSession, active, install_hook
+from kvbench.harness.prefill import Prefilled
+
+log = logging.getLogger(__name__)
+
+#: slots are allocated in multiples of this, so that a new sample rarely changes the step's shapes
+SLOT_GRANULE = 256
+#: spare slots past the last write: warming up a CUDA graph runs two steps that write there
+SPARE_SLOTS = 2
+
+
+class BatchCache:
+    """What the model's attention sees as its cache during a decode step: writes the new token's key and
+    value at each row's write position and returns the layer's whole buffers."""
+
+    def __init__(self, batch: DecodeBatch, rows: int):
+        self.batch = batch
+        self.rows = rows
+        self.row_index = torch.arange(rows, device=batch.device)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        batch = self.batch
+        slot = batch.write_pos[layer_idx, : self.rows]
+        keys, values = batch.keys[layer_idx], batch.values[layer_idx]
+        keys[self.row_index, :, slot] = key_states[:, :, 0]
+        values[self.row_index, :, slot] = value_states[:, :, 0]
+        batch.valid[layer_idx, self.row_index, slot] = True
+        return keys[: self.rows], values[: self.rows]
+
+
+@dataclass
+class Row:
+    """A sample in the batch: its prefill, the tokens generated so far, its timing."""
+
+    prefilled: Prefilled
+    tokens: list[int]
+    admitted_at: float
+    decode_cost_seconds: float = 0.0
+
+
+@dataclass
+class FinishedRow:
+    prefilled: Prefilled
+    tokens: list[int]
+    decode_seconds: float
+    decode_cost_seconds: float
+
+
+@dataclass
+class DecodeBatch:
+    """Up to ``max_rows`` samples decoded together, one token each per step."""
+
+    model: torch.nn.Module
+    max_rows: int
+    use_cuda_graphs: bool = True
+    #: host side of each row (None: free)
+    rows: list[Row | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        install_hook(self.model)
+        config = self.model.config
+        embeddings = self.model.get_input_embeddings().weight
+        self.device = embeddings.device
+        self.dtype = embeddings.dtype
+        self.num_layers = config.num_hidden_layers
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.rows = [None] * self.max_rows
+        self.slots = 0
+        self.steps_capacity = 0
+        self.use_cuda_graphs = self.use_cuda_graphs and self.device.type == "cuda"
+        self._graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graph_failure_said = False
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.evictions: torch.Tensor | None = None
+        self._allocate(self.max_rows, 0, 0)
+
+    # -- buffers ------------------------------------------------------------------------------------
+
+    def _allocate(self, rows: int, slots: int, steps: int) -> None:
+        """(Re)allocate every buffer for ``rows`` x ``slots`` (and ``steps`` of eviction schedule), keeping contents."""
+        old_slots = self.slots
+        kept_rows = min(rows, len(self.keys[0])) if self.keys else 0
+        shape = (rows, self.num_kv_heads, slots, self.head_dim)
+        keys, values = [], []
+        for layer in range(self.num_layers):
+            new_keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            new_values = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            if kept_rows and old_slots:
+                new_keys[:kept_rows, :, :old_slots] = self.keys[layer][:kept_rows]
+                new_values[:kept_rows, :, :old_slots] = self.values[layer][:kept_rows]
+            keys.append(new_keys)
+            values.append(new_values)
+        valid = torch.zeros(self.num_layers, rows, slots, dtype=torch.bool, device=self.device)
+        write_pos = torch.zeros(self.num_layers, rows, dtype=torch.long, device=self.device)
+        tokens = torch.zeros(rows, dtype=torch.long, device=self.device)
+        positions = torch.zeros(rows, dtype=torch.long, device=self.device)
+        steps_taken = torch.zeros(rows, dtype=torch.long, device=self.device)
+        evictions = None
+        if steps:
+            evictions = torch.full((self.num_layers, rows, steps), -1, dtype=torch.int32, device=self.device)
+        if kept_rows:
+            valid[:, :kept_rows, :old_slots] = self.valid[:, :kept_rows]
+            write_pos[:, :kept_rows] = self.write_pos[:, :kept_rows]
+            tokens[:kept_rows] = self.tokens[:kept_rows]
+            positions[:kept_rows] = self.positions[:kept_rows]
+            steps_taken[:kept_rows] = self.steps_taken[:kept_rows]
+            if evictions is not None and self.evictions is not None:
+                evictions[:, :kept_rows, : self.steps_capacity] = self.evictions[:, :kept_rows]
+        self.keys, self.values = keys, values
+        self.valid, self.write_pos, self.tokens, self.positions, self.steps_taken = (
+            valid, write_pos, tokens, positions, steps_taken)
+        self.evictions = evictions
+        self.slots, self.steps_capacity = slots, steps
+        self.next_tokens = torch.zeros(rows, dtype=torch.long, device=self.device)
+        self._graphs.clear()
+        for row in range(kept_rows, rows):
+            self._clear_row(row)
+
+    def bytes_per_slot_row(self) -> int:
+        """Bytes one slot of one row costs over all layers (keys and values)."""
+        element = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * element
+
+    def slots_needed(self, prefilled: Prefilled) -> int:
+        return max(prefilled.kept_per_layer) + prefilled.request.max_new_tokens - 1 + SPARE_SLOTS
+
+    def growth_bytes(self, prefilled: Prefilled) -> int:
+        """Bytes the buffers would grow by to admit ``prefilled`` (0 when it fits)."""
+        needed = self.slots_needed(prefilled)
+        if needed <= self.slots:
+            return 0
+        return (_round_up(needed) - self.slots) * len(self.rows) * self.bytes_per_slot_row()
+
+    # -- rows -------------------------------------------------------------------------------------------
+
+    @property
+    def active_rows(self) -> list[int]:
+        return [index for index, row in enumerate(self.rows) if row is not None]
+
+    def free_row(self) -> int | None:
+        return next((index for index, row in enumerate(self.rows) if row is None), None)
+
+    def admit(self, prefilled: Prefilled) -> int:
+        """Copy a prefilled sample's cache into a free row (growing the slots if needed); its row index."""
+        row = self.free_row()
+        if row is None:
+            raise RuntimeError("admit() needs a free row")
+        needed_slots = self.slots_needed(prefilled)
+        needed_steps = prefilled.request.max_new_tokens - 1 if prefilled.evictions is not None else 0
+        if needed_slots > self.slots or needed_steps > self.steps_capacity:
+            steps = max(self.steps_capacity, needed_steps)
+            self._allocate(len(self.rows), max(self.slots, _round_up(needed_slots)), steps)
+        with torch.inference_mode():
+            for layer, (keys, values) in enumerate(prefilled.kept):
+                kept = keys.shape[-2]
+                self.keys[layer][row, :, :kept] = keys[0]
+                self.values[layer][row, :, :kept] = values[0]
+                self.valid[layer, row] = False
+                self.valid[layer, row, :kept] = True
+                self.write_pos[layer, row] = kept
+            self.tokens[row] = prefilled.first_token
+            self.positions[row] = len(prefilled.request.prompt_ids)
+            self.steps_taken[row] = 0
+            if self.evictions is not None:
+                self.evictions[:, row] = -1
+                if prefilled.evictions is not None:
+                    schedule = torch.tensor(prefilled.evictions, dtype=torch.int32, device=self.device)
+                    self.evictions[:, row, : schedule.shape[1]] = schedule
+        prefilled.kept = None  # the batch holds the cache now
+        self.rows[row] = Row(prefilled, [prefilled.first_token], time.perf_counter())
+        return row
+
+    def _clear_row(self, row: int) -> None:
+        """A free row attends to one zero slot, so that its (ignored) output stays finite."""
+        self.valid[:, row] = False
+        if self.slots:
+            self.valid[:, row, 0] = True
+        self.write_pos[:, row] = 0
+        self.tokens[row] = 0
+        self.positions[row] = 0
+        self.steps_taken[row] = 0
+
+    def requeue_rows_from(self, first_row: int) -> list[Prefilled]:
+        """Take rows ``first_row`` and beyond out of the batch unfinished (their samples must be redone)."""
+        taken = []
+        for index in range(first_row, len(self.rows)):
+            if self.rows[index] is not None:
+                taken.append(self.rows[index].prefilled)
+                self.rows[index] = None
+        return taken
+
+    def shrink(self, rows: int) -> None:
+        """Keep only the first ``rows`` rows (the caller requeued the others)."""
+        self.rows = self.rows[:rows]
+        self._allocate(rows, self.slots, self.steps_capacity)
+
+    def compact(self) -> None:
+        """Move the active rows to the lowest indices, so that steps run on the smallest bucket."""
+        active = self.active_rows
+        for target, source in enumerate(active):
+            if target == source:
+                continue
+            with torch.inference_mode():
+                for layer in range(self.num_layers):
+                    self.keys[layer][target] = self.keys[layer][source]
+                    self.values[layer][target] = self.values[layer][source]
+                for tensor in (self.valid, self.write_pos):
+                    tensor[:, target] = tensor[:, source]
+                for tensor in (self.tokens, self.positions, self.steps_taken):
+                    tensor[target] = tensor[source]
+                if self.evictions is not None:
+                    self.evictions[:, target] = self.evictions[:, source]
+                self._clear_row(source)
+            self.rows[target], self.rows[source] = self.rows[source], None
+
+    # -- the step -----------------------------------------------------------------------------------------
+
+    def bucket(self) -> int:
+        """Rows a step runs on: a power of two (or the whole batch) covering the highest active row."""
+        highest = max(self.active_rows) + 1
+        return min(len(self.rows), 1 << math.ceil(math.log2(highest)))
+
+    def _evict(self, rows: int) -> None:
+        """Clear, in each layer and row, the valid slot the schedule names for this step: the
+        (index + 1)-th valid slot is the index-th entry of the shifted cache."""
+        step_index = self.steps_taken[:rows].clamp(max=self.steps_capacity - 1)
+        index = self.evictions[:, :rows].gather(2, step_index.view(1, rows, 1).expand(self.num_layers, rows, 1))
+        valid = self.valid[:, :rows]
+        rank = valid.cumsum(dim=-1, dtype=torch.int32)
+        target = (rank == index + 1) & valid
+        valid &= ~target
+
+    def decode_logits(self, rows: int) -> torch.Tensor:
+        """Evict what the schedule says, then run the model on each row's next token: logits (rows, vocab).
+        Writes the token's key and value into the buffers; the caller advances the positions."""
+        if self.evictions is not None:
+            self._evict(rows)
+        session = DecodeSession(self.valid, rows)
+        cache = BatchCache(self, rows)
+        with active(self.model, session):
+            output = self.model(input_ids=self.tokens[:rows].view(rows, 1),
+                                position_ids=self.positions[:rows].view(rows, 1),
+                                attention_mask=self._short_circuit_mask, cache=cache, use_cache=True,
+                                logits_to_keep=1)
+        return output.logits[:, -1]
+
+    def _eager_step(self, rows: int) -> torch.Tensor:
+        next_tokens = self.decode_logits(rows).argmax(dim=-1)
+        self.tokens[:rows] = next_tokens
+        self.positions[:rows] += 1
+        self.steps_taken[:rows] += 1
+        self.write_pos[:, :rows] += 1
+        self.next_tokens[:rows] = next_tokens
+        return self.next_tokens[:rows]
+
+    @property
+    def _short_circuit_mask(self) -> torch.Tensor:
+        # A 4-D mask makes transformers skip building one (it would be sized for a single cache length);
+        # the hook reads each layer's own valid slots instead.
+        mask = getattr(self, "_mask", None)
+        if mask is None:
+            mask = self._mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)
+        return mask
+
+    def _captured_step(self, rows: int) -> torch.Tensor | None:
+        key = (rows, self.evictions is not None)
+        if key not in self._graphs:
+            try:
+                self._graphs[key] = self._capture(rows)
+            except Exception as error:  # any capture failure: fall back to eager steps, said once
+                self.use_cuda_graphs = False
+                if not self._graph_failure_said:
+                    log.warning("CUDA graph capture of the decode step failed (%s); decoding eagerly",
+                                str(error).splitlines()[0] if str(error) else type(error).__name__)
+                    self._graph_failure_said = True
+                return None
+        graph, output = self._graphs[key]
+        graph.replay()
+        return output
+
+    def _capture(self, rows: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        state = [tensor.clone() for tensor in (self.valid, self.write_pos, self.tokens, self.positions,
+                                                self.steps_taken)]
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream), torch.inference_mode():
+            for _ in range(SPARE_SLOTS):  # warm-up: allocations and lazy initialisation happen outside the graph
+                self._eager_step(rows)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        self._restore(state)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), torch.inference_mode():
+            output = self._eager_step(rows)
+        self._restore(state)
+        return graph, output
+
+    def _restore(self, state: list[torch.Tensor]) -> None:
+        for tensor, saved in zip((self.valid, self.write_pos, self.tokens, self.positions, self.steps_taken), state):
+            tensor.copy_(saved)
+
+    @torch.inference_mode()
+    def step(self) -> list[FinishedRow]:
+        """One decode step for every active row; the rows that finished (and left the batch)."""
+        rows = self.bucket()
+        started = time.perf_counter()
+        output = self._captured_step(rows) if self.use_cuda_graphs else None
+        if output is None:
+            output = self._eager_step(rows)
+        tokens = output.tolist()  # waits for the step
+        seconds = time.perf_counter() - started
+        active = self.active_rows
+        finished = []
+        for index in active:
+            row = self.rows[index]
+            row.decode_cost_seconds += seconds / len(active)
+            token = tokens[index]
+            row.tokens.append(token)
+            request = row.prefilled.request
+            if token in request.stop_ids or len(row.tokens) >= request.max_new_tokens:
+                finished.append(FinishedRow(row.prefilled, row.tokens, time.perf_counter() - row.admitted_at,
+                                            row.decode_cost_seconds))
+                self.rows[index] = None
+                self._clear_row(index)
+        return finished
+
+
+def _round_up(slots: int) -> int:
+    return -(-slots // SLOT_GRANULE) * SLOT_GRANULE

@@ -1,0 +1,124 @@
+"""`kvbench run`: one method, or a grid of methods x capacities, over one model loaded once.
+
+Everything that can be refused is refused before the weights load: the methods and
+their options, the tasks and their options, the output folder, the model's config,
+each method against the model (`Method.prepare`), every planned sample and every run
+folder's recorded settings (`kvbench.harness.run.open_run`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvbench.errors import KvbenchError
+from kvbench.harness.model import (
+    check_attention_backend,
+    check_device_map,
+    describe_model,
+    load_model,
+    load_model_config,
+    resolve_device,
+    resolve_dtype,
+    resolve_model_source,
+)
+from kvbench.harness.generate import default_batch_size
+from kvbench.harness.run import RunPlan, execute_run, open_run
+from kvbench.methods import build_method, get_method_class, methods_with_option
+from kvbench.methods.base import Method
+from kvbench.paths import default_output_dir
+from kvbench.runfolder import check_writable_folder
+from kvbench.tasks import build_tasks
+
+
+@dataclass
+class GridRequest:
+    """What `kvbench run` was asked for, as given on the command line."""
+
+    method_names: list[str]
+    capacities: list[int] = field(default_factory=list)
+    #: options set on the command line (unset ones left out)
+    method_options: dict[str, Any] = field(default_factory=dict)
+    task_spec: str = "longbench"
+    task_options: dict[str, Any] = field(default_factory=dict)
+    data_dir: str | None = None
+    limit: int | None = None
+    max_length: int | None = None
+    output: str | None = None
+    model: str | None = None
+    dtype: str = "auto"
+    attn: str = "sdpa"
+    device: str = "auto"
+    device_map: str | None = None
+    trust_remote_code: bool = False
+    #: samples decoded together; None: the default for the device (`default_batch_size`)
+    batch_size: int | None = None
+
+
+def grid_methods(method_names: list[str], capacities: list[int], options: dict[str, Any]) -> list[Method]:
+    """One configured method per (method, capacity) of the grid, in the order given, without repeats.
+
+    An option (capacity included) applies to the listed methods that declare it; one that
+    none of them declares is refused, as is a capacity list for methods without a budget.
+    """
+    classes = [get_method_class(name) for name in dict.fromkeys(method_names)]
+    declared = {cls.name: {spec.name for spec in cls.option_specs()} for cls in classes}
+    for key in options:
+        if not any(key in names for names in declared.values()):
+            owners = methods_with_option(key)
+            where = f"it is an option of {', '.join(owners)}" if owners else "no method has it"
+            raise KvbenchError(f"--{key.replace('_', '-')} is not an option of {', '.join(declared)} ({where}); "
+                               "see `kvbench methods`")
+    if capacities and not any("capacity" in names for names in declared.values()):
+        raise KvbenchError(f"--capacity: {', '.join(declared)} keeps every token and takes no capacity")
+    methods: list[Method] = []
+    for cls in classes:
+        own = {key: value for key, value in options.items() if key in declared[cls.name]}
+        budgets = capacities if capacities and "capacity" in declared[cls.name] else [None]
+        for budget in dict.fromkeys(budgets):
+            methods.append(build_method(cls.name, **own, capacity=budget))
+    return methods
+
+
+def run_grid(request: GridRequest, echo: Callable[[str], None] = print,
+             progress: Callable[[str], None] | None = None) -> list[Path]:
+    """Validate everything, load the model once, fill each run folder; returns the folders."""
+    methods = grid_methods(request.method_names, request.capacities, request.method_options)
+    tasks = build_tasks(request.task_spec, **request.task_options)
+    check_attention_backend(request.attn)
+    check_device_map(request.device_map)
+    resolve_dtype(request.dtype, resolve_device(request.device))
+    output_dir = Path(request.output) if request.output else default_output_dir()
+    check_writable_folder(output_dir, "--output")
+    source = resolve_model_source(request.model)
+    config = load_model_config(source, request.trust_remote_code)
+    description, info = describe_model(source, config, request.dtype, request.attn, request.device)
+    compressors = [method.prepare(info) for method in methods]
+    plan = RunPlan(tasks=tasks, data_dir=request.data_dir, limit=request.limit, max_length=request.max_length,
+                   output_dir=output_dir)
+    runs = []
+    try:
+        for method, compressor in zip(methods, compressors):
+            runs.append(open_run(description, method, compressor, plan))
+        loaded = load_model(source, dtype=request.dtype, attn=request.attn, device=request.device,
+                            device_map=request.device_map, trust_remote_code=request.trust_remote_code)
+        batch_size = request.batch_size or default_batch_size(loaded.model)
+        started = time.perf_counter()
+        samples = 0
+        for run in runs:
+            summary = execute_run(run, loaded, report=progress, batch_size=batch_size)
+            samples += summary.samples_done
+            echo(f"results: {summary.run_dir}")
+            for task_name, score in summary.scores.items():
+                value = "-" if score.get("score") is None else f"{score['score']:.2f}"
+                echo(f"  {task_name:24s} n={score['n']:<5d} {value}")
+        seconds = time.perf_counter() - started
+        rate = f", {samples / seconds:.3f} samples/s" if samples and seconds > 0 else ""
+        echo(f"{samples} new samples in {seconds:.1f} s{rate}; rows in {', '.join(str(run.run_dir) for run in runs)}")
+    finally:
+        for run in runs:
+            run.close()
+    return [run.run_dir for run in runs]
