@@ -225,37 +225,72 @@ def _build_run_command():
 
 
 @main.command("bench")
+@click.option("--workload", type=click.Choice(["prompts", "decode", "longbench"]), default="prompts", show_default=True,
+              help="prompts: methods x prompt lengths, alone; decode: the decode step at several batch sizes; "
+                   "longbench: the run loop's engine over LongBench-shaped work, alone and batched")
 @click.option("--model", default=None,
               help="llama3-8b / mistral-7b / qwen2.5-7b (random weights of that shape), or a model as for `run`")
 @click.option("--methods", "method_specs", default="fullkv,snapkv,pyramidkv", show_default=True,
               help="comma list; options as name:option=value, e.g. windowkv:shared_layers=1:task_type=qa")
-@click.option("--lengths", default="16384,32768", show_default=True, help="prompt lengths in tokens")
+@click.option("--lengths", default="16384,32768", show_default=True, help="prompts: prompt lengths in tokens")
 @click.option("--capacity", type=int, default=512, show_default=True)
-@click.option("--new-tokens", type=int, default=32, show_default=True, help="tokens decoded per run")
-@click.option("--repeats", type=int, default=3, show_default=True, help="timed runs per method and length (median)")
+@click.option("--new-tokens", type=int, default=32, show_default=True, help="prompts: tokens decoded per run")
+@click.option("--repeats", type=int, default=3, show_default=True,
+              help="prompts: timed runs per method and length (median); decode: rounds (the first is discarded)")
+@click.option("--batch-sizes", default="1,8,32", show_default=True, help="decode: rows per step")
+@click.option("--cache-tokens", type=int, default=576, show_default=True, help="decode: cached tokens per row and layer")
+@click.option("--steps", type=int, default=50, show_default=True, help="decode: timed steps per batch size and round")
+@click.option("--data-dir", type=click.Path(), default=None, help="longbench: folder of <task>.jsonl (the mini set)")
+@click.option("--limit", type=int, default=None, help="longbench: first K samples of each task")
+@click.option("--alone-limit", type=int, default=1, show_default=True,
+              help="longbench: samples of each task also run alone (batch 1)")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="longbench: rows of the batched run")
+@click.option("--max-length", type=int, default=None, help="longbench: prompt tokens kept, as for `run`")
+@click.option("--tokenizer", default=None,
+              help="longbench: tokenizer (folder or hub id) building the prompts [default: the model's, else the "
+                   "embedded SmolLM2's]")
 @click.option("--dtype", default="auto", show_default=True)
 @click.option("--attn", default="sdpa", show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", type=click.Path(), default="results/bench", show_default=True, help="folder for bench.csv / bench.md")
-def bench_command(model, method_specs, lengths, capacity, new_tokens, repeats, dtype, attn, device, out):
-    """Prefill time, decode speed and peak memory of methods side by side, medians from one run."""
-    from kvbench.harness.bench import bench_methods, device_description, load_bench_model, run_bench, write_bench
+def bench_command(workload, model, method_specs, lengths, capacity, new_tokens, repeats, batch_sizes, cache_tokens,
+                  steps, data_dir, limit, alone_limit, batch_size, max_length, tokenizer, dtype, attn, device, out):
+    """Speed and memory of the engine: prefill, decode and peak memory side by side, medians from one process."""
+    from kvbench.harness import bench
     from kvbench.runfolder import check_writable_folder
 
     length_list = _comma_list(lengths, "--lengths", int)
-    if min(length_list) <= 0:
-        raise KvbenchError(f"--lengths must be positive token counts, got {lengths!r}")
-    if repeats <= 0 or new_tokens <= 0 or capacity <= 0:
-        raise KvbenchError("--repeats, --new-tokens and --capacity must be > 0")
-    bench_methods(method_specs.split(","), capacity)  # refuse bad specs before the model loads
+    sizes = _comma_list(batch_sizes, "--batch-sizes", int)
+    if min(length_list) <= 0 or min(sizes) <= 0:
+        raise KvbenchError("--lengths and --batch-sizes must be positive")
+    for name, value in (("--repeats", repeats), ("--new-tokens", new_tokens), ("--capacity", capacity),
+                        ("--cache-tokens", cache_tokens), ("--steps", steps), ("--batch-size", batch_size),
+                        ("--alone-limit", alone_limit)):
+        if value <= 0:
+            raise KvbenchError(f"{name} must be > 0, got {value}")
+    if workload == "decode" and repeats < 2:
+        raise KvbenchError("--repeats must be at least 2 for the decode workload (the first round is discarded)")
+    if workload == "longbench" and (data_dir is None or not Path(data_dir).is_dir()):
+        raise KvbenchError("the longbench workload needs --data-dir with <task>.jsonl files (e.g. the mini set)")
+    bench.bench_methods(method_specs.split(","), capacity)  # refuse bad specs before the model loads
     check_writable_folder(Path(out), "--out")
-    loaded = load_bench_model(model, dtype, attn, device)
-    table = run_bench(loaded, method_specs.split(","), length_list, capacity, new_tokens, repeats,
-                      progress=lambda line: click.echo(line, err=True))
-    device_name = device_description(loaded.model)
-    header = (f"model {loaded.name}, {str(loaded.model.dtype).replace('torch.', '')}, attention {attn}, "
-              f"device {device_name}, capacity {capacity}, {new_tokens} decoded tokens, median of {repeats}")
-    write_bench(table, Path(out), header)
+    loaded = bench.load_bench_model(model, dtype, attn, device)
+    say = lambda line: click.echo(line, err=True)  # noqa: E731
+    precision = str(loaded.model.dtype).replace("torch.", "")
+    header = f"model {loaded.name}, {precision}, attention {attn}, device {bench.device_description(loaded.model)}"
+    if workload == "prompts":
+        table = bench.run_bench(loaded, method_specs.split(","), length_list, capacity, new_tokens, repeats, say)
+        header += f", capacity {capacity}, {new_tokens} decoded tokens, median of {repeats}"
+    elif workload == "decode":
+        table = bench.run_decode_step_bench(loaded, sizes, cache_tokens, steps, repeats, say)
+        header += f", {cache_tokens} cached tokens per row, median of {steps * (repeats - 1)} steps"
+    else:
+        table, samples = bench.run_longbench_workload(
+            loaded, bench.workload_tokenizer(loaded, tokenizer), method_specs.split(","), capacity, data_dir,
+            batch_size, limit, alone_limit, max_length, say)
+        extra = {"bench_samples.csv": samples}
+        header += f", capacity {capacity}, LongBench prompts from {data_dir}, stop tokens ignored"
+    bench.write_bench(table, Path(out), header, extra if workload == "longbench" else {})
     click.echo(header)
     click.echo(table.to_markdown(index=False))
 
@@ -324,7 +359,6 @@ def train_classifier_command(data_dirs, task_list, encoder, epochs, learning_rat
     """Train WindowKV's task classifier (qa vs other) on LongBench prompts labelled by task category."""
     from kvbench.classifier import default_checkpoint_path, save_checkpoint
     from kvbench.classifier.data import load_labelled_prompts, parse_task_names
-    from kvbench.classifier.model import MAX_LENGTH
     from kvbench.classifier.train import TrainingConfig, format_confusion_matrix, train_classifier
 
     config = TrainingConfig(encoder=encoder, epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
@@ -344,5 +378,5 @@ def train_classifier_command(data_dirs, task_list, encoder, epochs, learning_rat
         click.echo(f"held-out-task accuracy {tasks['mean_over_tasks']:.3f} mean over tasks, "
                    f"{tasks['overall']['accuracy']:.3f} over prompts (balanced {tasks['overall']['balanced_accuracy']:.3f}): "
                    f"{per_task}")
-    folder = save_checkpoint(result.model, encoder, MAX_LENGTH, summary, out or default_checkpoint_path())
+    folder = save_checkpoint(result.model, encoder, None, summary, out or default_checkpoint_path())
     click.echo(f"checkpoint: {folder}")

@@ -181,12 +181,23 @@ def read_finished_rows(path: Path) -> list[dict[str, Any]]:
 
 
 def append_row(path: Path, row: dict[str, Any]) -> None:
-    """Append one row and make it durable before returning: a finished sample survives a kill or a crash."""
-    line = json.dumps(row, ensure_ascii=False) + "\n"
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(line)
-        handle.flush()
-        os.fsync(handle.fileno())
+    """Append one row and make it durable before returning: a finished sample survives a kill or a crash.
+
+    The line goes out in one ``write`` on an append-only descriptor, under an exclusive ``flock``
+    of the file: processes of a data-parallel run append to one file and their lines never
+    interleave, and a kill cannot cut a line in the middle of the file (a signal is delivered
+    between system calls; only a crash of the machine can leave a last line without its newline).
+    """
+    data = (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+    descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        written = 0
+        while written < len(data):
+            written += os.write(descriptor, data[written:])
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)  # closing releases the flock
 
 
 # -- the lock -----------------------------------------------------------------------------------------

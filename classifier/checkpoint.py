@@ -1,14 +1,23 @@
-"""Task classifier checkpoints: a folder with ``classifier.safetensors`` and ``classifier.json``.
+"""Task classifier checkpoints: one file, ``classifier.safetensors``, in a folder.
 
-The safetensors file holds only what training changed (the encoder's last layer,
-its pooler when used, the head: see `TaskClassifierModel.trained_parameter_names`);
-the rest of the encoder is loaded from the encoder named in the JSON. The JSON
-also records the pooling, the labels, the token limit and the training summary.
-Nothing is pickled. Any fault in a checkpoint is one KvbenchError line.
+The file holds only what training changed (the encoder's last layer, its pooler
+when used, the head: see `TaskClassifierModel.trained_parameter_names`); the rest
+of the encoder is loaded from the encoder its metadata names. The metadata (the
+format, the encoder, the pooling, the labels, the hidden size, what the
+classifier reads of a prompt, and the training summary) is one JSON string in the
+safetensors header's ``__metadata__``, under `METADATA_KEY`: tensors and metadata
+are written together to a temporary file beside the target and swapped in with one
+``os.replace``, so a reader sees the old checkpoint or the new one, never a mix,
+whenever the writer is killed. Nothing is pickled. Any fault in a checkpoint is
+one KvbenchError line.
+
+`checkpoint_digest` is the sha256 of the file: results made with different
+classifiers never share a digest.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -16,18 +25,25 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_tensors_from_bytes
+from safetensors.torch import save_file
 
-from kvbench.classifier.model import LABELS, POOLINGS, TaskClassifier, TaskClassifierModel, load_encoder
+from kvbench.classifier.model import (LABELS, POOLINGS, PromptReader, TaskClassifier, TaskClassifierModel, is_plain_int,
+                                      load_encoder, special_tokens)
 from kvbench.errors import KvbenchError
 from kvbench.paths import kvbench_home
 
-TENSORS_FILE = "classifier.safetensors"
-METADATA_FILE = "classifier.json"
+CHECKPOINT_FILE = "classifier.safetensors"
+#: kept for callers of format 1: the same file name
+TENSORS_FILE = CHECKPOINT_FILE
+#: format 1's separate metadata file (tensors and JSON renamed one after the other); no longer read
+LEGACY_METADATA_FILE = "classifier.json"
 FORMAT = "kvbench-task-classifier"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: the key of the JSON metadata in the safetensors header's string-to-string ``__metadata__``
+METADATA_KEY = "kvbench_task_classifier"
 #: fields inference needs; "training" (the summary) is informative only
-REQUIRED_FIELDS = ("format", "format_version", "encoder", "pooling", "labels", "max_length", "hidden_size")
+REQUIRED_FIELDS = ("format", "format_version", "encoder", "pooling", "labels", "hidden_size", "reader")
 
 
 def default_checkpoint_path() -> Path:
@@ -35,9 +51,28 @@ def default_checkpoint_path() -> Path:
     return kvbench_home() / "classifier"
 
 
-def save_checkpoint(model: TaskClassifierModel, encoder: str, max_length: int, training: dict[str, Any],
+def checkpoint_file(path: str | os.PathLike) -> Path:
+    """The checkpoint file of ``path``: a checkpoint folder (its ``classifier.safetensors``) or the file itself."""
+    path = Path(path)
+    return path if path.is_file() else path / CHECKPOINT_FILE
+
+
+def save_checkpoint(model: TaskClassifierModel, encoder: str, max_length: int | None, training: dict[str, Any] | None,
                     folder: str | os.PathLike) -> Path:
-    """Write the trained tensors and the metadata into ``folder`` (created if needed); returns the folder."""
+    """Write the trained tensors and the metadata into ``folder`` (created if needed) in one atomic swap; returns
+    the folder.
+
+    What the classifier reads is the model's `PromptReader` (``model.reader``), recorded in the metadata.
+    ``max_length`` (obsolete, None to skip): the most prompt tokens the caller allows it to read.
+    """
+    reader = model.reader
+    reader.check()
+    if max_length is not None:
+        if not is_plain_int(max_length):
+            raise KvbenchError(f"max_length must be an integer, got {max_length!r}")
+        if reader.head_tokens + reader.tail_tokens > max_length:
+            raise KvbenchError(f"the classifier reads {reader.head_tokens} + {reader.tail_tokens} tokens, "
+                               f"more than max_length {max_length}")
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -51,69 +86,159 @@ def save_checkpoint(model: TaskClassifierModel, encoder: str, max_length: int, t
         "encoder": encoder,
         "pooling": model.pooling,
         "labels": list(LABELS),
-        "max_length": max_length,
         "hidden_size": model.encoder.config.hidden_size,
-        "training": training,
+        "reader": reader.to_metadata(),
+        "training": training if training is not None else {},
     }
-    # Write beside the target, then rename, so that a reader never sees half a checkpoint.
-    save_file(tensors, folder / f".{TENSORS_FILE}.partial")
-    (folder / f".{METADATA_FILE}.partial").write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
-    os.replace(folder / f".{TENSORS_FILE}.partial", folder / TENSORS_FILE)
-    os.replace(folder / f".{METADATA_FILE}.partial", folder / METADATA_FILE)
+    target = folder / CHECKPOINT_FILE
+    partial = folder / f".{CHECKPOINT_FILE}.{os.getpid()}.partial"
+    try:
+        save_file(tensors, partial, metadata={METADATA_KEY: json.dumps(metadata)})
+        with open(partial, "rb") as written:
+            os.fsync(written.fileno())
+        os.replace(partial, target)  # the one step that changes what a reader sees
+    except OSError as error:
+        partial.unlink(missing_ok=True)
+        raise KvbenchError(f"cannot write checkpoint {target} ({error.strerror or error})") from None
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    sync_folder(folder)
+    # Format 1's metadata file, if an older kvbench trained here: stale now, and never read.
+    (folder / LEGACY_METADATA_FILE).unlink(missing_ok=True)
     return folder
 
 
-def read_metadata(folder: Path) -> dict[str, Any]:
-    """The checkpoint's JSON, checked for every field inference needs."""
-    metadata_path = folder / METADATA_FILE
-    if not metadata_path.is_file():
-        raise KvbenchError(f"no task classifier at {folder}: run `kvbench train-classifier` or pass --task-type qa|other")
+def sync_folder(folder: Path) -> None:
+    """Make the rename durable where the platform allows (a no-op where folders cannot be opened)."""
     try:
-        metadata = json.loads(metadata_path.read_text(encoding="utf-8"))
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def read_checkpoint_bytes(path: str | os.PathLike) -> tuple[Path, bytes]:
+    """(the checkpoint file, its content); a missing checkpoint says how to get one."""
+    file = checkpoint_file(path)
+    if not file.is_file():
+        folder = file.parent
+        if (folder / LEGACY_METADATA_FILE).is_file():
+            raise KvbenchError(f"{folder}: a task classifier in an older format ({LEGACY_METADATA_FILE} beside the "
+                               "tensors); retrain with `kvbench train-classifier`")
+        raise KvbenchError(f"no task classifier at {Path(path)}: run `kvbench train-classifier --data-dir DIR` (DIR: "
+                           "LongBench <task>.jsonl files; without it LongBench comes from the hub) or pass "
+                           "--task-type qa|other")
+    try:
+        return file, file.read_bytes()
+    except OSError as error:
+        raise KvbenchError(f"{file}: cannot read ({error.strerror or error})") from None
+
+
+def checkpoint_digest(path: str | os.PathLike) -> str:
+    """"sha256:<hex>" of the checkpoint file at ``path`` (a checkpoint folder or the file); the tensors and the
+    metadata are both in it, so two checkpoints share a digest only if they are the same classifier."""
+    _, content = read_checkpoint_bytes(path)
+    return digest_of(content)
+
+
+def digest_of(content: bytes) -> str:
+    return "sha256:" + hashlib.sha256(content).hexdigest()
+
+
+def header_metadata(content: bytes, file: Path) -> dict[str, Any]:
+    """The kvbench metadata in the safetensors header of ``content``, parsed but not yet checked."""
+    if len(content) < 8:
+        raise KvbenchError(f"{file}: not a readable safetensors file (only {len(content)} bytes)")
+    header_size = int.from_bytes(content[:8], "little")
+    if header_size > len(content) - 8:
+        raise KvbenchError(f"{file}: not a readable safetensors file (header of {header_size} bytes in a file of {len(content)})")
+    try:
+        header = json.loads(content[8:8 + header_size].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise KvbenchError(f"{metadata_path}: not valid JSON ({error})") from None
+        raise KvbenchError(f"{file}: not a readable safetensors file (header: {error})") from None
+    embedded = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(embedded, dict) or METADATA_KEY not in embedded:
+        if (file.parent / LEGACY_METADATA_FILE).is_file():
+            raise KvbenchError(f"{file.parent}: a task classifier in an older format ({LEGACY_METADATA_FILE} beside the "
+                               "tensors); retrain with `kvbench train-classifier`")
+        raise KvbenchError(f"{file}: a safetensors file without kvbench classifier metadata; "
+                           "retrain with `kvbench train-classifier`")
+    try:
+        metadata = json.loads(embedded[METADATA_KEY])
+    except (TypeError, json.JSONDecodeError) as error:
+        raise KvbenchError(f"{file}: classifier metadata is not valid JSON ({error})") from None
     if not isinstance(metadata, dict):
-        raise KvbenchError(f"{metadata_path}: expected a JSON object")
+        raise KvbenchError(f"{file}: classifier metadata must be a JSON object, got {type(metadata).__name__}")
+    return metadata
+
+
+def check_metadata(metadata: dict[str, Any], file: Path) -> PromptReader:
+    """Fail in one line unless every field inference needs is there with the right type; returns the reader."""
     missing = [field for field in REQUIRED_FIELDS if field not in metadata]
     if missing:
-        raise KvbenchError(f"{metadata_path}: lacks field(s) {', '.join(missing)}; retrain with `kvbench train-classifier`")
-    if metadata["format"] != FORMAT or metadata["format_version"] != FORMAT_VERSION:
-        raise KvbenchError(f"{metadata_path}: format {metadata['format']!r} version {metadata['format_version']!r}, "
-                           f"expected {FORMAT!r} version {FORMAT_VERSION}")
-    if metadata["labels"] != list(LABELS):
-        raise KvbenchError(f"{metadata_path}: labels {metadata['labels']!r}, expected {list(LABELS)!r}")
-    if metadata["pooling"] not in POOLINGS:
-        raise KvbenchError(f"{metadata_path}: pooling {metadata['pooling']!r}, expected one of {', '.join(POOLINGS)}")
-    if not isinstance(metadata["max_length"], int) or metadata["max_length"] < 2:
-        raise KvbenchError(f"{metadata_path}: max_length must be an integer >= 2, got {metadata['max_length']!r}")
+        raise KvbenchError(f"{file}: lacks field(s) {', '.join(missing)}; retrain with `kvbench train-classifier`")
+    if metadata["format"] != FORMAT or not is_plain_int(metadata["format_version"]) \
+            or metadata["format_version"] != FORMAT_VERSION:
+        raise KvbenchError(f"{file}: format {metadata['format']!r} version {metadata['format_version']!r}, "
+                           f"expected {FORMAT!r} version {FORMAT_VERSION}; retrain with `kvbench train-classifier`")
     if not isinstance(metadata["encoder"], str) or not metadata["encoder"]:
-        raise KvbenchError(f"{metadata_path}: encoder must be a non-empty string, got {metadata['encoder']!r}")
+        raise KvbenchError(f"{file}: encoder must be a non-empty string, got {describe(metadata['encoder'])}")
+    if metadata["labels"] != list(LABELS):
+        raise KvbenchError(f"{file}: labels {metadata['labels']!r}, expected {list(LABELS)!r}")
+    if not isinstance(metadata["pooling"], str) or metadata["pooling"] not in POOLINGS:
+        raise KvbenchError(f"{file}: pooling must be one of {', '.join(POOLINGS)}, got {describe(metadata['pooling'])}")
+    if not is_plain_int(metadata["hidden_size"]) or metadata["hidden_size"] < 1:
+        raise KvbenchError(f"{file}: hidden_size must be a positive integer, got {describe(metadata['hidden_size'])}")
+    if "training" in metadata and not isinstance(metadata["training"], dict):
+        raise KvbenchError(f"{file}: training must be an object, got {describe(metadata['training'])}")
+    return PromptReader.from_metadata(metadata["reader"], str(file))
+
+
+def describe(value: Any) -> str:
+    """A value and its JSON type, so that "384" (a string) cannot read as 384."""
+    kinds = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "object"}
+    return f"{json.dumps(value, ensure_ascii=False)} ({kinds.get(type(value), type(value).__name__)})"
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint's metadata, checked for every field inference needs."""
+    file, content = read_checkpoint_bytes(path)
+    metadata = header_metadata(content, file)
+    check_metadata(metadata, file)
     return metadata
 
 
 def load_classifier(path: str | os.PathLike | None = None, device: str = "cpu") -> TaskClassifier:
-    """The classifier saved in folder ``path`` (None: `default_checkpoint_path()`), on ``device``."""
-    folder = Path(path) if path is not None else default_checkpoint_path()
-    metadata = read_metadata(folder)
-    tensors_path = folder / TENSORS_FILE
-    if not tensors_path.is_file():
-        raise KvbenchError(f"{tensors_path}: no such file (the checkpoint is incomplete; retrain with `kvbench train-classifier`)")
+    """The classifier saved at ``path`` (a checkpoint folder or its file; None: `default_checkpoint_path()`), on
+    ``device``. Its ``digest`` is `checkpoint_digest` of the very bytes loaded."""
+    file, content = read_checkpoint_bytes(path if path is not None else default_checkpoint_path())
+    metadata = header_metadata(content, file)
+    reader = check_metadata(metadata, file)
     try:
-        tensors = load_file(tensors_path)
-    except (SafetensorError, OSError) as error:
-        raise KvbenchError(f"{tensors_path}: not a readable safetensors file ({error})") from None
+        tensors = load_tensors_from_bytes(content)
+    except (SafetensorError, ValueError, RuntimeError, OSError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise KvbenchError(f"{file}: not a readable safetensors file ({reason})") from None
 
     encoder = metadata["encoder"]
     tokenizer, encoder_model, _ = load_encoder(encoder)
     config = encoder_model.config
     if config.hidden_size != metadata["hidden_size"]:
-        raise KvbenchError(f"{folder}: trained on hidden size {metadata['hidden_size']}, but encoder {encoder!r} has {config.hidden_size}")
-    if metadata["max_length"] > getattr(config, "max_position_embeddings", metadata["max_length"]):
-        raise KvbenchError(f"{folder}: max_length {metadata['max_length']} exceeds encoder {encoder!r}'s {config.max_position_embeddings} positions")
-    model = TaskClassifierModel(encoder_model, metadata["pooling"])
-    check_tensors(model, tensors, tensors_path, encoder)
+        raise KvbenchError(f"{file}: trained on hidden size {metadata['hidden_size']}, but encoder {encoder!r} has {config.hidden_size}")
+    tokens = reader.head_tokens + reader.tail_tokens + sum(map(len, special_tokens(tokenizer)))
+    positions = getattr(config, "max_position_embeddings", tokens)
+    if tokens > positions:
+        raise KvbenchError(f"{file}: reads {tokens} tokens, more than encoder {encoder!r}'s {positions} positions")
+    model = TaskClassifierModel(encoder_model, metadata["pooling"], reader)
+    check_tensors(model, tensors, file, encoder)
     model.load_state_dict(tensors, strict=False)
-    return TaskClassifier(model, tokenizer, encoder, metadata["max_length"], device)
+    return TaskClassifier(model, tokenizer, encoder, device, digest=digest_of(content))
 
 
 def check_tensors(model: TaskClassifierModel, tensors: dict[str, torch.Tensor], tensors_path: Path, encoder: str) -> None:
@@ -130,3 +255,6 @@ def check_tensors(model: TaskClassifierModel, tensors: dict[str, torch.Tensor], 
         if tensors[name].shape != parameters[name].shape:
             raise KvbenchError(f"{tensors_path}: tensor {name} has shape {list(tensors[name].shape)}, "
                                f"encoder {encoder!r} expects {list(parameters[name].shape)}")
+        if tensors[name].dtype != parameters[name].dtype:
+            raise KvbenchError(f"{tensors_path}: tensor {name} is {str(tensors[name].dtype).replace('torch.', '')}, "
+                               f"encoder {encoder!r} expects {str(parameters[name].dtype).replace('torch.', '')}")

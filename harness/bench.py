@@ -1,25 +1,47 @@
-"""Speed and memory of methods side by side: `kvbench bench`, one call, one table.
+"""`kvbench bench`: speed and memory of the engine, one call, one table. Three workloads:
 
-Builds the model once (a real checkpoint, or a random-weight model of a known
-shape such as Llama-3-8B, where weight values do not matter for timing), then,
-for each prompt length, runs every method ``repeats`` times round-robin (so a
-drifting clock hits all methods alike) and reports medians: prefill seconds,
-decode milliseconds per token, peak accelerator memory, and the KV cache kept.
-The decode figure is put next to the memory-bandwidth bound of reading the
-weights and the cache once per token, where the device's bandwidth is known.
+* ``prompts`` (default): every method at every prompt length, alone (batch 1), round-robin
+  ``repeats`` times so a drifting clock hits all methods alike, medians: prefill seconds,
+  decode milliseconds per token (beside the bound of reading the weights and the cache once),
+  peak accelerator memory, the KV cache kept, ratios against the full cache.
+* ``decode``: the decode step of a batch of 1, 8, 32, ... rows holding a given number of
+  cached tokens each, captured as a CUDA graph and eager, alternated, first round discarded.
+* ``longbench``: the run loop's engine over LongBench-shaped work (the data's prompts, built
+  as `kvbench run` builds them, each decoding its task's whole generation length), alone and
+  batched: samples per hour, decode tokens per second, the prefill share, peak memory, the
+  full LongBench v1 (4,750 samples) projected from each task's measured cost, and how often
+  the batched tokens equal the batch-1 tokens.
+
+The model is a real checkpoint, or random weights of a public shape (``llama3-8b``, ...),
+where weight values do not matter for timing.
 """
 
 from __future__ import annotations
 
 import statistics
+import time
 from pathlib import Path
 
 import pandas as pd
 import torch
 
 from kvbench.errors import KvbenchError
-from kvbench.harness.generate import generate_greedy
-from kvbench.harness.model import LoadedModel, check_attention_backend, load_model, resolve_device, resolve_dtype
+from kvbench.harness.decode import DecodeBatch
+from kvbench.harness.generate import Generation, generate_greedy, generate_stream
+from kvbench.harness.prefill import DecodeRequest, Prefilled
+from kvbench.harness.run import max_prompt_length
+from kvbench.methods.base import SampleCompression
+from kvbench.methods.fullkv import FullKV
+from kvbench.tasks import build_tasks
+from kvbench.tasks.longbench_spec import LONGBENCH_TASKS
+from kvbench.harness.model import (
+    LoadedModel,
+    check_attention_backend,
+    load_model,
+    resolve_device,
+    resolve_dtype,
+    resolve_model_source,
+)
 from kvbench.methods import build_method, get_method_class, parse_method_spec
 
 #: Shapes of public models, for random-weight speed runs (no download needed).
@@ -144,13 +166,182 @@ def run_bench(loaded: LoadedModel, method_specs: list[str], lengths: list[int], 
     return table
 
 
-def write_bench(table: pd.DataFrame, out_dir: Path, header: str) -> None:
+def write_bench(table: pd.DataFrame, out_dir: Path, header: str, extra: dict[str, pd.DataFrame] | None = None) -> None:
+    """bench.csv and bench.md (the header above the table), and any ``extra`` CSVs by file name."""
     out_dir.mkdir(parents=True, exist_ok=True)
     table.to_csv(out_dir / "bench.csv", index=False)
     (out_dir / "bench.md").write_text(f"{header}\n\n{table.to_markdown(index=False)}\n", encoding="utf-8")
+    for name, frame in (extra or {}).items():
+        frame.to_csv(out_dir / name, index=False)
+
+
+def workload_tokenizer(loaded: LoadedModel, tokenizer: str | None):
+    """The tokenizer building the workload's prompts: the one asked for, the model's, or the embedded SmolLM2's
+    (a random-weight model has none; prompt lengths then follow that tokenizer, not the model's own)."""
+    from transformers import AutoTokenizer
+
+    if tokenizer is None and loaded.tokenizer is not None:
+        return loaded.tokenizer
+    source = tokenizer or resolve_model_source(None).location
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except Exception as error:  # transformers raises OSError, ValueError, ... for a missing or bad tokenizer
+        raise KvbenchError(f"cannot load tokenizer {source!r}: {str(error).splitlines()[0] if str(error) else error}") from None
 
 
 def load_bench_model(model: str | None, dtype: str, attn: str, device: str) -> LoadedModel:
     if model in MODEL_SHAPES:
         return random_weight_model(model, dtype, device, attn)
     return load_model(model, dtype=dtype, attn=attn, device=device)
+
+
+# -- the decode step at several batch sizes ------------------------------------------------------------
+
+
+def synthetic_prefilled(model, cache_tokens: int, max_new_tokens: int, generator: torch.Generator) -> Prefilled:
+    """A sample as if prefilled and compressed to ``cache_tokens`` per layer (random keys and values)."""
+    config = model.config
+    device = model.get_input_embeddings().weight.device
+    dtype = model.get_input_embeddings().weight.dtype
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kept = []
+    for _ in range(config.num_hidden_layers):
+        keys = torch.randn(1, kv_heads, cache_tokens, head_dim, generator=generator).to(device, dtype)
+        kept.append((keys, torch.randn_like(keys)))
+    request = DecodeRequest([0] * cache_tokens, max_new_tokens, set())
+    kv_bytes = sum(keys.nbytes + values.nbytes for keys, values in kept)
+    return Prefilled(request, SampleCompression(FullKV()), kept, [cache_tokens] * config.num_hidden_layers,
+                     first_token=1, prefill_seconds=0.0, kv_cache_bytes=kv_bytes, peak_memory_bytes=None)
+
+
+def run_decode_step_bench(loaded: LoadedModel, batch_sizes: list[int], cache_tokens: int, steps: int, rounds: int,
+                          progress=print) -> pd.DataFrame:
+    """Milliseconds per decode step of ``batch_sizes`` rows, each holding ``cache_tokens`` per layer, with the
+    step captured as a CUDA graph and run eagerly, alternated within each round; the first round is discarded."""
+    model = loaded.model
+    generator = torch.Generator().manual_seed(0)
+    modes = [True, False] if model.device.type == "cuda" else [False]
+    batches = {}
+    for rows in batch_sizes:
+        for graphs in modes:
+            batch = DecodeBatch(model, rows, use_cuda_graphs=graphs)
+            for _ in range(rows):
+                batch.admit(synthetic_prefilled(model, cache_tokens, steps * rounds + 2, generator))
+            batches[rows, graphs] = batch
+    timings: dict[tuple[int, bool], list[float]] = {key: [] for key in batches}
+    for round_index in range(rounds):
+        for key, batch in batches.items():
+            seconds = []
+            for _ in range(steps):
+                start = time.perf_counter()
+                batch.step()
+                seconds.append(time.perf_counter() - start)
+            if round_index > 0:
+                timings[key] += seconds
+            progress(f"round {round_index + 1}/{rounds}: {key[0]} rows, "
+                     f"{'CUDA graph' if key[1] else 'eager'}: {statistics.median(seconds) * 1e3:.2f} ms/step")
+    rows_out = []
+    for (rows, graphs), seconds in timings.items():
+        step_ms = statistics.median(seconds) * 1e3
+        rows_out.append({"batch": rows, "cuda_graph": graphs, "cache_tokens": cache_tokens,
+                         "step_ms": round(step_ms, 2), "ms_per_sample_token": round(step_ms / rows, 3),
+                         "steps_timed": len(seconds), "graph_fell_back": graphs and not batches[rows, graphs].use_cuda_graphs})
+    return pd.DataFrame(rows_out)
+
+
+# -- the LongBench workload ------------------------------------------------------------------------------
+
+#: samples per task in full LongBench v1 (4,750 in all), for the projection
+LONGBENCH_V1_SAMPLES = {task: 200 for task in LONGBENCH_TASKS} | {"multifieldqa_en": 150, "lcc": 500, "repobench-p": 500}
+
+
+def longbench_requests(tokenizer, data_dir: str, limit: int | None, context_window: int,
+                       max_length: int | None) -> list[DecodeRequest]:
+    """Every task's samples as `kvbench run` prompts them (template, middle truncation, chat template), each
+    decoding its task's whole generation length: no stop token, so the work does not depend on the weights."""
+    requests = []
+    for task in build_tasks("longbench"):
+        budget = max_prompt_length(context_window, task, max_length)
+        for sample in task.load_samples(data_dir)[:limit]:
+            prompt_ids = task.prompt_ids(sample, tokenizer, budget)
+            view = {**sample, "task": task.name, "prompt_text": task.prompt_text(sample)}
+            requests.append(DecodeRequest(prompt_ids, task.max_new_tokens, set(), view, tag=(task.name, sample["_id"])))
+    return requests
+
+
+def run_longbench_workload(loaded: LoadedModel, tokenizer, method_specs: list[str], capacity: int, data_dir: str,
+                           batch_size: int, limit: int | None = None, alone_limit: int | None = 1,
+                           max_length: int | None = None, progress=print) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Throughput of the run loop's engine over LongBench-shaped work, each method alone (batch 1, on the
+    first ``alone_limit`` samples of each task) and batched (all samples), in one process.
+
+    Returns the summary table and the per-sample table (tokens of both modes, for the identical fraction).
+    """
+    model = loaded.model
+    all_requests = longbench_requests(tokenizer, data_dir, limit, loaded.context_window, max_length)
+    first_of_task: dict[str, int] = {}
+    alone_requests = []
+    for request in all_requests:
+        task = request.tag[0]
+        if alone_limit is None or first_of_task.get(task, 0) < alone_limit:
+            first_of_task[task] = first_of_task.get(task, 0) + 1
+            alone_requests.append(request)
+    methods = {spec: method.prepare(loaded.info) for spec, method in bench_methods(method_specs, capacity).items()}
+    # Warm-up: kernels, allocator, autotuning and CUDA graphs of the common batch sizes before timing.
+    for compressor in methods.values():
+        list(generate_stream(model, compressor, all_requests[: min(4, len(all_requests))], batch_size))
+    summary, samples = [], []
+    for spec, compressor in methods.items():
+        results = {}
+        for mode, requests, rows in (("batch 1", alone_requests, 1), (f"batch {batch_size}", all_requests, batch_size)):
+            synchronize_device(model)
+            start = time.perf_counter()
+            generations = list(generate_stream(model, compressor, requests, rows))
+            seconds = time.perf_counter() - start
+            results[mode] = {g.tag: g for g in generations}
+            summary.append(_workload_row(spec, compressor, mode, rows, generations, seconds))
+            progress(", ".join(f"{key} {value}" for key, value in summary[-1].items()))
+        alone, batched = results["batch 1"], results[f"batch {batch_size}"]
+        for tag, generation in alone.items():
+            samples.append({"method": spec, "task": tag[0], "_id": tag[1], "prompt_tokens": generation.prompt_tokens,
+                            "identical": generation.token_ids == batched[tag].token_ids,
+                            "first_difference": _first_difference(generation.token_ids, batched[tag].token_ids)})
+    table = pd.DataFrame(summary)
+    identical = pd.DataFrame(samples).groupby("method")["identical"].mean().round(4)
+    table["identical_to_batch_1"] = table["method"].map(identical)
+    return table, pd.DataFrame(samples)
+
+
+def _first_difference(first: list[int], second: list[int]) -> int | None:
+    return next((index for index, (a, b) in enumerate(zip(first, second)) if a != b),
+                None if len(first) == len(second) else min(len(first), len(second)))
+
+
+def _workload_row(spec: str, compressor, mode: str, rows: int, generations: list[Generation], seconds: float) -> dict:
+    """Throughput figures of one mode, and the full LongBench v1 projected from each task's measured cost."""
+    prefill = sum(g.prefill_seconds for g in generations)
+    decode_tokens = sum(len(g.token_ids) - 1 for g in generations)
+    cost_by_task: dict[str, list[float]] = {}
+    for g in generations:
+        cost_by_task.setdefault(g.tag[0], []).append(g.prefill_seconds + g.decode_cost_seconds)
+    measured_cost = sum(sum(costs) for costs in cost_by_task.values())
+    full_cost = sum(LONGBENCH_V1_SAMPLES[task] * statistics.mean(costs) for task, costs in cost_by_task.items())
+    # time not attributed to a sample (scheduling, tokenizing) scales with the work
+    projected_hours = full_cost * (seconds / measured_cost) / 3600 if measured_cost else None
+    peaks = [g.peak_memory_bytes for g in generations if g.peak_memory_bytes is not None]
+    return {
+        "method": spec, "capacity": compressor.method.budget, "mode": mode, "batch_size": rows,
+        "samples": len(generations), "seconds": round(seconds, 1),
+        "samples_per_hour": round(len(generations) / seconds * 3600),
+        "decode_tokens_per_s": round(decode_tokens / max(seconds - prefill, 1e-9), 1),
+        "prefill_share": round(prefill / seconds, 3),
+        "peak_memory_gib": round(max(peaks) / 2**30, 2) if peaks else None,
+        "projected_longbench_v1_hours": None if projected_hours is None else round(projected_hours, 2),
+        "tasks_covered": len(cost_by_task),
+    }
+
+
+def synchronize_device(model) -> None:
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)

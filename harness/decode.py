@@ -20,6 +20,7 @@ on CPU it runs eagerly. If capture fails the batch says so once and runs eagerly
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
@@ -53,7 +54,7 @@ class BatchCache:
         keys, values = batch.keys[layer_idx], batch.values[layer_idx]
         keys[self.row_index, :, slot] = key_states[:, :, 0]
         values[self.row_index, :, slot] = value_states[:, :, 0]
-        batch.valid[layer_idx, self.row_index, slot] = True
+        batch.valid[layer_idx, self.row_index, slot] = batch.true  # a device tensor: no host copy in a graph
         return keys[: self.rows], values[: self.rows]
 
 
@@ -98,8 +99,9 @@ class DecodeBatch:
         self.slots = 0
         self.steps_capacity = 0
         self.use_cuda_graphs = self.use_cuda_graphs and self.device.type == "cuda"
+        # transformers renamed ``past_key_values`` to ``cache`` within the 5.x series; accept both
+        self._cache_keyword = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self._graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._graph_failure_said = False
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.evictions: torch.Tensor | None = None
@@ -108,19 +110,25 @@ class DecodeBatch:
     # -- buffers ------------------------------------------------------------------------------------
 
     def _allocate(self, rows: int, slots: int, steps: int) -> None:
-        """(Re)allocate every buffer for ``rows`` x ``slots`` (and ``steps`` of eviction schedule), keeping contents."""
+        """(Re)allocate every buffer for ``rows`` x ``slots`` (and ``steps`` of eviction schedule), keeping contents.
+
+        Layer by layer, each old buffer released as soon as its contents moved, so that growing (or,
+        out of memory, shrinking) needs the new size plus one layer's buffers, not both sizes whole.
+        """
+        self._graphs.clear()  # captured steps read the old buffers
         old_slots = self.slots
         kept_rows = min(rows, len(self.keys[0])) if self.keys else 0
+        kept_slots = min(slots, old_slots)
         shape = (rows, self.num_kv_heads, slots, self.head_dim)
-        keys, values = [], []
-        for layer in range(self.num_layers):
-            new_keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            new_values = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            if kept_rows and old_slots:
-                new_keys[:kept_rows, :, :old_slots] = self.keys[layer][:kept_rows]
-                new_values[:kept_rows, :, :old_slots] = self.values[layer][:kept_rows]
-            keys.append(new_keys)
-            values.append(new_values)
+        for buffers in (self.keys, self.values):
+            for layer in range(self.num_layers):
+                new = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                if layer < len(buffers):
+                    if kept_rows and kept_slots:
+                        new[:kept_rows, :, :kept_slots] = buffers[layer][:kept_rows, :, :kept_slots]
+                    buffers[layer] = new
+                else:
+                    buffers.append(new)
         valid = torch.zeros(self.num_layers, rows, slots, dtype=torch.bool, device=self.device)
         write_pos = torch.zeros(self.num_layers, rows, dtype=torch.long, device=self.device)
         tokens = torch.zeros(rows, dtype=torch.long, device=self.device)
@@ -130,20 +138,19 @@ class DecodeBatch:
         if steps:
             evictions = torch.full((self.num_layers, rows, steps), -1, dtype=torch.int32, device=self.device)
         if kept_rows:
-            valid[:, :kept_rows, :old_slots] = self.valid[:, :kept_rows]
+            valid[:, :kept_rows, :kept_slots] = self.valid[:, :kept_rows, :kept_slots]
             write_pos[:, :kept_rows] = self.write_pos[:, :kept_rows]
             tokens[:kept_rows] = self.tokens[:kept_rows]
             positions[:kept_rows] = self.positions[:kept_rows]
             steps_taken[:kept_rows] = self.steps_taken[:kept_rows]
             if evictions is not None and self.evictions is not None:
                 evictions[:, :kept_rows, : self.steps_capacity] = self.evictions[:, :kept_rows]
-        self.keys, self.values = keys, values
         self.valid, self.write_pos, self.tokens, self.positions, self.steps_taken = (
             valid, write_pos, tokens, positions, steps_taken)
         self.evictions = evictions
         self.slots, self.steps_capacity = slots, steps
         self.next_tokens = torch.zeros(rows, dtype=torch.long, device=self.device)
-        self._graphs.clear()
+        self.true = torch.ones((), dtype=torch.bool, device=self.device)
         for row in range(kept_rows, rows):
             self._clear_row(row)
 
@@ -156,11 +163,14 @@ class DecodeBatch:
         return max(prefilled.kept_per_layer) + prefilled.request.max_new_tokens - 1 + SPARE_SLOTS
 
     def growth_bytes(self, prefilled: Prefilled) -> int:
-        """Bytes the buffers would grow by to admit ``prefilled`` (0 when it fits)."""
+        """Bytes that growing the buffers for ``prefilled`` takes at its peak (0 when it fits): the growth, and
+        one layer's new buffers while the old ones are still there."""
         needed = self.slots_needed(prefilled)
         if needed <= self.slots:
             return 0
-        return (_round_up(needed) - self.slots) * len(self.rows) * self.bytes_per_slot_row()
+        new_slots = _round_up(needed)
+        one_layer = new_slots * len(self.rows) * self.bytes_per_slot_row() // self.num_layers
+        return (new_slots - self.slots) * len(self.rows) * self.bytes_per_slot_row() + one_layer
 
     # -- rows -------------------------------------------------------------------------------------------
 
@@ -267,12 +277,11 @@ class DecodeBatch:
         if self.evictions is not None:
             self._evict(rows)
         session = DecodeSession(self.valid, rows)
-        cache = BatchCache(self, rows)
+        cache = {self._cache_keyword: BatchCache(self, rows)}
         with active(self.model, session):
             output = self.model(input_ids=self.tokens[:rows].view(rows, 1),
                                 position_ids=self.positions[:rows].view(rows, 1),
-                                attention_mask=self._short_circuit_mask, cache=cache, use_cache=True,
-                                logits_to_keep=1)
+                                attention_mask=self._short_circuit_mask, use_cache=True, logits_to_keep=1, **cache)
         return output.logits[:, -1]
 
     def _eager_step(self, rows: int) -> torch.Tensor:
@@ -298,12 +307,12 @@ class DecodeBatch:
         if key not in self._graphs:
             try:
                 self._graphs[key] = self._capture(rows)
-            except Exception as error:  # any capture failure: fall back to eager steps, said once
+            except Exception as error:  # any capture failure: fall back to eager steps, said once a process
                 self.use_cuda_graphs = False
-                if not self._graph_failure_said:
+                if not _capture_failure_said:
                     log.warning("CUDA graph capture of the decode step failed (%s); decoding eagerly",
                                 str(error).splitlines()[0] if str(error) else type(error).__name__)
-                    self._graph_failure_said = True
+                    _said_capture_failure()
                 return None
         graph, output = self._graphs[key]
         graph.replay()
@@ -353,6 +362,14 @@ class DecodeBatch:
                 self.rows[index] = None
                 self._clear_row(index)
         return finished
+
+
+_capture_failure_said = False
+
+
+def _said_capture_failure() -> None:
+    global _capture_failure_said
+    _capture_failure_said = True
 
 
 def _round_up(slots: int) -> int:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from kvbench.errors import KvbenchError
+from kvbench.harness.chunked import DEFAULT_CHUNK_TOKENS
 from kvbench.harness.decode import DecodeBatch, FinishedRow
 from kvbench.harness.prefill import DecodeRequest, Prefilled, prefill
 from kvbench.methods.base import Compressor, Method, ModelInfo
@@ -93,8 +94,10 @@ def _out_of_memory(error: BaseException) -> bool:
 
 
 def generate_stream(model, method: Method | Compressor, requests: Iterable[DecodeRequest], batch_size: int = 1,
-                    say: Callable[[str], None] | None = None, use_cuda_graphs: bool = True) -> Iterator[Generation]:
-    """Generate for every request, up to ``batch_size`` decoded together; yields each as it finishes."""
+                    say: Callable[[str], None] | None = None, use_cuda_graphs: bool = True,
+                    chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> Iterator[Generation]:
+    """Generate for every request, up to ``batch_size`` decoded together; yields each as it finishes.
+    Prefills run their per-token modules in chunks of ``chunk_tokens`` positions."""
     compressor = as_compressor(method, model)
     batch = DecodeBatch(model, batch_size, use_cuda_graphs=use_cuda_graphs)
     source = iter(requests)
@@ -132,7 +135,7 @@ def generate_stream(model, method: Method | Compressor, requests: Iterable[Decod
                 if request is None:
                     break
                 try:
-                    held = prefill(model, compressor, request)
+                    held = prefill(model, compressor, request, chunk_tokens)
                 except Exception as error:
                     if not _out_of_memory(error):
                         raise

@@ -26,6 +26,7 @@ from kvbench.harness.model import (
     resolve_model_source,
 )
 from kvbench.harness.generate import default_batch_size
+from kvbench.harness.parallel import current_world, device_for, finish, start
 from kvbench.harness.run import RunPlan, execute_run, open_run
 from kvbench.methods import build_method, get_method_class, methods_with_option
 from kvbench.methods.base import Method
@@ -85,25 +86,34 @@ def grid_methods(method_names: list[str], capacities: list[int], options: dict[s
 
 def run_grid(request: GridRequest, echo: Callable[[str], None] = print,
              progress: Callable[[str], None] | None = None) -> list[Path]:
-    """Validate everything, load the model once, fill each run folder; returns the folders."""
+    """Validate everything, load the model once, fill each run folder; returns the folders.
+
+    Under torchrun / accelerate launch each process takes its share of every run's samples
+    (`kvbench.harness.parallel`); process 0 speaks for all of them.
+    """
+    world = current_world()
     methods = grid_methods(request.method_names, request.capacities, request.method_options)
     tasks = build_tasks(request.task_spec, **request.task_options)
     check_attention_backend(request.attn)
     check_device_map(request.device_map)
-    resolve_dtype(request.dtype, resolve_device(request.device))
+    device = device_for(world, request.device, request.device_map)
+    resolve_dtype(request.dtype, resolve_device(device))
     output_dir = Path(request.output) if request.output else default_output_dir()
     check_writable_folder(output_dir, "--output")
     source = resolve_model_source(request.model)
     config = load_model_config(source, request.trust_remote_code)
-    description, info = describe_model(source, config, request.dtype, request.attn, request.device)
+    description, info = describe_model(source, config, request.dtype, request.attn, device)
     compressors = [method.prepare(info) for method in methods]
     plan = RunPlan(tasks=tasks, data_dir=request.data_dir, limit=request.limit, max_length=request.max_length,
                    output_dir=output_dir)
+    if not world.is_main:
+        echo = progress = None
+    start(world)
     runs = []
     try:
         for method, compressor in zip(methods, compressors):
-            runs.append(open_run(description, method, compressor, plan))
-        loaded = load_model(source, dtype=request.dtype, attn=request.attn, device=request.device,
+            runs.append(open_run(description, method, compressor, plan, world))
+        loaded = load_model(source, dtype=request.dtype, attn=request.attn, device=device,
                             device_map=request.device_map, trust_remote_code=request.trust_remote_code)
         batch_size = request.batch_size or default_batch_size(loaded.model)
         started = time.perf_counter()
@@ -111,14 +121,19 @@ def run_grid(request: GridRequest, echo: Callable[[str], None] = print,
         for run in runs:
             summary = execute_run(run, loaded, report=progress, batch_size=batch_size)
             samples += summary.samples_done
-            echo(f"results: {summary.run_dir}")
-            for task_name, score in summary.scores.items():
-                value = "-" if score.get("score") is None else f"{score['score']:.2f}"
-                echo(f"  {task_name:24s} n={score['n']:<5d} {value}")
+            if echo is not None:
+                echo(f"results: {summary.run_dir}")
+                for task_name, score in summary.scores.items():
+                    value = "-" if score.get("score") is None else f"{score['score']:.2f}"
+                    echo(f"  {task_name:24s} n={score['n']:<5d} {value}")
         seconds = time.perf_counter() - started
         rate = f", {samples / seconds:.3f} samples/s" if samples and seconds > 0 else ""
-        echo(f"{samples} new samples in {seconds:.1f} s{rate}; rows in {', '.join(str(run.run_dir) for run in runs)}")
+        processes = f" over {world.size} processes" if world.distributed else ""
+        if echo is not None:
+            echo(f"{samples} new samples in {seconds:.1f} s{rate}{processes}; rows in "
+                 f"{', '.join(str(run.run_dir) for run in runs)}")
     finally:
         for run in runs:
             run.close()
+        finish(world)
     return [run.run_dir for run in runs]

@@ -72,12 +72,18 @@ class ModelDescription:
 
 
 def resolve_device(device: str) -> str:
+    """auto, cpu, cuda or cuda:N, checked against what torch sees."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise KvbenchError("--device cuda was asked for, but torch sees no CUDA device")
-    if device not in ("cpu", "cuda"):
-        raise KvbenchError(f"--device must be auto, cpu or cuda, got {device!r}")
+    if device == "cpu":
+        return device
+    kind, _, index = device.partition(":")
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise KvbenchError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if not torch.cuda.is_available():
+        raise KvbenchError(f"--device {device} was asked for, but torch sees no CUDA device")
+    if index and int(index) >= torch.cuda.device_count():
+        raise KvbenchError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
@@ -98,7 +104,7 @@ def check_device_map(device_map: str | None) -> None:
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     if dtype == "auto":
-        return torch.bfloat16 if device == "cuda" else torch.float32
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
     choices = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
                "float16": torch.float16, "fp16": torch.float16}
     if dtype not in choices:

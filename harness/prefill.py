@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from kvbench.harness.chunked import DEFAULT_CHUNK_TOKENS, install_chunking
 from kvbench.harness.hook import PrefillSession, active, install_hook
 from kvbench.methods.base import Compressor, SampleCompression
 
@@ -88,9 +89,12 @@ def eviction_schedule(state: SampleCompression, kept_per_layer: list[int], promp
 
 
 @torch.inference_mode()
-def prefill(model, compressor: Compressor, request: DecodeRequest) -> Prefilled:
-    """Prefill one prompt through the hook; the method keeps what it chooses of each layer."""
+def prefill(model, compressor: Compressor, request: DecodeRequest,
+            chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> Prefilled:
+    """Prefill one prompt through the hook; the method keeps what it chooses of each layer. The
+    per-token modules run in chunks of ``chunk_tokens`` positions (`kvbench.harness.chunked`)."""
     install_hook(model)
+    install_chunking(model, chunk_tokens)
     device = model.get_input_embeddings().weight.device
     input_ids = torch.as_tensor(request.prompt_ids, dtype=torch.long, device=device).view(1, -1)
     prompt_length = input_ids.shape[1]

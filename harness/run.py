@@ -19,6 +19,7 @@ weights load):
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -32,6 +33,7 @@ from kvbench.errors import KvbenchError
 from kvbench.harness.generate import Generation, eos_token_ids, generate_stream
 from kvbench.harness.prefill import DecodeRequest
 from kvbench.harness.model import LoadedModel, ModelDescription
+from kvbench.harness.parallel import World, barrier, main_decides, shard, total_over_processes
 from kvbench.methods.base import Compressor, Method
 from kvbench.paths import default_output_dir
 from kvbench.runfolder import (
@@ -41,6 +43,7 @@ from kvbench.runfolder import (
     append_row,
     check_writable_folder,
     identity_differences,
+    read_finished_rows,
     read_json,
     read_rows_for_resume,
     result_path,
@@ -128,10 +131,13 @@ class OpenRun:
     task_identity: dict[str, dict[str, Any]]
     samples_by_task: dict[str, list[dict[str, Any]]]
     previous: dict[str, Any]
-    lock: RunLock
+    #: held by the process that checked the folder (process 0 of a data-parallel launch)
+    lock: RunLock | None
+    world: World = World()
 
     def close(self) -> None:
-        self.lock.__exit__(None, None, None)
+        if self.lock is not None:
+            self.lock.__exit__(None, None, None)
 
     def __enter__(self) -> OpenRun:
         return self
@@ -140,11 +146,13 @@ class OpenRun:
         self.close()
 
 
-def open_run(model: ModelDescription, method: Method, compressor: Compressor, plan: RunPlan) -> OpenRun:
+def open_run(model: ModelDescription, method: Method, compressor: Compressor, plan: RunPlan,
+             world: World = World()) -> OpenRun:
     """Load and check the planned samples, lock the run folder and check its recorded identity.
 
     Every refusal happens here, before the weights load and before anything is written
-    but the lock file.
+    but the lock file. In a data-parallel launch process 0 locks and checks the folder and
+    the others take its verdict (`kvbench.harness.parallel`).
     """
     samples_by_task = {}
     task_identity = {}
@@ -155,23 +163,33 @@ def open_run(model: ModelDescription, method: Method, compressor: Compressor, pl
         samples_by_task[task.name] = samples[: plan.limit] if plan.limit is not None else samples
         task_identity[task.name] = task.identity(plan.data_dir)
     identity = run_identity(model, method, compressor, plan)
-    check_writable_folder(plan.output_dir, "--output")
     run_dir = run_dir_for(plan.output_dir, model.name, method_label(method))
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise KvbenchError(f"--output {plan.output_dir}: cannot create {run_dir} ({error.strerror or error})") from None
-    for task in plan.tasks:
-        if result_path(run_dir, task.name).is_dir():
-            raise KvbenchError(f"{result_path(run_dir, task.name)}: is a folder, expected the task's result file")
-    lock = RunLock(run_dir).__enter__()
-    try:
-        previous = read_json(run_dir / RUN_FILE) if (run_dir / RUN_FILE).exists() else {}
-        _check_identity(run_dir, previous, identity, task_identity)
-    except BaseException:
-        lock.__exit__(None, None, None)
-        raise
-    return OpenRun(run_dir, method, compressor, plan, identity, task_identity, samples_by_task, previous, lock)
+    lock: RunLock | None = None
+
+    def lock_and_check() -> dict[str, Any]:
+        nonlocal lock
+        check_writable_folder(plan.output_dir, "--output")
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise KvbenchError(f"--output {plan.output_dir}: cannot create {run_dir} ({error.strerror or error})") from None
+        for task in plan.tasks:
+            path = result_path(run_dir, task.name)
+            if path.is_dir():
+                raise KvbenchError(f"{path}: is a folder, expected the task's result file")
+            if path.exists() and not os.access(path, os.W_OK):
+                raise KvbenchError(f"{path}: cannot be written (read-only); its rows stay as they are")
+        lock = RunLock(run_dir).__enter__()
+        try:
+            previous = read_json(run_dir / RUN_FILE) if (run_dir / RUN_FILE).exists() else {}
+            _check_identity(run_dir, previous, identity, task_identity)
+        except BaseException:
+            lock.__exit__(None, None, None)
+            raise
+        return previous
+
+    previous = main_decides(world, lock_and_check)
+    return OpenRun(run_dir, method, compressor, plan, identity, task_identity, samples_by_task, previous, lock, world)
 
 
 def _check_identity(run_dir: Path, previous: dict[str, Any], identity: dict[str, Any],
@@ -219,9 +237,9 @@ def _write_run_file(run: OpenRun, model: ModelDescription, device: str) -> None:
     })
 
 
-def progress_bar(iterable=None, **options):
+def progress_bar(iterable=None, disable: bool = False, **options):
     """tqdm on a terminal; nothing on a pipe or in a log file, where bars would flood the lines."""
-    return tqdm(iterable, disable=not sys.stderr.isatty(), **options)
+    return tqdm(iterable, disable=disable or not sys.stderr.isatty(), **options)
 
 
 @dataclass
@@ -234,20 +252,23 @@ class RunSummary:
 
 def execute_run(run: OpenRun, loaded: LoadedModel, report: Callable[[str], None] | None = None,
                 batch_size: int = 1) -> RunSummary:
-    """Run every planned sample not already in the folder, up to ``batch_size`` decoded together;
-    write run.json first, each row as its sample finishes, and scores.json last."""
-    model_description = ModelDescription.of(loaded)
-    _write_run_file(run, model_description, str(loaded.model.device))
+    """Run every planned sample not already in the folder (this process's share of them in a data-parallel
+    launch), up to ``batch_size`` decoded together; write run.json first, each row as its sample finishes,
+    and scores.json last."""
+    world = run.world
+    if world.is_main:
+        _write_run_file(run, ModelDescription.of(loaded), str(loaded.model.device))
+        for task in run.plan.tasks:
+            read_rows_for_resume(result_path(run.run_dir, task.name))  # cut a line a crash left unfinished
+    barrier(world)  # nobody appends before a cut line is gone
     stop_ids = eos_token_ids(loaded.model, loaded.tokenizer)
-    scores_path = run.run_dir / SCORES_FILE
-    scores = read_json(scores_path) if scores_path.exists() else {}
     work: list[tuple[Task, dict[str, Any]]] = []
     planned_total = 0
     for task in run.plan.tasks:
-        done = {row["_id"] for row in read_rows_for_resume(result_path(run.run_dir, task.name))}
-        planned = run.samples_by_task[task.name]
-        planned_total += len(planned)
-        work += [(task, sample) for sample in planned if sample["_id"] not in done]
+        done = {row["_id"] for row in read_finished_rows(result_path(run.run_dir, task.name))}
+        mine = shard(run.samples_by_task[task.name], world)
+        planned_total += len(mine)
+        work += [(task, sample) for sample in mine if sample["_id"] not in done]
 
     def requests():
         limits = {task.name: max_prompt_length(loaded.context_window, task, run.plan.max_length)
@@ -262,20 +283,26 @@ def execute_run(run: OpenRun, loaded: LoadedModel, report: Callable[[str], None]
     started = time.perf_counter()
     samples_done = 0
     bar = progress_bar(None, desc=run.run_dir.name, unit="sample", initial=planned_total - len(work),
-                       total=planned_total)
+                       total=planned_total, disable=not world.is_main)
     with bar:
         for generation in generate_stream(loaded.model, run.compressor, requests(), batch_size, say=report):
             task, sample = generation.tag
             append_row(result_path(run.run_dir, task.name), _sample_row(loaded, task, sample, generation))
             samples_done += 1
             bar.update(1)
-    for task in run.plan.tasks:
-        wanted = {sample["_id"] for sample in run.samples_by_task[task.name]}
-        rows = [row for row in read_rows_for_resume(result_path(run.run_dir, task.name)) if row["_id"] in wanted]
-        scores[task.name] = task.score(rows) if rows else {"score": None}
-        scores[task.name]["n"] = len(rows)
-    write_json(scores_path, scores)
-    return RunSummary(run.run_dir, {task.name: scores[task.name] for task in run.plan.tasks}, samples_done,
+    barrier(world)
+    samples_done = total_over_processes(world, samples_done)
+    scores = {}
+    if world.is_main:
+        scores_path = run.run_dir / SCORES_FILE
+        scores = read_json(scores_path) if scores_path.exists() else {}
+        for task in run.plan.tasks:
+            wanted = {sample["_id"] for sample in run.samples_by_task[task.name]}
+            rows = [row for row in read_finished_rows(result_path(run.run_dir, task.name)) if row["_id"] in wanted]
+            scores[task.name] = task.score(rows) if rows else {"score": None}
+            scores[task.name]["n"] = len(rows)
+        write_json(scores_path, scores)
+    return RunSummary(run.run_dir, {task.name: scores.get(task.name, {}) for task in run.plan.tasks}, samples_done,
                       time.perf_counter() - started)
 
 

@@ -35,8 +35,12 @@ extra peak memory it took: default
 512 MiB budget, 209 ms per layer (6.7 s for 32 layers) and 524 MiB; 256 MiB, 239 ms and 296 MiB;
 1 GiB, 198 ms and 1042 MiB; about five times the layer's causal SDPA attention (39 ms), since every
 attention probability is written to memory once; at 8k tokens, about 15 ms per layer.
-PLACEHOLDER (fused kernel timings): not measured yet; fill in from ``python tests/gpu_attention_mass.py``
-on an H100 (ms per layer at 8k/16k/32k/64k against the chunked path and SDPA).
+The fused kernel (``python tests/gpu/attention_mass.py``, torch 2.11, triton 3.6): 2.5 / 9.4 / 36.2
+/ 144 ms per layer at 8k / 16k / 32k / 64k tokens against 16 / 59 / 233 / 1037 ms for the chunked
+path (6.4-7.2x faster), and 2.5-2.8x the layer's own causal SDPA (0.9 / 3.4 / 13.2 / 56.8 ms),
+with the first tiles; the tiles chosen by the sweep take 30.7 ms at 32k. Relative error against the
+chunked path: at most 1.1e-4, 2e-7 on average; kept sets (top 20% and 50%) identical to it
+(Jaccard 1.0000, averaged and per KV head).
 """
 
 from __future__ import annotations

@@ -74,8 +74,17 @@ Where we differ from, or decide beyond, the reference:
   scores by itself instead of reusing stale positions.
 
 Numerics match the reference: logits in the model dtype, softmax in float32
-cast back to the model dtype, summed over the suffix and averaged per window in
-the model dtype, so rounding and ties in bf16/fp16 behave as there.
+cast back to the model dtype, summed over the suffix in the model dtype, and
+each window scored by the very reduction the reference's ``get_window_score``
+runs: ``.mean()`` (after a per-head ``topk`` for "max") of the strided
+``(1, H, w)`` view of the votes, one window at a time, in the model dtype. The
+rounded result of a reduction depends on the order of its additions, hence on
+the layout it reads, so reducing the windows in any other layout (as kvbench
+did before: a contiguous token-major copy of all windows) rounds exactly tied
+windows apart and drops other windows than the reference (17 tokens kept
+instead of 15 on an 18-token, 32-query-head prompt with windows of 3).
+`tests/test_windowkv.py` checks the kept positions against a restatement of the
+reference's loop in fp32, bf16 and fp16.
 """
 
 from __future__ import annotations
@@ -130,29 +139,35 @@ def group_budgets(capacity: int, shared_layers: int, beta: int, num_layers: int)
 
 
 def window_scores(votes: torch.Tensor, window_size: int, strategy: str) -> torch.Tensor:
-    """One score per review window, shared by all heads: (num_windows,).
+    """One score per review window, shared by all heads: (num_windows,), in the votes' dtype.
 
-    votes: (1, H, L_r) per-head token scores. "average": mean over heads and the
-    window's tokens. "max": per head the mean of the window's top
-    ``min(window_size // 2, window length)`` tokens (at least one), then the mean
-    over heads. Computed in the votes' dtype, as the reference does.
+    votes: (1, H, L_r) per-head token scores (a contiguous tensor, as the
+    reference's ``attn_weights_sum``). "average": mean over heads and the window's
+    tokens. "max": per head the top ``min(window_size // 2, window length)``
+    tokens (at least one), then the mean of those ``H x top`` values.
+
+    Each window is reduced exactly as the reference's ``get_window_score`` does:
+    the strided ``(1, H, w)`` view of the votes (``votes[:, :, start:end]``;
+    ``split`` makes the same views), ``.mean()`` over it for "average",
+    ``torch.topk`` along its tokens then ``.mean()`` of the ``(1, H, top)`` values
+    for "max", one window at a time, in the votes' dtype. A mean is a float
+    sum (fp32 accumulation, rounded to bf16/fp16 for half votes) whose rounding
+    depends on the order of the additions, which the kernel picks from the
+    tensor's layout and shape, so reducing any other
+    layout (a contiguous token-major copy, or all windows in one batched call)
+    can round exactly tied windows apart, or untied ones together, and drop
+    other windows than the reference (e.g. 17 tokens kept instead of 15 on an
+    18-token prompt with 32 query heads and windows of 3). The loop costs one
+    or two small reductions per window per group leader and no host sync
+    (about 5-20 us a window on a CPU).
     """
-    length = votes.shape[-1]
-    full = length // window_size
-    parts = []
-    if full:
-        parts.append(votes[..., : full * window_size].unflatten(-1, (full, window_size)))
-    if length % window_size:
-        parts.append(votes[..., full * window_size :].unsqueeze(-2))
-    scores = []
-    for part in parts:  # (1, H, windows, tokens): the full windows, then the short last one
-        if strategy == "max":
-            top = max(1, min(window_size // 2, part.shape[-1]))
-            part = part.topk(top, dim=-1).values
-        # One contiguous (heads x tokens) row per window, reduced like the reference's
-        # `window.mean()`, so that exact ties stay exact (reduction order matters).
-        scores.append(part[0].transpose(0, 1).contiguous().flatten(1).mean(dim=-1))
-    return torch.cat(scores)
+    windows = votes.split(window_size, dim=-1)
+    if strategy == "max":
+        top = max(1, window_size // 2)
+        scores = [window.topk(min(top, window.shape[-1])).values.mean() for window in windows]
+    else:
+        scores = [window.mean() for window in windows]
+    return torch.stack(scores)
 
 
 def kept_windows(scores: torch.Tensor, drop: int) -> torch.Tensor:
@@ -209,10 +224,11 @@ class WindowKVCompressor(Compressor):
         self.classifier_digest: str | None = None
         if method.task_type == "auto":
             # Loaded now, so that a missing checkpoint fails before any model work.
-            from kvbench.classifier import checkpoint_digest, default_checkpoint_path, load_classifier
+            from kvbench.classifier import load_classifier
 
             self.task_classifier = load_classifier(method.classifier)
-            self.classifier_digest = checkpoint_digest(method.classifier or default_checkpoint_path())
+            # the digest of the very bytes loaded, so the run records the classifier it used
+            self.classifier_digest = self.task_classifier.digest
 
     def identity(self) -> dict[str, Any]:
         return {} if self.classifier_digest is None else {"classifier": self.classifier_digest}

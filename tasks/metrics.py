@@ -22,14 +22,21 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
 
-import jieba
 from rouge import Rouge
 
 from kvbench.errors import KvbenchError
 from kvbench.tasks.longbench_spec import first_line, resolve_longbench_name
 
-# jieba logs its dictionary loading to stderr; keep `kvbench eval`'s output to the table.
-jieba.setLogLevel(logging.WARNING)
+
+
+@functools.cache
+def _jieba():
+    """jieba, imported when a Chinese answer is first scored (it is only needed there)."""
+    import jieba
+
+    # jieba logs its dictionary loading to stderr; keep `kvbench eval`'s output to the table.
+    jieba.setLogLevel(logging.WARNING)
+    return jieba
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _ENGLISH_PUNCTUATION = set(string.punctuation)
@@ -68,7 +75,7 @@ def qa_f1_score(prediction: str, ground_truth: str) -> float:
 
 def _chinese_tokens(text: str) -> list[str]:
     """jieba words, each normalised, punctuation-only words dropped."""
-    return [token for token in (normalize_zh_answer(word) for word in jieba.cut(text, cut_all=False)) if token]
+    return [token for token in (normalize_zh_answer(word) for word in _jieba().cut(text, cut_all=False)) if token]
 
 
 def qa_f1_zh_score(prediction: str, ground_truth: str) -> float:
@@ -120,8 +127,8 @@ def rouge_score(prediction: str, ground_truth: str) -> float:
 def rouge_zh_score(prediction: str, ground_truth: str) -> float:
     """ROUGE-L F over jieba words joined by spaces."""
     return _rouge_l_f(
-        " ".join(jieba.cut(prediction, cut_all=False)),
-        " ".join(jieba.cut(ground_truth, cut_all=False)),
+        " ".join(_jieba().cut(prediction, cut_all=False)),
+        " ".join(_jieba().cut(ground_truth, cut_all=False)),
         _OFFICIAL_ROUGE_ZH_HEADROOM,
     )
 

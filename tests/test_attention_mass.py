@@ -3,7 +3,7 @@
 The chunked PyTorch path runs everywhere. The Triton kernel runs under Triton's CPU interpreter
 (tests/interpret_attention_mass.py, in a subprocess since TRITON_INTERPRET must be set before triton is
 imported; skipped where triton is not installed) and on CUDA (skipped without a GPU).
-Timings: tests/gpu_attention_mass.py.
+Timings: tests/gpu/attention_mass.py.
 """
 
 import importlib.util
@@ -93,6 +93,8 @@ def test_cpu_tensors_take_the_chunked_path_and_importance_is_the_head_average():
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the CUDA tests run the kernel itself (and Triton "
+                    "releases before 3.9 interpret bf16 dots differently)")
 def test_triton_kernel_under_the_interpreter_equals_the_dense_attention_matrix():
     script = os.path.join(os.path.dirname(__file__), "interpret_attention_mass.py")
     environment = dict(os.environ, TRITON_INTERPRET="1")

@@ -1,5 +1,7 @@
 """`kvbench bench`: one table, every method at every length, ratios against the full cache."""
 
+import pytest
+
 from kvbench.harness.bench import parse_method_spec, run_bench, write_bench
 from kvbench.harness.model import LoadedModel
 from tests.tiny_models import tiny_model
@@ -24,3 +26,28 @@ def test_bench_table_has_a_row_per_method_and_length(tmp_path):
     write_bench(table, tmp_path, "header")
     assert (tmp_path / "bench.md").read_text().startswith("header")
     assert (tmp_path / "bench.csv").is_file()
+
+
+def test_decode_step_bench_times_each_batch_size(tmp_path):
+    from kvbench.harness.bench import run_decode_step_bench
+
+    loaded = LoadedModel(model=tiny_model("llama", num_layers=2), tokenizer=None, name="tiny")
+    table = run_decode_step_bench(loaded, [1, 3], cache_tokens=40, steps=4, rounds=2, progress=lambda line: None)
+    assert table.batch.tolist() == [1, 3] and (table.steps_timed == 4).all()  # the first round is discarded
+    assert (table.step_ms > 0).all() and not table.cuda_graph.any()  # eager on the CPU
+
+
+@pytest.mark.slow
+def test_longbench_workload_runs_every_task_alone_and_batched(longbench_mini):
+    from kvbench.harness.bench import LONGBENCH_V1_SAMPLES, run_longbench_workload
+    from tests.tiny_models import tiny_loaded_model
+
+    assert sum(LONGBENCH_V1_SAMPLES.values()) == 4750
+    loaded = tiny_loaded_model("llama", num_layers=2)
+    table, samples = run_longbench_workload(loaded, loaded.tokenizer, ["snapkv"], 32, str(longbench_mini),
+                                            batch_size=8, limit=1, alone_limit=1, max_length=120,
+                                            progress=lambda line: None)
+    alone, batched = table.set_index("mode").loc["batch 1"], table.set_index("mode").loc["batch 8"]
+    assert (alone.samples, batched.samples) == (21, 21) and batched.tasks_covered == 21
+    assert batched.projected_longbench_v1_hours > 0 and 0 < batched.prefill_share < 1
+    assert len(samples) == 21 and samples.identical.all()  # fp32 on the CPU: batched tokens equal batch 1

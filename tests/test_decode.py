@@ -134,3 +134,31 @@ def test_out_of_memory_alone_names_the_sample(monkeypatch):
     request = DecodeRequest(random_prompt(70), 4, set(), sample={"task": "qasper", "_id": "abc"})
     with pytest.raises(KvbenchError, match=r"out of GPU memory prefilling qasper sample abc \(70 prompt tokens\) alone"):
         list(generate_stream(model, build_method("fullkv"), [request], 4))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["fullkv", "snapkv", "pyramidkv", "elastic", "prefixkv", "h2o"])
+def test_cuda_graph_steps_equal_eager_steps(name):
+    """On the GPU in fp32: the batch decoded through captured CUDA graphs equals each sample decoded
+    eagerly alone, token for token (rows joining and leaving, eviction schedules included)."""
+    model = tiny_model("llama", num_layers=3).cuda()
+    method = method_for(name)
+    lengths, new_tokens = [90, 30, 120, 64, 45, 100, 75, 140, 52], [10, 3, 12, 1, 9, 6, 11, 14, 7]
+    eager = {r.tag: r.token_ids for r in generate_stream(model, method, requests_of(lengths, new_tokens), 1,
+                                                          use_cuda_graphs=False)}
+    from kvbench.harness import decode as decode_module
+
+    captured = []
+    real_capture = decode_module.DecodeBatch._capture
+
+    def counting_capture(batch, rows):
+        captured.append(rows)
+        return real_capture(batch, rows)
+
+    decode_module.DecodeBatch._capture = counting_capture
+    try:
+        graphed = {r.tag: r.token_ids for r in generate_stream(model, method, requests_of(lengths, new_tokens), 4)}
+    finally:
+        decode_module.DecodeBatch._capture = real_capture
+    assert captured, "no CUDA graph was captured"
+    assert graphed == eager

@@ -182,3 +182,14 @@ def test_eval_command_reports_bad_input_in_one_line_with_exit_2(tmp_path):
     assert "Traceback" not in result.output
     missing = CliRunner().invoke(main, ["eval", str(tmp_path / "nothing")])
     assert (missing.exit_code, missing.stderr) == (2, f"error: {tmp_path / 'nothing'}: no such file or folder\n")
+
+
+@pytest.mark.parametrize("bad_line", ['{"_id": ["a"], "pred": "x", "answers": ["x"]}', "[" * 100000 + "]" * 100000])
+def test_odd_ids_and_deep_nesting_are_one_line(tmp_path, bad_line):
+    run, reference = tmp_path / "run", tmp_path / "reference"
+    for folder in (run, reference):
+        folder.mkdir()
+        (folder / "qasper.jsonl").write_text(bad_line + "\n", encoding="utf-8")
+    result = CliRunner().invoke(main, ["eval", str(run), "--against-run", str(reference)])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1

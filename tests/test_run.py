@@ -166,3 +166,54 @@ def test_gguf_without_the_gguf_package_is_one_line(tmp_path, monkeypatch):
                                        "--output", str(tmp_path)])
     assert result.exit_code == 2
     assert "needs the gguf package" in result.output
+
+
+@pytest.mark.slow
+def test_two_processes_fill_one_folder_with_the_rows_of_one(tmp_path, longbench_mini):
+    """torchrun with 2 CPU processes: each takes half the samples; the folder ends with the rows a single
+    process makes, each once, and scores.json over all of them."""
+    from tests.tiny_models import tiny_loaded_model
+
+    loaded = tiny_loaded_model("llama", num_layers=2)
+    model_dir = tmp_path / "tiny-model"
+    loaded.model.save_pretrained(model_dir)
+    loaded.tokenizer.save_pretrained(model_dir)
+    args = ["run", "--model", str(model_dir), "--method", "snapkv", "--capacity", "32", "--tasks", "trec,lcc",
+            "--data-dir", str(longbench_mini), "--limit", "5", "--max-length", "160", "--batch-size", "2"]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = kvbench(*args, "--output", str(tmp_path / "single"), env=environment)
+    assert single.returncode == 0, single.stderr[-2000:]
+    launch = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                             "--master-port", "29517", "-m", "kvbench", *args, "--output", str(tmp_path / "parallel")],
+                            capture_output=True, text=True, env=environment)
+    assert launch.returncode == 0, launch.stderr[-3000:]
+    assert "over 2 processes" in launch.stdout
+    timing = ("prefill_seconds", "decode_seconds", "peak_memory_mb")
+    for task in ("trec", "lcc"):
+        rows = {}
+        for kind in ("single", "parallel"):
+            lines = (tmp_path / kind / "tiny-model" / "snapkv-32" / f"{task}.jsonl").read_text().splitlines()
+            parsed = [json.loads(line) for line in lines]
+            rows[kind] = {row["_id"]: {k: v for k, v in row.items() if k not in timing} for row in parsed}
+            assert len(rows[kind]) == len(parsed) == 5  # each sample exactly once
+        assert rows["parallel"] == rows["single"]
+    scores = [json.loads((tmp_path / kind / "tiny-model" / "snapkv-32" / "scores.json").read_text())
+              for kind in ("single", "parallel")]
+    assert scores[0] == scores[1]
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"_id": ["a"], "context": "c", "input": "i", "answers": ["x"], "length": 1}', "_id must be a string"),
+    ('{"_id": {"a": 1}, "context": "c", "input": "i", "answers": ["x"], "length": 1}', "_id must be a string"),
+    ("[" * 100000 + "]" * 100000, "nested too deeply"),
+])
+def test_odd_data_rows_are_one_line_before_the_model_loads(tmp_path, line, message):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "trec.jsonl").write_text(line + "\n", encoding="utf-8")
+    for command in (["run", "--method", "fullkv", "--tasks", "trec", "--data-dir", str(data), "--output",
+                     str(tmp_path / "out")],
+                    ["train-classifier", "--data-dir", str(data), "--tasks", "trec"]):
+        result = CliRunner().invoke(main, command)
+        assert result.exit_code == 2, result.output
+        assert message in result.output and len(result.output.strip().splitlines()) == 1

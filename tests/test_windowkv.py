@@ -269,6 +269,8 @@ def test_capacity_too_small_for_the_groups():
 
 
 class FakeClassifier:
+    digest = "sha256:fake"
+
     def __init__(self):
         self.seen = []
 
@@ -288,11 +290,10 @@ def test_auto_classifies_every_sample(monkeypatch):
         return fake
 
     monkeypatch.setattr(kvbench.classifier, "load_classifier", load_classifier, raising=False)
-    monkeypatch.setattr(kvbench.classifier, "checkpoint_digest", lambda path: f"digest of {path}", raising=False)
     compressor = WindowKV(capacity=8, review_window_size=4, suffix_max=4, suffix_avg=4,
                           classifier="ckpt.pt").prepare(ModelInfo("tiny", 1))
     assert loaded == ["ckpt.pt"]  # before the first sample, once
-    assert compressor.identity() == {"classifier": "digest of ckpt.pt"}
+    assert compressor.identity() == {"classifier": "sha256:fake"}
     for text, task_type, expected in (
         ("Question: who?", "qa", [4, 5, 6, 7, 8, 9, 10, 11, 16, 17, 18, 19]),
         ("Summarize:", "other", [0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19]),
@@ -401,3 +402,116 @@ def test_half_precision_inputs(dtype):
     state = sample_state(wkv, 100, 1, sample={})
     positions = kept(state.select(layer))
     assert len(positions) == 40 + 32 and positions == sorted(set(positions))
+
+
+# -- the reference's own loop, restated: kept positions must match it exactly --------------------
+
+
+def reference_update_kv(queries, keys, suffix, window, budget, strategy):
+    """optim996/WindowKV `compress_utils.WindowKVCluster.update_kv` for a group leader, restated from its code.
+
+    ``keys`` are repeated per query head first (the reference's `repeat_kv` before `update_kv`). Returns the
+    kept prompt positions, ascending (the reference concatenates kept windows in score order; as a set of
+    positions that is the same choice).
+    """
+    _, num_heads, q_len, head_dim = queries.shape
+    keys = keys.repeat_interleave(num_heads // keys.shape[1], dim=1)
+    len_review = q_len - suffix
+    if len_review <= budget:
+        return list(range(q_len))
+    attn_weights = torch.matmul(queries[..., -suffix:, :], keys.transpose(2, 3)) / math.sqrt(head_dim)
+    mask = torch.full((suffix, suffix), torch.finfo(attn_weights.dtype).min)
+    mask_cond = torch.arange(mask.size(-1))
+    mask.masked_fill_(mask_cond < (mask_cond + 1).view(mask.size(-1), 1), 0)
+    attn_weights[:, :, -suffix:, -suffix:] += mask[None, None, :, :]
+    attn_weights = torch.nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(queries.dtype)
+    attn_weights_sum = attn_weights[:, :, -suffix:, :-suffix].sum(dim=-2)
+    win_max_attn_scores = window // 2  # the reference's init_WindowKV for "max"
+    num_windows = (len_review + window - 1) // window
+    review_windows = []
+    for _i in range(num_windows):
+        start_idx = _i * window
+        end_idx = min(start_idx + window, len_review)
+        window_slice = attn_weights_sum[:, :, start_idx:end_idx]
+        if strategy == "average":
+            window_score = window_slice.mean().item()
+        else:
+            values, _ = torch.topk(window_slice, min(win_max_attn_scores, window_slice.shape[-1]))
+            window_score = values.mean().item()
+        review_windows.append((_i, window_score))
+    bottom_k = math.ceil((len_review - budget) / window)
+    if bottom_k * window >= len_review:
+        return list(range(len_review, q_len))
+    review_windows = sorted(review_windows, key=lambda x: x[1], reverse=True)[:-bottom_k]
+    positions = [p for _i, _ in review_windows for p in range(_i * window, min(_i * window + window, len_review))]
+    return sorted(positions) + list(range(len_review, q_len))
+
+
+def kvbench_kept(queries, keys, suffix, window, budget, task_type):
+    suffixes = {"suffix_max": suffix} if task_type == "qa" else {"suffix_avg": suffix}
+    wkv = method(capacity=budget, review_window_size=window, task_type=task_type, **suffixes)
+    state = sample_state(wkv, queries.shape[2], 1, sample={})
+    selection = state.select(LayerPrefill(0, 1, queries, keys, keys.clone(), 1 / math.sqrt(queries.shape[-1])))
+    return list(range(queries.shape[2])) if selection is None else kept(selection)
+
+
+def test_uniform_attention_ties_break_as_in_the_reference():
+    # 32 query heads over 8 KV heads, 18 tokens, suffix 8, windows of 3 (3,3,3,1 reviewable tokens), budget 8:
+    # every vote is 1/18 (zero queries), so windows tie up to the fp32 rounding of each `window.mean()`. Reducing
+    # the windows in another layout (a token-major copy) rounded them differently and kept 17 tokens, not 15.
+    queries = torch.zeros(1, 32, 18, 64)
+    keys = torch.zeros(1, 8, 18, 64)
+    expected = [0, 1, 2, 3, 4, 5, 9] + list(range(10, 18))
+    assert reference_update_kv(queries, keys, 8, 3, 8, "average") == expected
+    assert kvbench_kept(queries, keys, 8, 3, 8, "other") == expected
+
+
+def test_window_scores_are_the_references_window_reductions_bit_for_bit():
+    generator = torch.Generator().manual_seed(11)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        votes = torch.rand(1, 32, 203, generator=generator).to(dtype) / 50
+        for window in (3, 8):
+            for strategy in ("average", "max"):
+                by_window = []
+                for start in range(0, 203, window):
+                    part = votes[:, :, start:start + window]
+                    if strategy == "max":
+                        part = torch.topk(part, min(window // 2, part.shape[-1]))[0]
+                    by_window.append(part.mean())
+                scores = window_scores(votes, window, strategy)
+                assert scores.dtype == dtype
+                assert torch.equal(scores, torch.stack(by_window))
+
+
+def random_configuration(generator, index):
+    """A random (queries, keys, suffix, window, budget, task type): MHA or GQA, fp32/bf16/fp16, 18..400 tokens."""
+
+    def pick(choices):
+        return choices[int(torch.randint(len(choices), (1,), generator=generator))]
+
+    dtype = (torch.float32, torch.bfloat16, torch.float16)[index % 3]
+    task_type = ("other", "qa")[index // 3 % 2]
+    heads, kv_heads = pick([(4, 4), (8, 8), (8, 2), (32, 8), (12, 4)])
+    head_dim = pick([8, 16, 64])
+    window = pick([3, 8, 4, 5, 2])
+    length = 18 if index % 5 == 0 else int(torch.randint(18, 401, (1,), generator=generator))
+    suffix = int(torch.randint(1, min(33, length - 1), (1,), generator=generator))
+    budget = int(torch.randint(1, length - suffix + 2, (1,), generator=generator))
+    # Sharp, flat and exactly uniform attention: flat votes make fp16/bf16-rounded window scores tie often.
+    scale = pick([0.0, 0.0, 0.05, 0.3, 1.0, 3.0])
+    queries = (torch.randn(1, heads, length, head_dim, generator=generator) * scale).to(dtype)
+    keys = torch.randn(1, kv_heads, length, head_dim, generator=generator).to(dtype)
+    return queries, keys, suffix, window, budget, task_type
+
+
+def test_kept_positions_match_the_reference_loop_on_random_configurations():
+    generator = torch.Generator().manual_seed(2025)
+    compressed = 0
+    for index in range(150):
+        queries, keys, suffix, window, budget, task_type = random_configuration(generator, index)
+        strategy = "max" if task_type == "qa" else "average"
+        expected = reference_update_kv(queries, keys, suffix, window, budget, strategy)
+        compressed += len(expected) < queries.shape[2]
+        assert kvbench_kept(queries, keys, suffix, window, budget, task_type) == expected, (
+            index, queries.dtype, tuple(queries.shape), tuple(keys.shape), suffix, window, budget, task_type)
+    assert compressed > 90

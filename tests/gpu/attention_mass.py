@@ -1,7 +1,7 @@
 """Time the fused attention-mass kernel on a CUDA GPU (a script, not a test).
 
-    python tests/gpu_attention_mass.py           # the table
-    python tests/gpu_attention_mass.py --sweep   # and tile configurations of the kernel at 32k tokens
+    python tests/gpu/attention_mass.py           # the table
+    python tests/gpu/attention_mass.py --sweep   # and tile configurations of the kernel at 32k tokens
 
 One layer's score at 8k/16k/32k/64k tokens, Hq 32, Hkv 8, head_dim 128, bf16 (random queries and
 keys): milliseconds of the Triton kernel, of the chunked PyTorch path, and of a causal SDPA forward

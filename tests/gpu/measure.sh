@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Every GPU figure of the README in one call, tables under $OUT (a folder per phase).
+#
+#   tests/gpu/measure.sh PHASE...     PHASE: smoke, kernel, sweep, decode, prefill, long, workload (or all)
+#
+# Runs on a CUDA machine where `python3` has torch; packages it lacks come as wheels in .whl/
+# (click, tqdm, tabulate, rouge, pytest and its needs, and the transformers kvbench is tested with),
+# the LongBench mini set and a tokenizer in .dev-assets/ (the tokenizer only builds prompts of the
+# right lengths for the random-weight model). Random weights of Llama-3-8B's shape, bf16, sdpa.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-results/gpu}
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+mkdir -p /tmp/pkg && ln -sfn "$PWD" /tmp/pkg/kvbench  # the repository root is the package
+export PYTHONPATH=/tmp/site:/tmp/pkg PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+MINI=.dev-assets/longbench-mini
+TOKENIZER=.dev-assets/tokenizer
+phases=("$@")
+[[ " ${phases[*]} " == *" all "* ]] && phases=(smoke kernel decode prefill long workload)
+
+for phase in "${phases[@]}"; do
+  mkdir -p "$OUT/$phase"
+  case $phase in
+  smoke)  # versions, the CUDA tests (graphs equal eager, the kernel against dense attention)
+    python3 -c "import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__, torch.cuda.get_device_name())"
+    python3 -m pytest -q -p no:cacheprovider tests/test_decode.py tests/test_attention_mass.py -k "cuda or triton" -rs 2>&1 | tee "$OUT/smoke/tests.txt"
+    ;;
+  kernel)  # the fused attention-mass kernel against the chunked PyTorch path and causal SDPA
+    python3 tests/gpu/attention_mass.py 2>&1 | tee "$OUT/kernel/attention_mass.txt"
+    ;;
+  sweep)  # tile configurations of the kernel at 32k tokens
+    python3 tests/gpu/attention_mass.py --sweep 2>&1 | tee "$OUT/sweep/attention_mass.txt"
+    ;;
+  decode)  # the decode step by batch size, CUDA graph and eager
+    python3 -m kvbench bench --workload decode --model llama3-8b --batch-sizes 1,8,32 --cache-tokens 576 \
+      --steps 40 --repeats 3 --out "$OUT/decode"
+    ;;
+  prefill)  # prefill time and peak memory by method at 16k and 32k
+    python3 - <<'PY'  # an offline PrefixKV profile for the random model (uniform per-layer ratios)
+from kvbench.methods.prefixkv import write_config
+write_config({"model": "llama3-8b-random", "num_layers": 32, "ratio": 0.97, "layer_ratios": [0.97] * 32,
+              "samples": 0}, "/tmp/prefixkv-profile.json")
+PY
+    python3 -m kvbench bench --model llama3-8b --lengths 16384,32768 --capacity 512 --new-tokens 16 --repeats 2 \
+      --methods fullkv,snapkv,h2o,elastic,prefixkv:prefix_config=/tmp/prefixkv-profile.json,prefixkv:prefix_config=online \
+      --out "$OUT/prefill"
+    ;;
+  long)  # 64k and 128k tokens: prefill time and the peak memory that decides which card a prompt fits
+    python3 -m kvbench bench --model llama3-8b --lengths 65536,131072 --capacity 512 --new-tokens 8 --repeats 1 \
+      --methods fullkv,snapkv,h2o --out "$OUT/long"
+    ;;
+  workload)  # the run loop's engine over the mini set: batch 1 against batched, full cache and SnapKV-512
+    python3 -m kvbench bench --workload longbench --model llama3-8b --tokenizer "$TOKENIZER" --data-dir "$MINI" \
+      --methods snapkv,fullkv --capacity 512 --batch-size 32 --alone-limit 1 --max-length 7950 \
+      --out "$OUT/workload"
+    ;;
+  *) echo "unknown phase $phase" >&2; exit 2 ;;
+  esac
+done
