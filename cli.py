@@ -245,6 +245,7 @@ def _build_run_command():
 @click.option("--alone-limit", type=int, default=1, show_default=True,
               help="longbench: samples of each task also run alone (batch 1)")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="longbench: rows of the batched run")
+@click.option("--alone-eager", is_flag=True, help="longbench: also decode the batch-1 samples without CUDA graphs")
 @click.option("--max-length", type=int, default=None, help="longbench: prompt tokens kept, as for `run`")
 @click.option("--tokenizer", default=None,
               help="longbench: tokenizer (folder or hub id) building the prompts [default: the model's, else the "
@@ -254,7 +255,8 @@ def _build_run_command():
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", type=click.Path(), default="results/bench", show_default=True, help="folder for bench.csv / bench.md")
 def bench_command(workload, model, method_specs, lengths, capacity, new_tokens, repeats, batch_sizes, cache_tokens,
-                  steps, data_dir, limit, alone_limit, batch_size, max_length, tokenizer, dtype, attn, device, out):
+                  steps, data_dir, limit, alone_limit, batch_size, alone_eager, max_length, tokenizer, dtype, attn,
+                  device, out):
     """Speed and memory of the engine: prefill, decode and peak memory side by side, medians from one process."""
     from kvbench.harness import bench
     from kvbench.runfolder import check_writable_folder
@@ -287,7 +289,7 @@ def bench_command(workload, model, method_specs, lengths, capacity, new_tokens, 
     else:
         table, samples = bench.run_longbench_workload(
             loaded, bench.workload_tokenizer(loaded, tokenizer), method_specs.split(","), capacity, data_dir,
-            batch_size, limit, alone_limit, max_length, say)
+            batch_size, limit, alone_limit, max_length, say, alone_eager)
         extra = {"bench_samples.csv": samples}
         header += f", capacity {capacity}, LongBench prompts from {data_dir}, stop tokens ignored"
     bench.write_bench(table, Path(out), header, extra if workload == "longbench" else {})

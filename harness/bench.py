@@ -272,9 +272,11 @@ def longbench_requests(tokenizer, data_dir: str, limit: int | None, context_wind
 
 def run_longbench_workload(loaded: LoadedModel, tokenizer, method_specs: list[str], capacity: int, data_dir: str,
                            batch_size: int, limit: int | None = None, alone_limit: int | None = 1,
-                           max_length: int | None = None, progress=print) -> tuple[pd.DataFrame, pd.DataFrame]:
+                           max_length: int | None = None, progress=print,
+                           alone_eager: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Throughput of the run loop's engine over LongBench-shaped work, each method alone (batch 1, on the
-    first ``alone_limit`` samples of each task) and batched (all samples), in one process.
+    first ``alone_limit`` samples of each task; with ``alone_eager`` also without CUDA graphs, as kvbench
+    decoded before batching) and batched (all samples), in one process.
 
     Returns the summary table and the per-sample table (tokens of both modes, for the identical fraction).
     """
@@ -294,10 +296,14 @@ def run_longbench_workload(loaded: LoadedModel, tokenizer, method_specs: list[st
     summary, samples = [], []
     for spec, compressor in methods.items():
         results = {}
-        for mode, requests, rows in (("batch 1", alone_requests, 1), (f"batch {batch_size}", all_requests, batch_size)):
+        modes = [("batch 1", alone_requests, 1, True)]
+        if alone_eager:
+            modes.append(("batch 1, eager", alone_requests, 1, False))
+        modes.append((f"batch {batch_size}", all_requests, batch_size, True))
+        for mode, requests, rows, graphs in modes:
             synchronize_device(model)
             start = time.perf_counter()
-            generations = list(generate_stream(model, compressor, requests, rows))
+            generations = list(generate_stream(model, compressor, requests, rows, use_cuda_graphs=graphs))
             seconds = time.perf_counter() - start
             results[mode] = {g.tag: g for g in generations}
             summary.append(_workload_row(spec, compressor, mode, rows, generations, seconds))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -271,7 +271,10 @@ def load_model(
     source = model if isinstance(model, ModelSource) else resolve_model_source(model)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
 
+    if not sys.stderr.isatty():
+        transformers_logging.disable_progress_bar()  # its loading bar would be one more line in every log
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.location, trust_remote_code=trust_remote_code)
         loaded = AutoModelForCausalLM.from_pretrained(

@@ -53,11 +53,10 @@ from dataclasses import dataclass
 
 import torch
 
-from kvbench.errors import KvbenchError
 from kvbench.methods import register
 from kvbench.methods.base import LayerPrefill, Method, Selection, option
 from kvbench.methods.importance import attention_mass
-from kvbench.methods.snapkv import require_capacity
+from kvbench.methods.snapkv import require_capacity_beyond
 
 CAPACITY_HELP = "tokens kept per layer per KV head, recent window included"
 
@@ -93,13 +92,7 @@ class H2O(Method):
     window_size: int = option(8, "recent window: last prompt tokens, always kept, not scored")
 
     def validate(self) -> None:
-        require_capacity(self)
-        if self.window_size <= 0:
-            raise KvbenchError(f"--window-size must be > 0, got {self.window_size}")
-        if self.capacity <= self.window_size:
-            raise KvbenchError(
-                f"--capacity ({self.capacity}) must be larger than the recent window --window-size ({self.window_size})"
-            )
+        require_capacity_beyond(self, "window_size", "the recent window")
 
     def select(self, layer: LayerPrefill) -> Selection | None:
         # The reference compresses when the prompt is at least the capacity long.

@@ -57,21 +57,26 @@ class ObservationWindowMethod(Method):
     pooling: str = option("maxpool", "pooling of the votes", choices=("maxpool", "avgpool"))
 
     def validate(self) -> None:
-        require_capacity(self)
-        if self.window_size <= 0:
-            raise KvbenchError(f"--window-size must be > 0, got {self.window_size}")
+        require_capacity_beyond(self, "window_size", "the observation window")
         if self.kernel_size <= 0 or self.kernel_size % 2 == 0:
             raise KvbenchError(f"--kernel-size must be a positive odd number, got {self.kernel_size}")
-        if self.capacity <= self.window_size:
-            raise KvbenchError(
-                f"--capacity ({self.capacity}) must be larger than the observation window --window-size ({self.window_size})"
-            )
 
 
 def require_capacity(method: Method) -> None:
     """The methods with a fixed token budget need ``--capacity`` > 0."""
     if method.capacity is None or method.capacity <= 0:
         raise KvbenchError(f"method {method.name!r} needs --capacity > 0, got {method.capacity}")
+
+
+def require_capacity_beyond(method: Method, option_name: str, what: str) -> None:
+    """``--capacity`` > 0, the option (always-kept tokens: a window, sinks) > 0, and the capacity larger than it."""
+    require_capacity(method)
+    value = getattr(method, option_name)
+    flag = "--" + option_name.replace("_", "-")
+    if value <= 0:
+        raise KvbenchError(f"{flag} must be > 0, got {value}")
+    if method.capacity <= value:
+        raise KvbenchError(f"--capacity ({method.capacity}) must be larger than {what} {flag} ({value})")
 
 
 @register

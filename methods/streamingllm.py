@@ -38,10 +38,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kvbench.errors import KvbenchError
 from kvbench.methods import register
 from kvbench.methods.base import LayerPrefill, Method, Selection, keep_positions, option
-from kvbench.methods.snapkv import require_capacity
+from kvbench.methods.snapkv import require_capacity_beyond
 
 CAPACITY_HELP = "tokens kept per layer per KV head, sinks included"
 
@@ -63,13 +62,7 @@ class StreamingLLM(Method):
     sink_size: int = option(4, "attention sinks: first prompt tokens, always kept")
 
     def validate(self) -> None:
-        require_capacity(self)
-        if self.sink_size <= 0:
-            raise KvbenchError(f"--sink-size must be > 0, got {self.sink_size}")
-        if self.capacity <= self.sink_size:
-            raise KvbenchError(
-                f"--capacity ({self.capacity}) must be larger than the attention sinks --sink-size ({self.sink_size})"
-            )
+        require_capacity_beyond(self, "sink_size", "the attention sinks")
 
     def select(self, layer: LayerPrefill) -> Selection | None:
         # The reference compresses when the prompt is at least the capacity long.

@@ -1,6 +1,8 @@
 """Scoring prediction files: `evaluate_path`, `score_rows` and the `kvbench eval` command."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -193,3 +195,14 @@ def test_odd_ids_and_deep_nesting_are_one_line(tmp_path, bad_line):
     result = CliRunner().invoke(main, ["eval", str(run), "--against-run", str(reference)])
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_eval_imports_no_torch(tmp_path):
+    write_predictions(tmp_path / "qasper.jsonl", [prediction("yes", ["yes"])])
+    script = (
+        "import sys\n"
+        "from kvbench.cli import main\n"
+        f"main(['eval', {str(tmp_path)!r}], standalone_mode=False)\n"
+        "assert 'torch' not in sys.modules, 'kvbench eval imported torch'\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)

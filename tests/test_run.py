@@ -155,8 +155,6 @@ def test_an_output_that_is_a_file_is_refused_before_the_model_loads(tmp_path, wh
 
 
 def test_gguf_without_the_gguf_package_is_one_line(tmp_path, monkeypatch):
-    import importlib.util
-
     from kvbench.harness import model as model_module
 
     gguf_file = tmp_path / "tiny.gguf"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU figure of the README in one call, tables under $OUT (a folder per phase).
 #
-#   tests/gpu/measure.sh PHASE...     PHASE: smoke, kernel, sweep, decode, prefill, long, workload (or all)
+#   tests/gpu/measure.sh PHASE...     PHASE: smoke, kernel, sweep, decode, prefill, long, workload, exactness (or all)
 #
 # Runs on a CUDA machine where `python3` has torch; packages it lacks come as wheels in .whl/
 # (click, tqdm, tabulate, rouge, pytest and its needs, and the transformers kvbench is tested with),
@@ -16,7 +16,7 @@ export PYTHONPATH=/tmp/site:/tmp/pkg PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 MINI=.dev-assets/longbench-mini
 TOKENIZER=.dev-assets/tokenizer
 phases=("$@")
-[[ " ${phases[*]} " == *" all "* ]] && phases=(smoke kernel decode prefill long workload)
+[[ " ${phases[*]} " == *" all "* ]] && phases=(smoke kernel decode prefill long workload exactness)
 
 for phase in "${phases[@]}"; do
   mkdir -p "$OUT/$phase"
@@ -51,8 +51,13 @@ PY
     ;;
   workload)  # the run loop's engine over the mini set: batch 1 against batched, full cache and SnapKV-512
     python3 -m kvbench bench --workload longbench --model llama3-8b --tokenizer "$TOKENIZER" --data-dir "$MINI" \
-      --methods snapkv,fullkv --capacity 512 --batch-size 32 --alone-limit 1 --max-length 7950 \
+      --methods snapkv,fullkv --capacity 512 --batch-size 32 --alone-limit 1 --alone-eager --max-length 7950 \
       --out "$OUT/workload"
+    ;;
+  exactness)  # the same in fp32 on one sample per task: do batched tokens equal batch-1 tokens without bf16 rounding?
+    python3 -m kvbench bench --workload longbench --model llama3-8b --dtype fp32 --tokenizer "$TOKENIZER" \
+      --data-dir "$MINI" --methods snapkv --capacity 512 --batch-size 32 --limit 1 --alone-limit 1 --max-length 7950 \
+      --out "$OUT/exactness"
     ;;
   *) echo "unknown phase $phase" >&2; exit 2 ;;
   esac
