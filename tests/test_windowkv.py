@@ -515,3 +515,50 @@ def test_kept_positions_match_the_reference_loop_on_random_configurations():
         assert kvbench_kept(queries, keys, suffix, window, budget, task_type) == expected, (
             index, queries.dtype, tuple(queries.shape), tuple(keys.shape), suffix, window, budget, task_type)
     assert compressed > 90
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task_type", ["other", "qa"])
+def test_every_layer_keeps_the_references_positions_on_a_real_trec_prompt(longbench_mini, task_type):
+    """SmolLM2 (9 query heads over 3 KV heads, 30 layers) on a LongBench trec prompt: each layer's kept positions,
+    as the engine stores them, are the reference's (leaders scored by its loop, followers reusing the leader's
+    windows, budgets of the decaying groups). Few-shot scores near zero on this model are the method's own."""
+    from kvbench.harness.generate import model_info
+    from kvbench.harness.model import load_model
+    from kvbench.harness.prefill import DecodeRequest, prefill
+    from kvbench.methods.base import Compressor
+    from kvbench.tasks.longbench import LongBenchTask, load_task_samples
+
+    loaded = load_model(None, dtype="fp32", device="cpu")
+    task = LongBenchTask("trec")
+    sample = load_task_samples("trec", longbench_mini)[0]
+    prompt = task.prompt_ids(sample, loaded.tokenizer, 1500)
+    wkv = WindowKV(capacity=128, task_type=task_type)
+    inner = wkv.prepare(model_info(loaded.model))
+    layers, stored = {}, {}
+
+    class Recording(Compressor):
+        def start_sample(self, prompt_length, sample=None):
+            state = inner.start_sample(prompt_length, sample)
+            select = state.select
+
+            def recording_select(layer):
+                selection = select(layer)
+                layers[layer.layer_idx] = (layer.queries.clone(), layer.keys.clone())
+                stored[layer.layer_idx] = None if selection is None else kept(selection)
+                return selection
+
+            state.select = recording_select
+            return state
+
+    request = DecodeRequest(prompt, 1, set(), {**sample, "prompt_text": task.prompt_text(sample)})
+    prefilled = prefill(loaded.model, Recording(wkv, model_info(loaded.model)), request)
+    suffix, strategy = (32, "max") if task_type == "qa" else (16, "average")
+    budgets = inner.budgets
+    assert budgets == [183, 147, 111, 73]
+    for layer_idx in range(30):
+        if layer_idx % 8 == 0:
+            queries, keys = layers[layer_idx]
+            leader = reference_update_kv(queries, keys, suffix, 8, budgets[layer_idx // 8], strategy)
+        assert stored[layer_idx] == leader, layer_idx
+        assert prefilled.kept_per_layer[layer_idx] == len(leader)
