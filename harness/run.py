@@ -100,7 +100,8 @@ def summarize(values: list[int]) -> dict[str, float]:
 
 
 def run_identity(model: ModelDescription, method: Method, compressor: Compressor, plan: RunPlan) -> dict[str, Any]:
-    """Every setting that can change a row, besides each task's own (``task_identity``).
+    """Every setting that can change a row, besides each task's own (its data, and for tasks that truncate
+    prompts the prompt budget ``--max-length`` resolves to: see `open_run`).
 
     Not part of it, because they never change a row: the device and the batch of
     decoding (bf16 rounding aside, see the README), ``--limit`` and the needle grid
@@ -111,7 +112,6 @@ def run_identity(model: ModelDescription, method: Method, compressor: Compressor
         "model": {"name": model.name, **model.identity},
         "dtype": model.dtype,
         "attention": model.attention,
-        "max_length": plan.max_length,
         "method": method.name,
         "options": method.options(),
         "method_files": compressor.identity(),
@@ -158,10 +158,13 @@ def open_run(model: ModelDescription, method: Method, compressor: Compressor, pl
     task_identity = {}
     for task in plan.tasks:
         task.validate_for_model(context_limit(model.context_window, task, plan.max_length))
-        max_prompt_length(model.context_window, task, plan.max_length)
+        prompt_budget = max_prompt_length(model.context_window, task, plan.max_length)
         samples = task.load_samples(plan.data_dir)
         samples_by_task[task.name] = samples[: plan.limit] if plan.limit is not None else samples
         task_identity[task.name] = task.identity(plan.data_dir)
+        if task.truncates_prompts:
+            # the budget as resolved (--max-length, or the window minus the generation length)
+            task_identity[task.name]["max_prompt_tokens"] = prompt_budget
     identity = run_identity(model, method, compressor, plan)
     run_dir = run_dir_for(plan.output_dir, model.name, method_label(method))
     lock: RunLock | None = None

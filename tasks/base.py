@@ -21,6 +21,8 @@ class Task:
     category: str
     #: generation budget in tokens
     max_new_tokens: int
+    #: whether prompts are cut to the run's maximum prompt length (so that length can change a row)
+    truncates_prompts: bool = False
 
     def load_samples(self, data_dir: str | None) -> list[dict[str, Any]]:
         """All samples of the task, each a dict with a unique string ``_id``."""

@@ -187,6 +187,8 @@ def build_prompt_ids(info: TaskInfo, sample: dict[str, Any], tokenizer, max_leng
 class LongBenchTask(Task):
     """One LongBench dataset ("qasper") or its LongBench-E variant ("qasper_e")."""
 
+    truncates_prompts = True
+
     def __init__(self, name: str):
         self.info, self.longbench_e = resolve_longbench_name(name)
         self.name = name

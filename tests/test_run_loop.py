@@ -49,10 +49,11 @@ def test_rows_and_scores_of_a_run(loaded, tmp_path, longbench_mini):
     recorded = json.loads((run_dir / "run.json").read_text())
     assert recorded["tasks"] == {"trec": 3, "multifieldqa_en": 3}
     identity = recorded["identity"]
-    assert identity["max_length"] == 160 and identity["options"]["capacity"] == 32
+    assert identity["options"]["capacity"] == 32 and recorded["max_length"] == 160
     assert identity["model"] == {"name": "tiny-llama", "test_model": "llama"}
     assert identity["scorer"] == {"code_sim_matcher": "levenshtein"}
-    assert set(recorded["task_identity"]["trec"]) == {"sha256"}
+    assert recorded["task_identity"]["trec"].keys() == {"sha256", "max_prompt_tokens"}
+    assert recorded["task_identity"]["trec"]["max_prompt_tokens"] == 160
     assert summary.samples_done == 6
 
 
@@ -97,7 +98,7 @@ def test_a_folder_made_under_other_settings_is_refused_and_left_as_it_was(loaded
     first = run_benchmark(loaded, method, plan(tmp_path, longbench_mini, tasks="trec", limit=1))
     run_file = first.run_dir / "run.json"
     before = run_file.read_bytes()
-    with pytest.raises(KvbenchError, match=r"holds rows made under other settings \(max_length: 160 -> 200\)"):
+    with pytest.raises(KvbenchError, match=r"holds rows made under other settings \(trec\.max_prompt_tokens: 160 -> 200\)"):
         run_benchmark(loaded, method, plan(tmp_path, longbench_mini, tasks="trec", limit=1, max_length=200))
     with pytest.raises(KvbenchError, match=r"code_sim_matcher: \"levenshtein\" -> \"difflib\""):
         from kvbench.tasks.metrics import using_code_sim_matcher
@@ -117,9 +118,11 @@ def test_a_folder_made_under_other_settings_is_refused_and_left_as_it_was(loaded
     with pytest.raises(KvbenchError, match="model.test_model"):
         run_benchmark(other, method, plan(tmp_path, longbench_mini, tasks="trec", limit=1))
     assert run_file.read_bytes() == before
-    # a new task joins the folder; an option set away from its default makes another folder
+    # new tasks join the folder: the needle test, whose rows --max-length does not change, with another one
     run_benchmark(loaded, method, plan(tmp_path, longbench_mini, tasks="lcc", limit=1))
-    assert json.loads(run_file.read_text())["tasks"] == {"trec": 1, "lcc": 1}
+    run_benchmark(loaded, method, plan(tmp_path, longbench_mini, tasks="needle", limit=None, max_length=None,
+                                       lengths="600", depths="50"))
+    assert json.loads(run_file.read_text())["tasks"] == {"trec": 1, "lcc": 1, "needle": 1}
     other_folder = run_benchmark(loaded, build_method("snapkv", capacity=32, kernel_size=3),
                                  plan(tmp_path, longbench_mini, tasks="trec", limit=1))
     assert other_folder.run_dir.name == "snapkv-32-kernel_size=3"
