@@ -69,3 +69,28 @@ def test_rotary_embedding_in_chunks_is_exact():
     assert torch.equal(rotary(queries, keys, cos, sin)[0], expected[0])  # with autograd on: not in place
     install_chunking(model, 8)  # re-installing wraps the original, not the wrapper
     assert modeling_llama.apply_rotary_pos_emb._kvbench_unchunked is rotary._kvbench_unchunked
+
+
+def test_long_prefill_keeps_one_residual_stream_buffer_and_projects_in_place():
+    """During a long prefill every decoder layer returns its own input tensor (the embeddings' buffer, so no
+    second copy of the hidden states lives through the layer loop) and the output projection overwrites its
+    input; short inputs, and any call under autograd, get fresh tensors as the modeling code makes them."""
+    model = tiny_model("llama", num_layers=3)
+    install_chunking(model, 16)
+    returned_own_input = []
+
+    def record(module, args, kwargs, output):
+        returned_own_input.append(output.data_ptr() == args[0].data_ptr())
+
+    for layer in model.model.layers:
+        layer.register_forward_hook(record, with_kwargs=True)
+        layer.self_attn.o_proj.register_forward_hook(record, with_kwargs=True)
+    compressor = build_method("snapkv", capacity=40).prepare(ModelInfo("tiny", 3))
+    prefill(model, compressor, DecodeRequest(random_prompt(50, seed=3), 4, set()), chunk_tokens=16)
+    assert returned_own_input == [True] * 6
+    returned_own_input.clear()
+    prefill(model, compressor, DecodeRequest(random_prompt(12, seed=3), 4, set()), chunk_tokens=16)
+    assert returned_own_input == [False] * 6
+    returned_own_input.clear()
+    model(torch.tensor([random_prompt(50, seed=3)]))  # autograd on
+    assert returned_own_input == [False] * 6

@@ -1,8 +1,6 @@
 """Scoring prediction files: `evaluate_path`, `score_rows` and the `kvbench eval` command."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +10,7 @@ from kvbench.cli import main
 from kvbench.errors import KvbenchError
 from kvbench.tasks.evaluate import evaluate_path, score_rows
 from kvbench.tasks.longbench_spec import LONGBENCH_TASKS, TASK_TABLE
+from tests.torch_free import assert_runs_without_torch
 
 CLASSES = ["Date", "Individual", "Description of a person"]
 
@@ -199,10 +198,4 @@ def test_odd_ids_and_deep_nesting_are_one_line(tmp_path, bad_line):
 
 def test_eval_imports_no_torch(tmp_path):
     write_predictions(tmp_path / "qasper.jsonl", [prediction("yes", ["yes"])])
-    script = (
-        "import sys\n"
-        "from kvbench.cli import main\n"
-        f"main(['eval', {str(tmp_path)!r}], standalone_mode=False)\n"
-        "assert 'torch' not in sys.modules, 'kvbench eval imported torch'\n"
-    )
-    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)
+    assert_runs_without_torch(["eval", str(tmp_path)])

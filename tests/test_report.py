@@ -5,8 +5,6 @@ from __future__ import annotations
 import base64
 import json
 import math
-import subprocess
-import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from kvbench.report.tables import (
     to_markdown,
 )
 from kvbench.tasks.needle import DEFAULT_ANSWER
+from tests.torch_free import assert_runs_without_torch
 
 MODEL = "tiny-model"
 RIGHT_ANSWER = "Eat a sandwich and sit in Dolores Park on a sunny day."
@@ -516,10 +515,4 @@ def test_report_says_why_a_model_has_no_capacity_plot(tmp_path):
 
 
 def test_report_imports_no_torch(results, tmp_path):
-    script = (
-        "import sys\n"
-        "from kvbench.cli import main\n"
-        f"main(['report', {str(results)!r}, '--out', {str(tmp_path / 'r')!r}], standalone_mode=False)\n"
-        "assert 'torch' not in sys.modules, 'kvbench report imported torch'\n"
-    )
-    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)
+    assert_runs_without_torch(["report", str(results), "--out", str(tmp_path / "r")])
