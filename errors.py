@@ -8,3 +8,9 @@ class KvbenchError(Exception):
     value at fault; `kvbench.cli` prints ``error: <message>`` and exits 2, so the
     user never sees a traceback for a mistake they can fix.
     """
+
+
+def error_line(error: BaseException) -> str:
+    """The first line of an error's message (its type's name when it has none), for a one-line report."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 
 from kvbench.classifier.model import (LABELS, POOLINGS, PromptReader, TaskClassifier, TaskClassifierModel, is_plain_int,
                                       load_encoder, special_tokens)
-from kvbench.errors import KvbenchError
+from kvbench.errors import KvbenchError, error_line
 from kvbench.paths import kvbench_home
 
 CHECKPOINT_FILE = "classifier.safetensors"
@@ -223,7 +223,7 @@ def load_classifier(path: str | os.PathLike | None = None, device: str = "cpu") 
     try:
         tensors = load_tensors_from_bytes(content)
     except (SafetensorError, ValueError, RuntimeError, OSError) as error:
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        reason = error_line(error)
         raise KvbenchError(f"{file}: not a readable safetensors file ({reason})") from None
 
     encoder = metadata["encoder"]

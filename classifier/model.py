@@ -62,7 +62,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kvbench.errors import KvbenchError
+from kvbench.errors import KvbenchError, error_line
 
 #: label index -> name; 0 = information localisation, 1 = aggregation
 LABELS = ("qa", "other")
@@ -264,7 +264,7 @@ def load_encoder(encoder: str, progress: bool = False):
         tokenizer = AutoTokenizer.from_pretrained(source)
         model, loading_info = AutoModel.from_pretrained(source, output_loading_info=True)
     except (OSError, ValueError, KeyError, RuntimeError) as error:
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        reason = error_line(error)
         raise KvbenchError(f"cannot load encoder {encoder!r} ({reason})") from None
     finally:
         if bars_were_enabled and not progress:

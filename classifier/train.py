@@ -65,7 +65,6 @@ both read like QA prompts.
 from __future__ import annotations
 
 import math
-import sys
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -74,11 +73,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn import functional as F
-from tqdm import tqdm
 
 from kvbench.classifier.data import LabelledPrompt, choose_held_out_tasks, split_held_out
 from kvbench.classifier.model import (EMBEDDED_ENCODER, HEAD_TOKENS, LABELS, MIN_DEMONSTRATIONS, TAIL_TOKENS,
                                       PromptReader, TaskClassifierModel, load_encoder, pad_batch)
+from kvbench.console import progress_bar, progress_bars_enabled
 from kvbench.errors import KvbenchError
 
 #: prompts encoded per forward pass while caching penultimate states
@@ -155,15 +154,6 @@ def check_device(device: str) -> None:
         raise KvbenchError(f"--device {device!r} is not usable on this machine; usable: {', '.join(devices)}")
 
 
-def progress_bars_enabled() -> bool:
-    """Progress bars only on a terminal: piped into a log, tqdm's redraws would be hundreds of lines."""
-    isatty = getattr(sys.stderr, "isatty", None)
-    try:
-        return bool(isatty and isatty())
-    except (OSError, ValueError):  # a closed or detached stream
-        return False
-
-
 @dataclass
 class TrainingResult:
     model: TaskClassifierModel
@@ -222,7 +212,7 @@ def cache_penultimate_states(model: TaskClassifierModel, tokenizer, prompts: Seq
     states: list[torch.Tensor] = []
     last_layer = model.encoder.encoder.layer[-1]
     model.eval()
-    with tqdm(total=len(prompts), desc="encoding prompts", unit="prompt", disable=not progress_bars_enabled()) as progress:
+    with progress_bar(total=len(prompts), desc="encoding prompts", unit="prompt") as progress:
         for start in range(0, len(prompts), ENCODING_BATCH_SIZE):
             batch = prompts[start:start + ENCODING_BATCH_SIZE]
             batch_ids = [model.reader.token_ids(tokenizer, prompt.text) for prompt in batch]
@@ -310,8 +300,8 @@ def fit(model: TaskClassifierModel, cached: CachedPrompts, indices: Sequence[int
     torch.manual_seed(config.seed)  # the dropout masks
     steps_per_epoch = math.ceil(len(indices) / config.batch_size)
     model.train()
-    with single_cpu_thread(), tqdm(total=config.epochs * steps_per_epoch, desc=description, unit="step",
-                                   leave=leave_progress, disable=not progress_bars_enabled()) as progress:
+    with single_cpu_thread(), progress_bar(total=config.epochs * steps_per_epoch, desc=description, unit="step",
+                                           leave=leave_progress) as progress:
         for _ in range(config.epochs):
             order = torch.randperm(len(indices), generator=generator).tolist()
             for start in range(0, len(order), config.batch_size):

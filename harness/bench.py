@@ -25,11 +25,11 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from kvbench.errors import KvbenchError
-from kvbench.harness.decode import DecodeBatch
+from kvbench.errors import KvbenchError, error_line
+from kvbench.harness.decode import DecodeBatch, kv_head_layout
 from kvbench.harness.generate import Generation, generate_greedy, generate_stream
-from kvbench.harness.prefill import DecodeRequest, Prefilled
-from kvbench.harness.run import max_prompt_length
+from kvbench.harness.prefill import DecodeRequest, Prefilled, synchronize
+from kvbench.harness.run import max_prompt_length, sample_request
 from kvbench.methods.base import SampleCompression
 from kvbench.methods.fullkv import FullKV
 from kvbench.tasks import build_tasks
@@ -186,7 +186,7 @@ def workload_tokenizer(loaded: LoadedModel, tokenizer: str | None):
     try:
         return AutoTokenizer.from_pretrained(source)
     except Exception as error:  # transformers raises OSError, ValueError, ... for a missing or bad tokenizer
-        raise KvbenchError(f"cannot load tokenizer {source!r}: {str(error).splitlines()[0] if str(error) else error}") from None
+        raise KvbenchError(f"cannot load tokenizer {source!r}: {error_line(error)}") from None
 
 
 def load_bench_model(model: str | None, dtype: str, attn: str, device: str) -> LoadedModel:
@@ -203,8 +203,7 @@ def synthetic_prefilled(model, cache_tokens: int, max_new_tokens: int, generator
     config = model.config
     device = model.get_input_embeddings().weight.device
     dtype = model.get_input_embeddings().weight.dtype
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads, head_dim = kv_head_layout(config)
     kept = []
     for _ in range(config.num_hidden_layers):
         keys = torch.randn(1, kv_heads, cache_tokens, head_dim, generator=generator).to(device, dtype)
@@ -264,9 +263,7 @@ def longbench_requests(tokenizer, data_dir: str, limit: int | None, context_wind
     for task in build_tasks("longbench"):
         budget = max_prompt_length(context_window, task, max_length)
         for sample in task.load_samples(data_dir)[:limit]:
-            prompt_ids = task.prompt_ids(sample, tokenizer, budget)
-            view = {**sample, "task": task.name, "prompt_text": task.prompt_text(sample)}
-            requests.append(DecodeRequest(prompt_ids, task.max_new_tokens, set(), view, tag=(task.name, sample["_id"])))
+            requests.append(sample_request(task, sample, tokenizer, budget, set(), tag=(task.name, sample["_id"])))
     return requests
 
 
@@ -301,7 +298,7 @@ def run_longbench_workload(loaded: LoadedModel, tokenizer, method_specs: list[st
             modes.append(("batch 1, eager", alone_requests, 1, False))
         modes.append((f"batch {batch_size}", all_requests, batch_size, True))
         for mode, requests, rows, graphs in modes:
-            synchronize_device(model)
+            synchronize(model.device)
             start = time.perf_counter()
             generations = list(generate_stream(model, compressor, requests, rows, use_cuda_graphs=graphs))
             seconds = time.perf_counter() - start
@@ -347,7 +344,3 @@ def _workload_row(spec: str, compressor, mode: str, rows: int, generations: list
         "tasks_covered": len(cost_by_task),
     }
 
-
-def synchronize_device(model) -> None:
-    if model.device.type == "cuda":
-        torch.cuda.synchronize(model.device)

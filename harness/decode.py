@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvbench.errors import error_line
 from kvbench.harness.hook import DecodeSession, active, install_hook
 from kvbench.harness.prefill import Prefilled
 
@@ -37,6 +38,13 @@ log = logging.getLogger(__name__)
 SLOT_GRANULE = 256
 #: spare slots past the last write: warming up a CUDA graph runs two steps that write there
 SPARE_SLOTS = 2
+
+
+def kv_head_layout(config) -> tuple[int, int]:
+    """(KV heads, head dim) of a model's cache, from its config."""
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return kv_heads, head_dim
 
 
 class BatchCache:
@@ -93,12 +101,14 @@ class DecodeBatch:
         self.device = embeddings.device
         self.dtype = embeddings.dtype
         self.num_layers = config.num_hidden_layers
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.num_kv_heads, self.head_dim = kv_head_layout(config)
         self.rows = [None] * self.max_rows
         self.slots = 0
         self.steps_capacity = 0
         self.use_cuda_graphs = self.use_cuda_graphs and self.device.type == "cuda"
+        # A 4-D mask makes transformers skip building one (it would be sized for a single cache length);
+        # the hook reads each layer's own valid slots instead.
+        self._short_circuit_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)
         # transformers renamed ``past_key_values`` to ``cache`` within the 5.x series; accept both
         self._cache_keyword = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         self._graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -293,16 +303,8 @@ class DecodeBatch:
         self.next_tokens[:rows] = next_tokens
         return self.next_tokens[:rows]
 
-    @property
-    def _short_circuit_mask(self) -> torch.Tensor:
-        # A 4-D mask makes transformers skip building one (it would be sized for a single cache length);
-        # the hook reads each layer's own valid slots instead.
-        mask = getattr(self, "_mask", None)
-        if mask is None:
-            mask = self._mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)
-        return mask
-
     def _captured_step(self, rows: int) -> torch.Tensor | None:
+        global _capture_failure_said
         key = (rows, self.evictions is not None)
         if key not in self._graphs:
             try:
@@ -311,16 +313,15 @@ class DecodeBatch:
                 self.use_cuda_graphs = False
                 if not _capture_failure_said:
                     log.warning("CUDA graph capture of the decode step failed (%s); decoding eagerly",
-                                str(error).splitlines()[0] if str(error) else type(error).__name__)
-                    _said_capture_failure()
+                                error_line(error))
+                    _capture_failure_said = True
                 return None
         graph, output = self._graphs[key]
         graph.replay()
         return output
 
     def _capture(self, rows: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        state = [tensor.clone() for tensor in (self.valid, self.write_pos, self.tokens, self.positions,
-                                                self.steps_taken)]
+        state = [tensor.clone() for tensor in self._step_state()]
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream), torch.inference_mode():
@@ -334,8 +335,12 @@ class DecodeBatch:
         self._restore(state)
         return graph, output
 
+    def _step_state(self) -> tuple[torch.Tensor, ...]:
+        """What a step changes besides the cache buffers (the capture's warm-up steps are undone through it)."""
+        return self.valid, self.write_pos, self.tokens, self.positions, self.steps_taken
+
     def _restore(self, state: list[torch.Tensor]) -> None:
-        for tensor, saved in zip((self.valid, self.write_pos, self.tokens, self.positions, self.steps_taken), state):
+        for tensor, saved in zip(self._step_state(), state):
             tensor.copy_(saved)
 
     @torch.inference_mode()
@@ -365,11 +370,6 @@ class DecodeBatch:
 
 
 _capture_failure_said = False
-
-
-def _said_capture_failure() -> None:
-    global _capture_failure_said
-    _capture_failure_said = True
 
 
 def _round_up(slots: int) -> int:

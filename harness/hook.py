@@ -75,7 +75,7 @@ class DecodeSession:
     rows: int
 
 
-def masked_decode_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+def masked_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                             valid: torch.Tensor, scaling: float) -> torch.Tensor:
     """One query per row over the row's valid slots: (batch, 1, num_heads, head_dim), as backends return.
 
@@ -98,7 +98,7 @@ def _hooked(backend_name: str):
         scaling = kwargs.get("scaling") or module.scaling
         if isinstance(session, DecodeSession):
             valid = session.valid[module.layer_idx, : session.rows]
-            return masked_decode_attention(module, query, key, value, valid, scaling), None
+            return masked_decode_attention(query, key, value, valid, scaling), None
         backend = eager_attention_forward if backend_name == "eager" else ALL_ATTENTION_FUNCTIONS[backend_name]
         output = backend(module, query, key, value, attention_mask, **kwargs)
         if isinstance(session, PrefillSession) and query.shape[2] == key.shape[2] > 1:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from kvbench.errors import KvbenchError
+from kvbench.console import progress_bars_enabled
+from kvbench.errors import KvbenchError, error_line
 from kvbench.methods.base import ModelInfo
 from kvbench.paths import kvbench_home, module_available, package_folder
 from kvbench.runfolder import file_digest, folder_name
@@ -150,7 +150,7 @@ def _convert_gguf(gguf_file: Path) -> Path:
             tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
             model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
         except Exception as error:  # the GGUF reader raises many kinds of errors on a damaged file
-            raise KvbenchError(f"cannot convert {gguf_file}: {_first_line(error)}") from None
+            raise KvbenchError(f"cannot convert {gguf_file}: {error_line(error)}") from None
         # The de-quantized weights are plain float tensors; drop the GGUF quantizer marker so they save
         # and reload as an ordinary checkpoint.
         model.hf_quantizer = None
@@ -162,11 +162,6 @@ def _convert_gguf(gguf_file: Path) -> Path:
         tokenizer.save_pretrained(partial)
         partial.rename(folder)
     return folder
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def model_short_name(spec: str) -> str:
@@ -231,7 +226,7 @@ def load_model_config(source: ModelSource, trust_remote_code: bool = False):
     try:
         return AutoConfig.from_pretrained(source.location, trust_remote_code=trust_remote_code)
     except Exception as error:  # transformers raises OSError, ValueError, KeyError, JSONDecodeError, ...
-        raise KvbenchError(f"cannot read the config of model {source.location!r}: {_first_line(error)}") from None
+        raise KvbenchError(f"cannot read the config of model {source.location!r}: {error_line(error)}") from None
 
 
 def model_identity(source: ModelSource, config) -> dict[str, Any]:
@@ -273,7 +268,7 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as transformers_logging
 
-    if not sys.stderr.isatty():
+    if not progress_bars_enabled():
         transformers_logging.disable_progress_bar()  # its loading bar would be one more line in every log
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.location, trust_remote_code=trust_remote_code)
@@ -285,7 +280,7 @@ def load_model(
             trust_remote_code=trust_remote_code,
         )
     except Exception as error:  # a damaged checkpoint raises anything from OSError to SafetensorError
-        raise KvbenchError(f"cannot load model {source.spec or source.location!r}: {_first_line(error)}") from None
+        raise KvbenchError(f"cannot load model {source.spec or source.location!r}: {error_line(error)}") from None
     if device_map is None:
         loaded.to(device)
     loaded.eval()

@@ -20,15 +20,13 @@ weights load):
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
+from kvbench.console import progress_bar
 from kvbench.errors import KvbenchError
 from kvbench.harness.generate import Generation, eos_token_ids, generate_stream
 from kvbench.harness.prefill import DecodeRequest
@@ -85,6 +83,15 @@ def max_prompt_length(context_window: int, task: Task, requested: int | None) ->
             f"{task.name}'s generation length ({task.max_new_tokens}); pass --max-length"
         )
     return context_window - task.max_new_tokens
+
+
+def sample_request(task: Task, sample: dict[str, Any], tokenizer, prompt_budget: int, stop_ids: set[int],
+                   tag: Any = None) -> DecodeRequest:
+    """A sample as the engine generates it: the task's prompt within ``prompt_budget`` tokens, the task's
+    generation length, and what the method may read of the sample (its fields, task and prompt text)."""
+    prompt_ids = task.prompt_ids(sample, tokenizer, prompt_budget)
+    method_view = {**sample, "task": task.name, "prompt_text": task.prompt_text(sample)}
+    return DecodeRequest(prompt_ids, task.max_new_tokens, stop_ids, method_view, tag=tag)
 
 
 def context_limit(context_window: int, task: Task, requested_max_length: int | None) -> int:
@@ -240,11 +247,6 @@ def _write_run_file(run: OpenRun, model: ModelDescription, device: str) -> None:
     })
 
 
-def progress_bar(iterable=None, disable: bool = False, **options):
-    """tqdm on a terminal; nothing on a pipe or in a log file, where bars would flood the lines."""
-    return tqdm(iterable, disable=disable or not sys.stderr.isatty(), **options)
-
-
 @dataclass
 class RunSummary:
     run_dir: Path
@@ -278,10 +280,8 @@ def execute_run(run: OpenRun, loaded: LoadedModel, report: Callable[[str], None]
                   for task in run.plan.tasks}
         task_stop_ids = {task.name: stop_ids | task.stop_token_ids(loaded.tokenizer) for task in run.plan.tasks}
         for task, sample in work:
-            prompt_ids = task.prompt_ids(sample, loaded.tokenizer, limits[task.name])
-            method_view = {**sample, "task": task.name, "prompt_text": task.prompt_text(sample)}
-            yield DecodeRequest(prompt_ids, task.max_new_tokens, task_stop_ids[task.name], method_view,
-                                tag=(task, sample))
+            yield sample_request(task, sample, loaded.tokenizer, limits[task.name], task_stop_ids[task.name],
+                                 tag=(task, sample))
 
     started = time.perf_counter()
     samples_done = 0

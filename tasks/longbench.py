@@ -13,7 +13,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from kvbench.errors import KvbenchError
+from kvbench.errors import KvbenchError, error_line
 from kvbench.paths import kvbench_home
 from kvbench.runfolder import file_digest, valid_id
 from kvbench.tasks.base import Task
@@ -95,7 +95,7 @@ def hub_data_folder() -> Path:
         except LocalEntryNotFoundError:
             raise KvbenchError(offline_message) from None
         except HfHubHTTPError as error:
-            reason = str(error).splitlines()[0]
+            reason = error_line(error)
             raise KvbenchError(f"cannot download {LONGBENCH_HUB_REPO}/{LONGBENCH_HUB_ARCHIVE} ({reason}); "
                                "pass --data-dir DIR with <task>.jsonl files") from None
     # The hub caches the archive under snapshots/<revision>/, so the revision names the extraction.

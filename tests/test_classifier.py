@@ -20,7 +20,8 @@ from kvbench.classifier.data import (LabelledPrompt, choose_held_out_tasks, labe
                                      split_held_out)
 from kvbench.classifier.model import (EMBEDDED_ENCODER, LABELS, MAX_LENGTH, PromptReader, TaskClassifierModel,
                                       answer_cue, demonstration_count, encoder_source, load_encoder, pad_batch)
-from kvbench.classifier.train import TrainingConfig, first_token_last_layer, progress_bars_enabled
+from kvbench.classifier.train import TrainingConfig, first_token_last_layer
+from kvbench.console import progress_bars_enabled
 from kvbench.cli import main
 from kvbench.errors import KvbenchError
 from kvbench.tasks.longbench import fill_template

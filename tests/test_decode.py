@@ -52,7 +52,7 @@ def test_evicting_by_masking_a_slot_equals_shifting_the_cache():
         valid[0, kept + step] = True
         query = torch.randn(heads, dim, generator=generator)
         expected = dense_attention(query, shifted_keys, shifted_values, dim**-0.5)
-        actual = masked_decode_attention(None, query.view(1, heads, 1, dim), buffer_keys, buffer_values, valid, dim**-0.5)
+        actual = masked_decode_attention(query.view(1, heads, 1, dim), buffer_keys, buffer_values, valid, dim**-0.5)
         torch.testing.assert_close(actual.view(heads, dim), expected, rtol=1e-5, atol=1e-6)
         # the same entries survive, in the same order
         survivors = buffer_keys[0, :, valid[0]].transpose(0, 1)
