@@ -89,10 +89,26 @@ def run_dir_for(output_dir: Path, model_name: str, label: str) -> Path:
 
 def read_json(path: Path) -> dict[str, Any]:
     """A JSON object from ``path``; any fault (unreadable, not UTF-8, not JSON, not an object) is one line."""
+    return _json_object(_read_bytes(path), path)
+
+
+def read_json_and_digest(path: Path) -> tuple[dict[str, Any], str]:
+    """`read_json`, and the sha256 of the very bytes parsed (a file replaced in between cannot pair one
+    version's content with another's digest)."""
+    content = _read_bytes(path)
+    return _json_object(content, path), hashlib.sha256(content).hexdigest()
+
+
+def _read_bytes(path: Path) -> bytes:
     try:
-        data = json.loads(Path(path).read_bytes().decode("utf-8"))
+        return Path(path).read_bytes()
     except OSError as error:
         raise KvbenchError(f"{path}: cannot read ({error.strerror or error})") from None
+
+
+def _json_object(content: bytes, path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(content.decode("utf-8"))
     except UnicodeDecodeError as error:
         raise KvbenchError(f"{path}: not UTF-8 text (byte {error.start + 1})") from None
     except (json.JSONDecodeError, RecursionError) as error:

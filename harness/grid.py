@@ -28,7 +28,7 @@ from kvbench.harness.model import (
 from kvbench.harness.generate import default_batch_size
 from kvbench.harness.parallel import current_world, device_for, finish, start
 from kvbench.harness.run import RunPlan, execute_run, open_run
-from kvbench.methods import build_method, get_method_class, methods_with_option
+from kvbench.methods import build_method, check_options_exist, get_method_class
 from kvbench.methods.base import Method
 from kvbench.paths import default_output_dir
 from kvbench.runfolder import check_writable_folder
@@ -67,12 +67,7 @@ def grid_methods(method_names: list[str], capacities: list[int], options: dict[s
     """
     classes = [get_method_class(name) for name in dict.fromkeys(method_names)]
     declared = {cls.name: {spec.name for spec in cls.option_specs()} for cls in classes}
-    for key in options:
-        if not any(key in names for names in declared.values()):
-            owners = methods_with_option(key)
-            where = f"it is an option of {', '.join(owners)}" if owners else "no method has it"
-            raise KvbenchError(f"--{key.replace('_', '-')} is not an option of {', '.join(declared)} ({where}); "
-                               "see `kvbench methods`")
+    check_options_exist(list(declared), options)
     if capacities and not any("capacity" in names for names in declared.values()):
         raise KvbenchError(f"--capacity: {', '.join(declared)} keeps every token and takes no capacity")
     methods: list[Method] = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from kvbench.errors import KvbenchError
-from kvbench.methods.base import Method, OptionSpec
+from kvbench.methods.base import Method, OptionSpec, option_flag
 
 REGISTRY: dict[str, type[Method]] = {}
 
@@ -38,21 +38,22 @@ def all_option_specs() -> dict[str, list[tuple[str, OptionSpec]]]:
     return specs
 
 
-def check_options_exist(name: str, options: dict[str, Any]) -> None:
-    """Refuse an option the method does not declare, naming the methods that do."""
-    declared = {spec.name for spec in get_method_class(name).option_specs()}
+def check_options_exist(names: list[str], options: dict[str, Any]) -> None:
+    """Refuse an option that none of the methods ``names`` declares, naming the methods that do."""
+    declared = {spec.name for name in names for spec in get_method_class(name).option_specs()}
     for key in options:
         if key not in declared:
             owners = methods_with_option(key)
             where = f"it is an option of {', '.join(owners)}" if owners else "no method has it"
-            raise KvbenchError(f"--{key.replace('_', '-')} is not an option of {name} ({where}); see `kvbench methods`")
+            raise KvbenchError(f"{option_flag(key)} is not an option of {', '.join(names)} ({where}); "
+                               "see `kvbench methods`")
 
 
 def build_method(name: str, **options: Any) -> Method:
     """A configured method; options left at None take the method's defaults, undeclared options are refused."""
     method_class = get_method_class(name)
     given = {key: value for key, value in options.items() if value is not None}
-    check_options_exist(name, given)
+    check_options_exist([name], given)
     return method_class(**given)
 
 
@@ -68,7 +69,7 @@ def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
         key = key.strip().replace("-", "_")
         if not sep or not key:
             raise KvbenchError(f"method spec {spec!r}: expected name:option=value[:option=value]")
-        check_options_exist(method_class.name, {key: value})
+        check_options_exist([method_class.name], {key: value})
         try:
             options[key] = specs[key].parse(value.strip())
         except KvbenchError as error:

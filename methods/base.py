@@ -58,6 +58,11 @@ def option(default: Any, help: str, *, choices: tuple | None = None) -> Any:
     return dataclasses.field(default=default, metadata={_OPTION_METADATA: (help, choices)})
 
 
+def option_flag(name: str) -> str:
+    """The command-line flag of an option: ``window_size`` -> ``--window-size``."""
+    return "--" + name.replace("_", "-")
+
+
 @dataclass(frozen=True)
 class OptionSpec:
     """One declared option of a method, as the CLI and `kvbench methods` present it."""
@@ -71,7 +76,7 @@ class OptionSpec:
 
     @property
     def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
+        return option_flag(self.name)
 
     def parse(self, text: str) -> Any:
         """A value given as text (``bench --methods snapkv:window_size=8``), checked against the type."""
@@ -144,6 +149,29 @@ class Selection:
     indices: torch.Tensor
     keys: torch.Tensor | None = None
     values: torch.Tensor | None = None
+
+
+def require_capacity(method: Method) -> None:
+    """The methods with a fixed token budget need ``--capacity`` > 0."""
+    if method.capacity is None or method.capacity <= 0:
+        raise KvbenchError(f"method {method.name!r} needs --capacity > 0, got {method.capacity}")
+
+
+def require_positive(method: Method, *option_names: str) -> None:
+    """Each named option > 0."""
+    for name in option_names:
+        value = getattr(method, name)
+        if value <= 0:
+            raise KvbenchError(f"{option_flag(name)} must be > 0, got {value}")
+
+
+def require_capacity_beyond(method: Method, option_name: str, what: str) -> None:
+    """``--capacity`` > 0, the option (always-kept tokens: a window, sinks) > 0, and the capacity larger than it."""
+    require_capacity(method)
+    require_positive(method, option_name)
+    value = getattr(method, option_name)
+    if method.capacity <= value:
+        raise KvbenchError(f"--capacity ({method.capacity}) must be larger than {what} {option_flag(option_name)} ({value})")
 
 
 def keep_positions(positions: torch.Tensor, num_kv_heads: int) -> Selection:

@@ -40,7 +40,6 @@ point (so R = 0.3 of 10 tokens drops 2, as there, not 3).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -136,6 +135,3 @@ class ElasticSample(FixedPointSample):
         keys[:, :, anchor_slots] = anchor_keys
         values[:, :, anchor_slots] = anchor_values
         return Selection(indices=selection.indices, keys=keys, values=values)
-
-    def record(self) -> dict[str, Any]:
-        return self.budget_record()

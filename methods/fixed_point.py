@@ -135,7 +135,7 @@ class FixedPointSample(SampleCompression):
             over = cache_length * self.prompt_length >= (tokens_seen + 1) * kept
         return method.eviction_index(kept) if over else None
 
-    def budget_record(self) -> dict[str, Any]:
+    def record(self) -> dict[str, Any]:
         """Per-sample JSONL fields: prompt tokens kept per layer, their mean/min/max, and the total dropped."""
         if self.kept is None:
             return {}

@@ -54,9 +54,9 @@ from dataclasses import dataclass
 import torch
 
 from kvbench.methods import register
-from kvbench.methods.base import LayerPrefill, Method, Selection, option
+from kvbench.methods.base import LayerPrefill, Method, Selection, option, require_capacity_beyond
 from kvbench.methods.importance import attention_mass
-from kvbench.methods.snapkv import require_capacity_beyond
+from kvbench.methods.scoring import keep_top_prefix_and_window
 
 CAPACITY_HELP = "tokens kept per layer per KV head, recent window included"
 
@@ -67,16 +67,6 @@ def heavy_hitter_scores(layer: LayerPrefill, window: int) -> torch.Tensor:
     head_dim = layer.queries.shape[-1]
     mass = attention_mass(layer.queries, layer.keys, head_dim**-0.5, per_kv_head=True)
     return mass[:, : layer.prompt_length - window]
-
-
-def keep_heavy_hitters_and_window(scores: torch.Tensor, heavy_hitters: int, prompt_length: int) -> Selection:
-    """Top ``heavy_hitters`` prefix positions per KV head by score (equal scores: the earlier token first),
-    plus the window after the scored prefix; ascending per head, shape (1, Hkv, heavy_hitters + window)."""
-    num_kv_heads, prefix = scores.shape
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
-    top = order[:, :heavy_hitters].sort(dim=-1).values
-    window = torch.arange(prefix, prompt_length, device=scores.device).expand(num_kv_heads, -1)
-    return Selection(indices=torch.cat([top, window], dim=-1).unsqueeze(0))
 
 
 @register
@@ -99,4 +89,5 @@ class H2O(Method):
         if layer.prompt_length < self.capacity:
             return None
         scores = heavy_hitter_scores(layer, self.window_size)
-        return keep_heavy_hitters_and_window(scores, self.capacity - self.window_size, layer.prompt_length)
+        return keep_top_prefix_and_window(scores.unsqueeze(0), self.capacity - self.window_size, layer.prompt_length,
+                                          stable_ties=True)

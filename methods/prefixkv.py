@@ -60,7 +60,7 @@ from kvbench.methods.base import Compressor, LayerPrefill, ModelInfo, Selection,
 from kvbench.methods.fixed_point import FixedPointMethod, FixedPointSample, round_half_up
 from kvbench.methods.importance import attention_importance, middle_range, protected_positions, rank_middle
 from kvbench.paths import kvbench_home
-from kvbench.runfolder import file_digest, read_json, write_json
+from kvbench.runfolder import read_json_and_digest, write_json
 
 CONFIG_FORMAT = "kvbench-prefixkv-1"
 ONLINE = "online"
@@ -217,7 +217,7 @@ def read_config(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise KvbenchError(f"cannot read PrefixKV config {path}: no such file")
-    config = read_json(path)
+    config, digest = read_json_and_digest(path)
     missing = [key for key in ("model", "num_layers", "ratio", "layer_ratios") if key not in config]
     if missing:
         raise KvbenchError(f"PrefixKV config {path} lacks {', '.join(missing)}; rewrite it with `kvbench profile`")
@@ -235,7 +235,7 @@ def read_config(path: str | Path) -> dict[str, Any]:
     if not _is_number(config["ratio"]) or not 0 <= config["ratio"] < 1:
         raise KvbenchError(f"PrefixKV config {path}: ratio must be in [0, 1), got {config['ratio']!r}")
     config["path"] = str(path)
-    config["sha256"] = file_digest(path)
+    config["sha256"] = digest
     return config
 
 
@@ -411,4 +411,4 @@ class PrefixKVSample(FixedPointSample):
         return keep_positions(torch.cat([protected, keep]), layer.keys.shape[1])
 
     def record(self) -> dict[str, Any]:
-        return {**self.budget_record(), **self.info}
+        return {**super().record(), **self.info}

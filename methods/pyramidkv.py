@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from kvbench.errors import KvbenchError
 from kvbench.methods import register
 from kvbench.methods.base import LayerPrefill, Selection, option
-from kvbench.methods.snapkv import ObservationWindowMethod, keep_top_prefix_and_window, pooled_window_votes
+from kvbench.methods.scoring import keep_top_prefix_and_window
+from kvbench.methods.snapkv import ObservationWindowMethod, pooled_window_votes
 
 
 def pyramid_prefix_budget(capacity: int, window: int, beta: int, layer_idx: int, num_layers: int, prompt_length: int) -> int:

@@ -1,10 +1,13 @@
-"""Attention-based scores shared by the observation-window methods (SnapKV, PyramidKV, WindowKV)."""
+"""Attention-based scores shared by the observation-window methods (SnapKV, PyramidKV, WindowKV), and the
+selection of the top-scored prefix plus a window (SnapKV, PyramidKV, H2O)."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+
+from kvbench.methods.base import Selection
 
 
 def observation_window_attention(queries: torch.Tensor, keys: torch.Tensor, window: int) -> torch.Tensor:
@@ -40,3 +43,20 @@ def mean_over_groups(scores: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     if groups == 1:
         return scores
     return scores.view(batch, num_kv_heads, groups, *scores.shape[2:]).mean(dim=2)
+
+
+def keep_top_prefix_and_window(scores: torch.Tensor, prefix_budget: int, prompt_length: int,
+                               stable_ties: bool = False) -> Selection:
+    """The top ``prefix_budget`` prefix positions per KV head by score, plus every position after the scored
+    prefix (the window); ascending per head. scores: (1, Hkv, prefix).
+
+    ``stable_ties``: equal scores keep the earlier token (H2O, whose reference sorts stably); otherwise
+    ``topk``'s order, as SnapKV's and PyramidKV's reference takes them.
+    """
+    num_kv_heads, prefix = scores.shape[1], scores.shape[-1]
+    if stable_ties:
+        top = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :prefix_budget]
+    else:
+        top = scores.topk(prefix_budget, dim=-1).indices
+    window = torch.arange(prefix, prompt_length, device=scores.device).view(1, 1, -1).expand(1, num_kv_heads, -1)
+    return Selection(indices=torch.cat([top.sort(dim=-1).values, window], dim=-1))

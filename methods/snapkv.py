@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 from kvbench.errors import KvbenchError
 from kvbench.methods import register
-from kvbench.methods.base import LayerPrefill, Method, Selection, option
-from kvbench.methods.scoring import mean_over_groups, observation_window_attention
+from kvbench.methods.base import LayerPrefill, Method, Selection, option, require_capacity_beyond
+from kvbench.methods.scoring import keep_top_prefix_and_window, mean_over_groups, observation_window_attention
 
 CAPACITY_HELP = "tokens kept per layer per KV head, observation window included"
 
@@ -37,16 +37,6 @@ def pooled_window_votes(layer: LayerPrefill, window: int, kernel_size: int, pool
     return pool(votes, kernel_size=kernel_size, padding=kernel_size // 2, stride=1)
 
 
-def keep_top_prefix_and_window(votes: torch.Tensor, prefix_budget: int, prompt_length: int) -> Selection:
-    """Top ``prefix_budget`` prefix positions per head by vote, plus the whole window."""
-    num_kv_heads = votes.shape[1]
-    window = prompt_length - votes.shape[-1]
-    top = votes.topk(prefix_budget, dim=-1).indices.sort(dim=-1).values
-    window_positions = torch.arange(prompt_length - window, prompt_length, device=votes.device)
-    window_positions = window_positions.view(1, 1, -1).expand(1, num_kv_heads, -1)
-    return Selection(indices=torch.cat([top, window_positions], dim=-1))
-
-
 @dataclass(frozen=True, kw_only=True)
 class ObservationWindowMethod(Method):
     """The SnapKV family's options and their validation."""
@@ -60,23 +50,6 @@ class ObservationWindowMethod(Method):
         require_capacity_beyond(self, "window_size", "the observation window")
         if self.kernel_size <= 0 or self.kernel_size % 2 == 0:
             raise KvbenchError(f"--kernel-size must be a positive odd number, got {self.kernel_size}")
-
-
-def require_capacity(method: Method) -> None:
-    """The methods with a fixed token budget need ``--capacity`` > 0."""
-    if method.capacity is None or method.capacity <= 0:
-        raise KvbenchError(f"method {method.name!r} needs --capacity > 0, got {method.capacity}")
-
-
-def require_capacity_beyond(method: Method, option_name: str, what: str) -> None:
-    """``--capacity`` > 0, the option (always-kept tokens: a window, sinks) > 0, and the capacity larger than it."""
-    require_capacity(method)
-    value = getattr(method, option_name)
-    flag = "--" + option_name.replace("_", "-")
-    if value <= 0:
-        raise KvbenchError(f"{flag} must be > 0, got {value}")
-    if method.capacity <= value:
-        raise KvbenchError(f"--capacity ({method.capacity}) must be larger than {what} {flag} ({value})")
 
 
 @register

@@ -39,8 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from kvbench.methods import register
-from kvbench.methods.base import LayerPrefill, Method, Selection, keep_positions, option
-from kvbench.methods.snapkv import require_capacity_beyond
+from kvbench.methods.base import LayerPrefill, Method, Selection, keep_positions, option, require_capacity_beyond
 
 CAPACITY_HELP = "tokens kept per layer per KV head, sinks included"
 

@@ -107,10 +107,9 @@ import torch
 
 from kvbench.errors import KvbenchError
 from kvbench.methods import register
-from kvbench.methods.base import Compressor, LayerPrefill, Method, ModelInfo, SampleCompression, Selection, keep_positions
-from kvbench.methods.base import option
+from kvbench.methods.base import (Compressor, LayerPrefill, Method, ModelInfo, SampleCompression, Selection,
+                                  keep_positions, option, require_capacity, require_positive)
 from kvbench.methods.scoring import observation_window_attention
-from kvbench.methods.snapkv import require_capacity
 
 TASK_TYPES = ("qa", "other")
 STRATEGY = {"qa": "max", "other": "average"}
@@ -211,10 +210,7 @@ class WindowKV(Method):
 
     def validate(self) -> None:
         require_capacity(self)
-        for name in ("review_window_size", "shared_layers", "suffix_max", "suffix_avg", "beta"):
-            value = getattr(self, name)
-            if value <= 0:
-                raise KvbenchError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+        require_positive(self, "review_window_size", "shared_layers", "suffix_max", "suffix_avg", "beta")
         if self.classifier is not None and self.task_type != "auto":
             raise KvbenchError(f"--classifier is read only with --task-type auto, not with --task-type {self.task_type}")
 
@@ -231,17 +227,15 @@ class WindowKVCompressor(Compressor):
         super().__init__(method, model)
         self.budgets = group_budgets(method.capacity, method.shared_layers, method.beta, model.num_layers)
         self.task_classifier = None
-        self.classifier_digest: str | None = None
         if method.task_type == "auto":
             # Loaded now, so that a missing checkpoint fails before any model work.
             from kvbench.classifier import load_classifier
 
             self.task_classifier = load_classifier(method.classifier)
-            # the digest of the very bytes loaded, so the run records the classifier it used
-            self.classifier_digest = self.task_classifier.digest
 
     def identity(self) -> dict[str, Any]:
-        return {} if self.classifier_digest is None else {"classifier": self.classifier_digest}
+        # the digest of the very bytes loaded, so the run records the classifier it used
+        return {} if self.task_classifier is None else {"classifier": self.task_classifier.digest}
 
     def start_sample(self, prompt_length: int, sample: dict | None = None) -> WindowKVSample:
         method = self.method

@@ -8,7 +8,7 @@ import torch
 from kvbench.errors import KvbenchError
 from kvbench.methods import REGISTRY, build_method
 from kvbench.methods.base import LayerPrefill
-from kvbench.methods.h2o import keep_heavy_hitters_and_window
+from kvbench.methods.scoring import keep_top_prefix_and_window
 
 HIGH = 20.0  # a logit this far above the others takes nearly all of a row's softmax
 
@@ -114,7 +114,8 @@ def test_h2o_matches_the_dense_reference_score_on_random_tensors(query_heads, kv
     queries = torch.randn(1, query_heads, length, head_dim, generator=generator) * 2
     keys = torch.randn(1, kv_heads, length, head_dim, generator=generator)
     values = torch.randn(1, kv_heads, length, head_dim, generator=generator)
-    layer = LayerPrefill(0, 1, queries, keys, values, head_dim**-0.5)
+    # scaling 1.0, not the model's: the reference divides by sqrt(head_dim) whatever the attention's scaling is
+    layer = LayerPrefill(0, 1, queries, keys, values, 1.0)
     scores = dense_scores(layer)[:, : length - window]
     expected = scores.topk(capacity - window, dim=-1).indices.sort(dim=-1).values
     window_positions = torch.arange(length - window, length).expand(kv_heads, -1)
@@ -123,9 +124,9 @@ def test_h2o_matches_the_dense_reference_score_on_random_tensors(query_heads, kv
 
 
 def test_h2o_keeps_positions_ascending_and_breaks_ties_for_the_earlier_token():
-    scores = torch.tensor([[1.0, 2.0, 2.0, 2.0, 0.5, 3.0]])
+    scores = torch.tensor([[[1.0, 2.0, 2.0, 2.0, 0.5, 3.0]]])
     # top 3: position 5 (3.0), then two of the three equal 2.0s: the earlier ones, 1 and 2
-    selection = keep_heavy_hitters_and_window(scores, heavy_hitters=3, prompt_length=8)
+    selection = keep_top_prefix_and_window(scores, 3, prompt_length=8, stable_ties=True)
     assert kept(selection) == [[1, 2, 5, 6, 7]]
 
 

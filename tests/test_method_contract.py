@@ -48,8 +48,7 @@ def keeping_everything(name, prompt_length):
     """The smallest capacity at which the method compresses nothing of a prompt of this length."""
     if name == "windowkv":
         options, _ = CONTRACT[name]
-        default_beta = 14
-        return -(-prompt_length * default_beta // options["shared_layers"])
+        return -(-prompt_length * REGISTRY["windowkv"].beta // options["shared_layers"])
     return prompt_length
 
 
