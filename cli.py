@@ -274,21 +274,22 @@ def bench_command(workload, model, method_specs, lengths, capacity, new_tokens, 
         raise KvbenchError("--repeats must be at least 2 for the decode workload (the first round is discarded)")
     if workload == "longbench" and (data_dir is None or not Path(data_dir).is_dir()):
         raise KvbenchError("the longbench workload needs --data-dir with <task>.jsonl files (e.g. the mini set)")
-    bench.bench_methods(method_specs.split(","), capacity)  # refuse bad specs before the model loads
+    specs = method_specs.split(",")
+    bench.bench_methods(specs, capacity)  # refuse bad specs before the model loads
     check_writable_folder(Path(out), "--out")
     loaded = bench.load_bench_model(model, dtype, attn, device)
     say = lambda line: click.echo(line, err=True)  # noqa: E731
     precision = str(loaded.model.dtype).replace("torch.", "")
     header = f"model {loaded.name}, {precision}, attention {attn}, device {bench.device_description(loaded.model)}"
     if workload == "prompts":
-        table = bench.run_bench(loaded, method_specs.split(","), length_list, capacity, new_tokens, repeats, say)
+        table = bench.run_bench(loaded, specs, length_list, capacity, new_tokens, repeats, say)
         header += f", capacity {capacity}, {new_tokens} decoded tokens, median of {repeats}"
     elif workload == "decode":
         table = bench.run_decode_step_bench(loaded, sizes, cache_tokens, steps, repeats, say)
         header += f", {cache_tokens} cached tokens per row, median of {steps * (repeats - 1)} steps"
     else:
         table, samples = bench.run_longbench_workload(
-            loaded, bench.workload_tokenizer(loaded, tokenizer), method_specs.split(","), capacity, data_dir,
+            loaded, bench.workload_tokenizer(loaded, tokenizer), specs, capacity, data_dir,
             batch_size, limit, alone_limit, max_length, say, alone_eager)
         extra = {"bench_samples.csv": samples}
         header += f", capacity {capacity}, LongBench prompts from {data_dir}, stop tokens ignored"

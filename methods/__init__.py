@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kvbench.errors import KvbenchError
+from kvbench.errors import KvbenchError, unknown_name_message
 from kvbench.methods.base import Method, OptionSpec, option_flag
 
 REGISTRY: dict[str, type[Method]] = {}
@@ -20,8 +20,6 @@ def get_method_class(name: str) -> type[Method]:
     try:
         return REGISTRY[name]
     except KeyError:
-        from kvbench.tasks.longbench_spec import unknown_name_message
-
         raise KvbenchError(unknown_name_message("method", name, sorted(REGISTRY))) from None
 
 

@@ -12,7 +12,6 @@ skipped, not repaired (the run loop repairs it when it resumes).
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ import pandas as pd
 
 from kvbench.errors import KvbenchError
 from kvbench.paths import default_output_dir
-from kvbench.runfolder import RUN_FILE, SCORES_FILE, read_finished_rows, read_json, result_path
+from kvbench.runfolder import RUN_FILE, SCORES_FILE, option_text, read_finished_rows, read_json, result_path
 from kvbench.tasks.metrics import using_code_sim_matcher
 
 #: columns that name a run; `settings` holds only the options that tell runs of one method apart
@@ -64,10 +63,6 @@ def _task_names(run_dir: Path, planned: dict[str, Any]) -> list[str]:
     return list(planned) + others
 
 
-def _settings_text(value: Any) -> str:
-    return value if isinstance(value, str) else json.dumps(value)
-
-
 def _label_settings(runs: list[dict[str, Any]]) -> None:
     """Name in ``settings`` the options whose values differ between runs of one model and method."""
     by_method: dict[tuple[str, str], list[dict[str, Any]]] = {}
@@ -75,11 +70,11 @@ def _label_settings(runs: list[dict[str, Any]]) -> None:
         by_method.setdefault((run["model"], run["method"]), []).append(run)
     for group in by_method.values():
         keys = sorted({key for run in group for key in run["all_settings"]} - {"capacity"})
-        varying = [key for key in keys if len({_settings_text(run["all_settings"].get(key)) for run in group}) > 1]
+        varying = [key for key in keys if len({option_text(run["all_settings"].get(key)) for run in group}) > 1]
         for run in group:
             # An unset option (null) is the method's default and needs no mention.
             run["settings"] = ", ".join(
-                f"{key}={_settings_text(run['all_settings'][key])}"
+                f"{key}={option_text(run['all_settings'][key])}"
                 for key in varying
                 if run["all_settings"].get(key) is not None
             )

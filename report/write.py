@@ -100,8 +100,7 @@ def _run_title(run: pd.Series) -> str:
     return f"{run['model']} · {run['method']}{capacity}{settings}"
 
 
-def _needle_pictures(frame: pd.DataFrame, out: Path) -> list[Picture]:
-    cells = needle_cells(frame)
+def _needle_pictures(frame: pd.DataFrame, cells: pd.DataFrame, out: Path) -> list[Picture]:
     pictures = []
     needle_rows = frame[frame["category"] == NEEDLE].sort_values(RUN_KEY + ["task"], na_position="last")
     for _, row in needle_rows.iterrows():
@@ -247,16 +246,16 @@ def write_report(paths: Iterable[str | Path] = (), out: str | Path | None = None
     tables = [table for table in (leaderboard(frame), paper_table(frame), longbench_e_table(frame), needle_table(frame))
               if table]
     runs = runs_table(frame)
+    cells = needle_cells(frame)  # every needle cell, scored once for the CSV and the heatmaps
     written: list[Path] = []
     if "csv" in formats:
         written.append(_write_csv(frame, out / "runs.csv"))
         written += [_write_csv(table.numbers(), out / f"{table.name}.csv") for table in tables]
-        cells = needle_cells(frame)
         if not cells.empty:
             written.append(_write_csv(cells, out / "needle_cells.csv"))
     if "md" in formats or "html" in formats:
         capacity_pictures, capacity_notes = _capacity_pictures(frame, tables, out)
-        pictures = _needle_pictures(frame, out) + capacity_pictures
+        pictures = _needle_pictures(frame, cells, out) + capacity_pictures
         written += [picture.path for picture in pictures]
         if "md" in formats:
             (out / "report.md").write_text(_markdown(tables, runs, pictures, capacity_notes, sources), encoding="utf-8")

@@ -6,10 +6,10 @@ import functools
 import inspect
 from collections.abc import Callable
 
-from kvbench.errors import KvbenchError
+from kvbench.errors import KvbenchError, unknown_name_message
 from kvbench.tasks.base import Task
 from kvbench.tasks.longbench import LongBenchTask
-from kvbench.tasks.longbench_spec import LONGBENCH_E_TASKS, LONGBENCH_TASKS, unknown_name_message
+from kvbench.tasks.longbench_spec import LONGBENCH_E_TASKS, LONGBENCH_TASKS
 from kvbench.tasks.needle import NeedleTask
 
 #: task name -> callable building the task from keyword options

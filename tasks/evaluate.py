@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from kvbench.errors import KvbenchError
-from kvbench.runfolder import valid_id
+from kvbench.runfolder import check_id
 from kvbench.tasks.jsonl import read_jsonl
 from kvbench.tasks.longbench_spec import LENGTH_BUCKETS, LONGBENCH_TASKS, length_bucket, resolve_longbench_name
 from kvbench.tasks.metrics import rouge_score, rouge_zh_score, score_prediction
@@ -185,9 +185,7 @@ def _predictions_by_id(path: Path) -> dict[str, str]:
     for line_number, row in read_jsonl(path):
         if "_id" not in row or "pred" not in row:
             raise KvbenchError(f"{path}:{line_number}: a row needs `_id` and `pred` to be compared across runs")
-        if not valid_id(row["_id"]):
-            raise KvbenchError(f"{path}:{line_number}: _id must be a string or a whole number, "
-                               f"found {type(row['_id']).__name__}")
+        check_id(row["_id"], f"{path}:{line_number}")
         rows[row["_id"]] = row["pred"]
     return rows
 

@@ -13,14 +13,13 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from kvbench.errors import KvbenchError, error_line
+from kvbench.errors import KvbenchError, error_line, unknown_name_message
 from kvbench.paths import kvbench_home
-from kvbench.runfolder import file_digest, valid_id
+from kvbench.runfolder import file_digest, check_id
 from kvbench.tasks.base import Task
 from kvbench.tasks.evaluate import score_rows
 from kvbench.tasks.jsonl import read_jsonl
 from kvbench.tasks.longbench_spec import LONGBENCH_E_TASKS, TASK_TABLE, TaskInfo, first_line, resolve_longbench_name
-from kvbench.tasks.longbench_spec import unknown_name_message
 
 LONGBENCH_HUB_REPO = "THUDM/LongBench"
 LONGBENCH_HUB_ARCHIVE = "data.zip"
@@ -57,9 +56,7 @@ def load_task_samples(task_name: str, data_dir: str | os.PathLike | None = None,
         missing = [field for field in SAMPLE_FIELDS if field not in sample]
         if missing:
             raise KvbenchError(f"{path}:{line_number}: sample lacks {', '.join(missing)}")
-        if not valid_id(sample["_id"]):
-            raise KvbenchError(f"{path}:{line_number}: _id must be a string or a whole number, "
-                               f"found {type(sample['_id']).__name__}")
+        check_id(sample["_id"], f"{path}:{line_number}")
         if sample["_id"] in seen_ids:
             raise KvbenchError(f"{path}:{line_number}: _id {sample['_id']!r} appears twice")
         seen_ids.add(sample["_id"])

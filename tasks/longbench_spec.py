@@ -8,11 +8,10 @@ building are in `kvbench.tasks.longbench`, the metrics in `kvbench.tasks.metrics
 
 from __future__ import annotations
 
-import difflib
 import math
 from dataclasses import dataclass
 
-from kvbench.errors import KvbenchError
+from kvbench.errors import KvbenchError, unknown_name_message
 
 SINGLE_DOC_QA = "single-doc QA"
 MULTI_DOC_QA = "multi-doc QA"
@@ -209,23 +208,6 @@ LONGBENCH_E_TASKS: list[str] = [name for name, info in TASK_TABLE.items() if inf
 
 #: LongBench-E length buckets as official eval.py draws them: (label, exclusive upper bound of the sample's ``length``)
 LENGTH_BUCKETS: tuple[tuple[str, float], ...] = (("0-4k", 4000), ("4-8k", 8000), ("8k+", math.inf))
-
-#: longest part of an unknown name that an error message repeats
-_NAME_ECHO_CHARS = 40
-
-
-def unknown_name_message(kind: str, name: str, known: list[str]) -> str:
-    """"unknown task 'qaspr'; did you mean qasper?": the closest known names, or the whole list when it is
-    short, and the unknown name cut short, so that one error stays one readable line whatever was typed."""
-    shown = name if len(name) <= _NAME_ECHO_CHARS else name[:_NAME_ECHO_CHARS] + "..."
-    close = difflib.get_close_matches(name[:100], known, n=3, cutoff=0.6)
-    if close:
-        hint = f"did you mean {' or '.join(close)}?"
-    elif len(known) <= 10:
-        hint = f"known {kind}s: {', '.join(known)}"
-    else:
-        hint = f"known {kind}s include {', '.join(known[:4])}, ... ({len(known)} in all)"
-    return f"unknown {kind} {shown!r}; {hint}"
 
 
 def resolve_longbench_name(name: str) -> tuple[TaskInfo, bool]:

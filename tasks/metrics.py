@@ -203,7 +203,7 @@ def using_code_sim_matcher(matcher: str):
 
 
 def scorer_settings() -> dict[str, str]:
-    """The scorer's choices that can change a score: recorded with every run and every `kvbench eval`."""
+    """The scorer's choices that can change a score: recorded with every run (`kvbench eval` prints the matcher)."""
     return {"code_sim_matcher": _code_sim_matcher.get()}
 
 

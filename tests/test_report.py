@@ -38,8 +38,9 @@ RIGHT_ANSWER = "Eat a sandwich and sit in Dolores Park on a sunny day."
 def write_run(root: Path, method: str, capacity: int | None, planned: dict[str, int],
               rows: dict[str, list[dict]], scores: dict | None = None, settings: dict | None = None,
               folder: str | None = None, method_files: dict | None = None, max_length: int | None = 8000,
-              model: str = MODEL) -> Path:
-    """A run folder as `kvbench run` writes it: run.json, <task>.jsonl, and scores.json when finished."""
+              model: str = MODEL, code_sim_matcher: str | None = "difflib") -> Path:
+    """A run folder as `kvbench run` writes it: run.json, <task>.jsonl, and scores.json when finished
+    (``code_sim_matcher`` None: a run.json from before the matcher was recorded)."""
     run_dir = root / model / (folder or (method if capacity is None else f"{method}-{capacity}"))
     run_dir.mkdir(parents=True)
     options = {"capacity": capacity, **(settings or {})}
@@ -49,7 +50,8 @@ def write_run(root: Path, method: str, capacity: int | None, planned: dict[str, 
         "task_settings": {},
         "identity": {"format": 1, "model": {"name": model}, "dtype": "bfloat16", "attention": "sdpa",
                      "max_length": max_length, "method": method, "options": options,
-                     "method_files": method_files or {}, "scorer": {"code_sim_matcher": "difflib"}},
+                     "method_files": method_files or {},
+                     **({} if code_sim_matcher is None else {"scorer": {"code_sim_matcher": code_sim_matcher}})},
         "task_identity": {},
     }))
     for task, task_rows in rows.items():
@@ -271,6 +273,8 @@ def test_cli_report(results, tmp_path):
                               b'{"model": "m\xff"}'), "run.json: not UTF-8"),
     (lambda root: _with_bytes(write_run(root, "snapkv", 64, {"qasper": 1}, {}) / "qasper.jsonl",
                               b'{"_id": "s0", "pred": "Par\xe9", "answers": ["Paris"]}\n'), "qasper.jsonl:1: not UTF-8"),
+    (lambda root: write_run(root, "snapkv", "64", {"qasper": 1}, {"qasper": qa_rows(1, 0)}),
+     "capacity must be a whole number or null, got '64'"),
     (lambda root: write_run(root, "snapkv", 64, {"needle": 1},
                             {"needle": [{"_id": "a", "pred": "x", "answers": ["y"]}]}),
      "needle.jsonl: row 'a' has no numeric context_length"),
@@ -417,6 +421,20 @@ def test_runs_table_shows_max_length_dtype_and_method_files(tmp_path):
         "snapkv": ["4096", "bfloat16", "–"],
         "windowkv": ["8000", "bfloat16", "classifier=ab12ab12ab12"],
     }
+
+
+def test_unfinished_code_tasks_are_rescored_with_the_runs_own_matcher(tmp_path):
+    """Rows of an unfinished lcc task are scored with the matcher its run recorded; a run from before the
+    matcher was recorded was scored with difflib's. The pair's ratio is 26 under python-Levenshtein, 21 under
+    difflib (see test_metrics)."""
+    row = {"_id": "c0", "pred": ".beb)))=(", "answers": ["db)a((.a)ed.b aaa=,a(=d(a,d)),"], "all_classes": None,
+           "length": 1000}
+    for folder, matcher in (("levenshtein", "levenshtein"), ("difflib", "difflib"), ("unrecorded", None)):
+        write_run(tmp_path, "snapkv", 64, {"lcc": 2}, {"lcc": [row]}, folder=folder, code_sim_matcher=matcher,
+                  settings={"run": folder})
+    frame = load_runs(tmp_path)
+    scores = {Path(run_dir).name: score for run_dir, score in zip(frame["run_dir"], frame["score"])}
+    assert scores == {"levenshtein": 26.0, "difflib": 21.0, "unrecorded": 21.0}
 
 
 def test_samples_done_never_exceeds_planned(tmp_path):

@@ -11,4 +11,5 @@ def assert_runs_without_torch(args: list[str]) -> None:
         f"main({args!r}, standalone_mode=False)\n"
         f"assert 'torch' not in sys.modules, 'kvbench {args[0]} imported torch'\n"
     )
-    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
