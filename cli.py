@@ -381,5 +381,5 @@ def train_classifier_command(data_dirs, task_list, encoder, epochs, learning_rat
         click.echo(f"held-out-task accuracy {tasks['mean_over_tasks']:.3f} mean over tasks, "
                    f"{tasks['overall']['accuracy']:.3f} over prompts (balanced {tasks['overall']['balanced_accuracy']:.3f}): "
                    f"{per_task}")
-    folder = save_checkpoint(result.model, encoder, None, summary, out or default_checkpoint_path())
+    folder = save_checkpoint(result.model, encoder, summary, out or default_checkpoint_path())
     click.echo(f"checkpoint: {folder}")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from tqdm import tqdm
 
@@ -19,3 +21,18 @@ def progress_bars_enabled() -> bool:
 def progress_bar(iterable=None, disable: bool = False, **options) -> tqdm:
     """tqdm, drawn only when `progress_bars_enabled`."""
     return tqdm(iterable, disable=disable or not progress_bars_enabled(), **options)
+
+
+@contextmanager
+def transformers_progress_bars(enabled: bool) -> Iterator[None]:
+    """transformers' own bars (downloads, loading weights) off for a while unless ``enabled``, as before after."""
+    from transformers.utils import logging as transformers_logging
+
+    were_enabled = transformers_logging.is_progress_bar_enabled()
+    if not enabled:
+        transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if were_enabled and not enabled:
+            transformers_logging.enable_progress_bar()

@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -123,16 +124,41 @@ def _json_object(content: bytes, path: Path) -> dict[str, Any]:
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write through a temporary file and an atomic rename, so a kill never leaves half a JSON file."""
     path = Path(path)
+    text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+    try:
+        replace_atomically(path, lambda partial: partial.write_text(text, encoding="utf-8"))
+    except OSError as error:
+        raise KvbenchError(f"{path}: cannot write ({error.strerror or error})") from None
+
+
+def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Make ``path`` what ``write`` writes into a temporary file beside it: fsynced, then swapped in by one
+    ``os.replace``, so a reader (or a rerun after a kill) sees the old file or the new one, never half of one
+    or a mix. The temporary file is removed on any failure; OSError is left to the caller to word."""
     partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
     try:
-        with open(partial, "w", encoding="utf-8") as handle:
-            handle.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
+        write(partial)
+        with open(partial, "rb") as written:
+            os.fsync(written.fileno())
         os.replace(partial, path)
-    except OSError as error:
+    except BaseException:
         partial.unlink(missing_ok=True)
-        raise KvbenchError(f"{path}: cannot write ({error.strerror or error})") from None
+        raise
+    _sync_folder(path.parent)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make the rename durable where the platform allows (a no-op where folders cannot be opened)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
 
 
 # -- result rows -------------------------------------------------------------------------------------

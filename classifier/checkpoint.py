@@ -32,10 +32,9 @@ from kvbench.classifier.model import (LABELS, POOLINGS, PromptReader, TaskClassi
                                       load_encoder, special_tokens)
 from kvbench.errors import KvbenchError, error_line
 from kvbench.paths import kvbench_home
+from kvbench.runfolder import replace_atomically
 
 CHECKPOINT_FILE = "classifier.safetensors"
-#: kept for callers of format 1: the same file name
-TENSORS_FILE = CHECKPOINT_FILE
 #: format 1's separate metadata file (tensors and JSON renamed one after the other); no longer read
 LEGACY_METADATA_FILE = "classifier.json"
 FORMAT = "kvbench-task-classifier"
@@ -57,22 +56,11 @@ def checkpoint_file(path: str | os.PathLike) -> Path:
     return path if path.is_file() else path / CHECKPOINT_FILE
 
 
-def save_checkpoint(model: TaskClassifierModel, encoder: str, max_length: int | None, training: dict[str, Any] | None,
+def save_checkpoint(model: TaskClassifierModel, encoder: str, training: dict[str, Any] | None,
                     folder: str | os.PathLike) -> Path:
     """Write the trained tensors and the metadata into ``folder`` (created if needed) in one atomic swap; returns
-    the folder.
-
-    What the classifier reads is the model's `PromptReader` (``model.reader``), recorded in the metadata.
-    ``max_length`` (obsolete, None to skip): the most prompt tokens the caller allows it to read.
-    """
-    reader = model.reader
-    reader.check()
-    if max_length is not None:
-        if not is_plain_int(max_length):
-            raise KvbenchError(f"max_length must be an integer, got {max_length!r}")
-        if reader.head_tokens + reader.tail_tokens > max_length:
-            raise KvbenchError(f"the classifier reads {reader.head_tokens} + {reader.tail_tokens} tokens, "
-                               f"more than max_length {max_length}")
+    the folder. What the classifier reads is the model's `PromptReader` (``model.reader``, checked when the
+    model was made), recorded in the metadata."""
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -87,40 +75,24 @@ def save_checkpoint(model: TaskClassifierModel, encoder: str, max_length: int | 
         "pooling": model.pooling,
         "labels": list(LABELS),
         "hidden_size": model.encoder.config.hidden_size,
-        "reader": reader.to_metadata(),
+        "reader": model.reader.to_metadata(),
         "training": training if training is not None else {},
     }
     target = folder / CHECKPOINT_FILE
-    partial = folder / f".{CHECKPOINT_FILE}.{os.getpid()}.partial"
     try:
-        save_file(tensors, partial, metadata={METADATA_KEY: json.dumps(metadata)})
-        with open(partial, "rb") as written:
-            os.fsync(written.fileno())
-        os.replace(partial, target)  # the one step that changes what a reader sees
+        replace_atomically(target, lambda partial: save_file(tensors, partial, metadata={METADATA_KEY: json.dumps(metadata)}))
     except OSError as error:
-        partial.unlink(missing_ok=True)
         raise KvbenchError(f"cannot write checkpoint {target} ({error.strerror or error})") from None
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    sync_folder(folder)
     # Format 1's metadata file, if an older kvbench trained here: stale now, and never read.
     (folder / LEGACY_METADATA_FILE).unlink(missing_ok=True)
     return folder
 
 
-def sync_folder(folder: Path) -> None:
-    """Make the rename durable where the platform allows (a no-op where folders cannot be opened)."""
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
+def refuse_legacy_format(folder: Path) -> None:
+    """One line, if ``folder`` holds a format-1 classifier (its metadata file beside the tensors)."""
+    if (folder / LEGACY_METADATA_FILE).is_file():
+        raise KvbenchError(f"{folder}: a task classifier in an older format ({LEGACY_METADATA_FILE} beside the "
+                           "tensors); retrain with `kvbench train-classifier`")
 
 
 def read_checkpoint_bytes(path: str | os.PathLike) -> tuple[Path, bytes]:
@@ -128,9 +100,7 @@ def read_checkpoint_bytes(path: str | os.PathLike) -> tuple[Path, bytes]:
     file = checkpoint_file(path)
     if not file.is_file():
         folder = file.parent
-        if (folder / LEGACY_METADATA_FILE).is_file():
-            raise KvbenchError(f"{folder}: a task classifier in an older format ({LEGACY_METADATA_FILE} beside the "
-                               "tensors); retrain with `kvbench train-classifier`")
+        refuse_legacy_format(folder)
         raise KvbenchError(f"no task classifier at {Path(path)}: run `kvbench train-classifier --data-dir DIR` (DIR: "
                            "LongBench <task>.jsonl files; without it LongBench comes from the hub) or pass "
                            "--task-type qa|other")
@@ -164,9 +134,7 @@ def header_metadata(content: bytes, file: Path) -> dict[str, Any]:
         raise KvbenchError(f"{file}: not a readable safetensors file (header: {error})") from None
     embedded = header.get("__metadata__") if isinstance(header, dict) else None
     if not isinstance(embedded, dict) or METADATA_KEY not in embedded:
-        if (file.parent / LEGACY_METADATA_FILE).is_file():
-            raise KvbenchError(f"{file.parent}: a task classifier in an older format ({LEGACY_METADATA_FILE} beside the "
-                               "tensors); retrain with `kvbench train-classifier`")
+        refuse_legacy_format(file.parent)
         raise KvbenchError(f"{file}: a safetensors file without kvbench classifier metadata; "
                            "retrain with `kvbench train-classifier`")
     try:

@@ -61,6 +61,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kvbench.console import transformers_progress_bars
 from kvbench.errors import KvbenchError, error_line
 from kvbench.paths import package_folder
 
@@ -194,7 +195,7 @@ class PromptReader:
         for tail_count, paragraph in enumerate(reversed(paragraphs[head_count:])):
             ids = ids_of(paragraph)
             if tail_count == 0 and len(ids) > self.tail_tokens:
-                tail = ids[len(ids) - self.tail_tokens:] if self.tail_tokens else []
+                tail = ids[len(ids) - self.tail_tokens:]
                 break
             if len(tail) + len(ids) > self.tail_tokens:
                 break
@@ -250,21 +251,14 @@ def load_encoder(encoder: str, progress: bool = False):
     """
     # Imported here: transformers takes seconds to import and only loading needs it.
     from transformers import AutoModel, AutoTokenizer
-    from transformers.utils import logging as transformers_logging
 
     source = encoder_source(encoder)
-    bars_were_enabled = transformers_logging.is_progress_bar_enabled()
-    if not progress:
-        transformers_logging.disable_progress_bar()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model, loading_info = AutoModel.from_pretrained(source, output_loading_info=True)
+        with transformers_progress_bars(progress):
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            model, loading_info = AutoModel.from_pretrained(source, output_loading_info=True)
     except (OSError, ValueError, KeyError, RuntimeError) as error:
-        reason = error_line(error)
-        raise KvbenchError(f"cannot load encoder {encoder!r} ({reason})") from None
-    finally:
-        if bars_were_enabled and not progress:
-            transformers_logging.enable_progress_bar()
+        raise KvbenchError(f"cannot load encoder {encoder!r} ({error_line(error)})") from None
     pooler = getattr(model, "pooler", None)
     pooler_loaded = pooler is not None and not any(key.startswith("pooler.") for key in loading_info["missing_keys"])
     # An untrained pooler still has its initial all-zero bias (MiniLM's case).

@@ -68,15 +68,14 @@ import math
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from kvbench.classifier.data import LabelledPrompt, choose_held_out_tasks, split_held_out
-from kvbench.classifier.model import (EMBEDDED_ENCODER, HEAD_TOKENS, LABELS, MIN_DEMONSTRATIONS, TAIL_TOKENS,
-                                      PromptReader, TaskClassifierModel, load_encoder, pad_batch)
+from kvbench.classifier.model import EMBEDDED_ENCODER, LABELS, PromptReader, TaskClassifierModel, load_encoder, pad_batch
 from kvbench.console import progress_bar, progress_bars_enabled
 from kvbench.errors import KvbenchError
 
@@ -99,22 +98,13 @@ class TrainingConfig:
     held_out_tasks: str = "per-category"
     seed: int = 0
     device: str = "cpu"
-    #: what the classifier reads of a prompt (see `PromptReader`)
-    head_tokens: int = HEAD_TOKENS
-    tail_tokens: int = TAIL_TOKENS
-    paragraphs: bool = True
-    unicode_form: str = "NFKC"
-    min_demonstrations: int = MIN_DEMONSTRATIONS
+    #: what the classifier reads of a prompt
+    reader: PromptReader = field(default_factory=PromptReader)
     #: also fit the encoder on prompts the reader labels few-shot by their demonstrations
     train_on_few_shot: bool = False
     #: "task": every task weighs the same within its label, however many prompts it has; "label": each
     #: label weighs the same (prompts of a label weigh alike)
     balance: str = "task"
-
-    @property
-    def reader(self) -> PromptReader:
-        return PromptReader(self.head_tokens, self.tail_tokens, self.paragraphs, self.unicode_form,
-                            self.min_demonstrations)
 
     def validate(self) -> None:
         """One KvbenchError line for any unusable setting, before any slow work."""
@@ -207,8 +197,9 @@ class CachedPrompts:
 
 
 def cache_penultimate_states(model: TaskClassifierModel, tokenizer, prompts: Sequence[LabelledPrompt],
-                             device: str, encoder: str) -> CachedPrompts:
-    """Read every prompt as ``model.reader`` does and keep the penultimate layer's hidden states."""
+                             few_shot: list[bool], device: str, encoder: str) -> CachedPrompts:
+    """Read every prompt as ``model.reader`` does and keep the penultimate layer's hidden states (``few_shot``:
+    which prompts the reader labels few-shot)."""
     states: list[torch.Tensor] = []
     last_layer = model.encoder.encoder.layer[-1]
     model.eval()
@@ -229,8 +220,7 @@ def cache_penultimate_states(model: TaskClassifierModel, tokenizer, prompts: Seq
             for row, ids in enumerate(batch_ids):
                 states.append(penultimate[row, :len(ids)].to("cpu", torch.float16))
             progress.update(len(batch))
-    return CachedPrompts(states, [prompt.label for prompt in prompts], [prompt.task for prompt in prompts],
-                         [model.reader.is_few_shot(prompt.text) for prompt in prompts])
+    return CachedPrompts(states, [prompt.label for prompt in prompts], [prompt.task for prompt in prompts], few_shot)
 
 
 def padded_states(states: Sequence[torch.Tensor], indices: Sequence[int], device: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -367,36 +357,39 @@ def train_classifier(prompts: Sequence[LabelledPrompt], config: TrainingConfig,
     point on every other task (both splits) and are scored on the held-out task.
     """
     config.validate()
+    reader = config.reader
     labels = [prompt.label for prompt in prompts]
     if len(set(labels)) < len(LABELS):
         raise KvbenchError("the data holds only one kind of task; training needs both QA and other tasks")
     train_indices, held_out_indices = split_held_out(prompts, config.held_out_fraction, config.seed)
     if len({labels[index] for index in train_indices}) < len(LABELS):
         raise KvbenchError("the training split lacks one label; add samples")
+    # Few-shot depends on the text alone: decided before the encoder loads, so a split that cannot train fails first.
+    few_shot = [reader.is_few_shot(prompt.text) for prompt in prompts]
+
+    def fitted(indices: Sequence[int]) -> list[int]:
+        """The prompts of ``indices`` the encoder is fitted on."""
+        return [index for index in indices if config.train_on_few_shot or not few_shot[index]]
+
+    fitted_train = fitted(train_indices)
+    if len({labels[index] for index in fitted_train}) < len(LABELS):
+        raise KvbenchError("the training split lacks one label once few-shot prompts are set aside; add samples")
     held_out_tasks = choose_held_out_tasks(config.held_out_tasks, prompts)
 
     torch.manual_seed(config.seed)  # the head's initial weights
     tokenizer, encoder_model, pooler_is_trained = load_encoder(config.encoder, progress=progress_bars_enabled())
-    model = TaskClassifierModel(encoder_model, "pooler" if pooler_is_trained else "first-token", config.reader)
+    model = TaskClassifierModel(encoder_model, "pooler" if pooler_is_trained else "first-token", reader)
     model = model.to(config.device)
     initial_state = trained_state(model)
-    reader = config.reader
     report(f"encoder {config.encoder} ({model.pooling} features), reading {describe_reader(reader)}; "
            f"{len(prompts)} prompts from {len(set(p.task for p in prompts))} tasks: {len(train_indices)} train, "
            f"{len(held_out_indices)} held out")
-    cached = cache_penultimate_states(model, tokenizer, prompts, config.device, config.encoder)
-    few_shot_count = sum(cached.few_shot)
+    cached = cache_penultimate_states(model, tokenizer, prompts, few_shot, config.device, config.encoder)
+    few_shot_count = sum(few_shot)
     if few_shot_count:
-        report(f"{few_shot_count} few-shot prompt(s) ({min_demonstrations_text(reader)}) are \"other\" by their "
-               f"demonstrations{'' if config.train_on_few_shot else ' and left out of fitting'}")
-
-    def fitted(indices: Sequence[int]) -> list[int]:
-        """The prompts of ``indices`` the encoder is fitted on."""
-        return [index for index in indices if config.train_on_few_shot or not cached.few_shot[index]]
-
-    if len({labels[index] for index in fitted(train_indices)}) < len(LABELS):
-        raise KvbenchError("the training split lacks one label once few-shot prompts are set aside; add samples")
-    fit(model, cached, fitted(train_indices), config, "training", leave_progress=True)
+        report(f"{few_shot_count} few-shot prompt(s) (answer cue on {reader.min_demonstrations}+ lines) are \"other\" "
+               f"by their demonstrations{'' if config.train_on_few_shot else ' and left out of fitting'}")
+    fit(model, cached, fitted_train, config, "training", leave_progress=True)
     held_out_predictions = predict_cached(model, cached, held_out_indices, config.device, config.batch_size)
     held_out = accuracy_figures([labels[index] for index in held_out_indices], held_out_predictions)
     final_state = trained_state(model)
@@ -451,10 +444,6 @@ def describe_reader(reader: PromptReader) -> str:
     """What the reader reads, in words, for the training report."""
     unit = "paragraphs within" if reader.paragraphs else "tokens:"
     return (f"{unit} the first {reader.head_tokens} and last {reader.tail_tokens} tokens ({reader.unicode_form})")
-
-
-def min_demonstrations_text(reader: PromptReader) -> str:
-    return f"answer cue on {reader.min_demonstrations}+ lines"
 
 
 def format_confusion_matrix(matrix: Sequence[Sequence[int]]) -> str:

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from kvbench.console import progress_bars_enabled
+from kvbench.console import progress_bars_enabled, transformers_progress_bars
 from kvbench.errors import KvbenchError, error_line
 from kvbench.methods.base import ModelInfo
 from kvbench.paths import kvbench_home, module_available, package_folder
@@ -266,19 +266,18 @@ def load_model(
     source = model if isinstance(model, ModelSource) else resolve_model_source(model)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as transformers_logging
 
-    if not progress_bars_enabled():
-        transformers_logging.disable_progress_bar()  # its loading bar would be one more line in every log
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source.location, trust_remote_code=trust_remote_code)
-        loaded = AutoModelForCausalLM.from_pretrained(
-            source.location,
-            dtype=torch_dtype,
-            attn_implementation=attn,
-            device_map=device_map,
-            trust_remote_code=trust_remote_code,
-        )
+        # transformers' loading bar would be one more line in every log
+        with transformers_progress_bars(progress_bars_enabled()):
+            tokenizer = AutoTokenizer.from_pretrained(source.location, trust_remote_code=trust_remote_code)
+            loaded = AutoModelForCausalLM.from_pretrained(
+                source.location,
+                dtype=torch_dtype,
+                attn_implementation=attn,
+                device_map=device_map,
+                trust_remote_code=trust_remote_code,
+            )
     except Exception as error:  # a damaged checkpoint raises anything from OSError to SafetensorError
         raise KvbenchError(f"cannot load model {source.spec or source.location!r}: {error_line(error)}") from None
     if device_map is None:

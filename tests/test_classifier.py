@@ -18,9 +18,10 @@ from kvbench.classifier import checkpoint_digest, default_checkpoint_path, load_
 from kvbench.classifier.checkpoint import CHECKPOINT_FILE, LEGACY_METADATA_FILE, METADATA_KEY, read_metadata
 from kvbench.classifier.data import (LabelledPrompt, choose_held_out_tasks, label_of_category, load_labelled_prompts,
                                      split_held_out)
-from kvbench.classifier.model import (EMBEDDED_ENCODER, LABELS, MAX_LENGTH, PromptReader, TaskClassifierModel,
+from kvbench.classifier.model import (EMBEDDED_ENCODER, LABELS, PromptReader, TaskClassifierModel,
                                       answer_cue, demonstration_count, encoder_source, load_encoder, pad_batch)
-from kvbench.classifier.train import TrainingConfig, first_token_last_layer
+from kvbench.classifier import train
+from kvbench.classifier.train import CachedPrompts, TrainingConfig, first_token_last_layer, prompt_weights
 from kvbench.console import progress_bars_enabled
 from kvbench.cli import main
 from kvbench.errors import KvbenchError
@@ -222,7 +223,7 @@ def test_trained_pooler_feeds_the_head_and_is_saved_with_it(tmp_path):
         output = encoder_model(input_ids=input_ids, attention_mask=attention_mask)
         torch.testing.assert_close(model(input_ids, attention_mask),
                                    model.linear(output.pooler_output))
-    save_checkpoint(model, trained, MAX_LENGTH, {}, tmp_path / "classifier")
+    save_checkpoint(model, trained, {}, tmp_path / "classifier")
     loaded = load_classifier(tmp_path / "classifier")
     assert loaded.model.pooling == "pooler"
     with torch.no_grad():
@@ -243,7 +244,7 @@ def saved_checkpoint(minilm, folder, seed: int = 3, reader: PromptReader | None 
         for name, parameter in model.named_parameters():
             if name in model.trained_parameter_names():
                 parameter.add_(torch.randn_like(parameter) * 0.01)
-    save_checkpoint(model, EMBEDDED_ENCODER, MAX_LENGTH, {"note": "test"}, folder)
+    save_checkpoint(model, EMBEDDED_ENCODER, {"note": "test"}, folder)
     return model.eval()
 
 
@@ -282,7 +283,7 @@ def test_checkpoint_digest_names_the_content(minilm, tmp_path):
     assert checkpoint_digest(folder / CHECKPOINT_FILE) == digest
     assert load_classifier(folder).digest == digest
     saved_checkpoint(minilm, tmp_path / "same", seed=3)
-    assert checkpoint_digest(tmp_path / "same") == digest  # training output is deterministic: same classifier, same name
+    assert checkpoint_digest(tmp_path / "same") == digest  # saving is deterministic: the same classifier, the same name
     saved_checkpoint(minilm, folder, seed=4)
     assert checkpoint_digest(folder) != digest
     with pytest.raises(KvbenchError, match="no task classifier at"):
@@ -410,7 +411,7 @@ def test_corrupt_or_mismatched_checkpoints_fail_in_one_line(minilm, tmp_path):
     file.write_bytes(original[:len(original) // 2])
     fails("not a readable safetensors file")
     file.write_bytes((10 ** 9).to_bytes(8, "little") + original[8:])
-    fails("not a readable safetensors file")
+    fails("not a readable safetensors file \\(header of 1000000000 bytes in a file of")
     file.unlink()
     fails("no task classifier at")
     edit_tensors(folder, lambda tensors: tensors.pop("linear.weight"))
@@ -466,9 +467,33 @@ def test_device_is_checked_before_any_work(monkeypatch):
         TrainingConfig(device="cuda:2").validate()
 
 
+def test_prompt_weights_weigh_each_label_alike_and_with_task_balance_each_task_within_its_label():
+    # label 0: task a (3 prompts) and task b (1); label 1: task c (2); six prompts weigh 6 in all
+    cached = CachedPrompts(states=[], labels=[0, 0, 0, 0, 1, 1], tasks=["a", "a", "a", "b", "c", "c"],
+                           few_shot=[False] * 6)
+    assert prompt_weights(cached, range(6), "task") == {0: 0.5, 1: 0.5, 2: 0.5, 3: 1.5, 4: 1.5, 5: 1.5}
+    assert prompt_weights(cached, range(6), "label") == {0: 0.75, 1: 0.75, 2: 0.75, 3: 0.75, 4: 1.5, 5: 1.5}
+
+
+def test_few_shot_prompts_are_left_out_of_fitting_unless_asked(tmp_path, monkeypatch):
+    encoder = tiny_local_encoder(tmp_path / "encoder", tiny_bert_config(), pooler_bias=0.0)
+    few_shot = "Question: A?\nType: Date\nQuestion: B?\nType: Reason\nQuestion: C?\nType:"
+    prompts = [LabelledPrompt(task, f"{task}{index}", f"Read this, {task} {index}. Why?\nAnswer:", label)
+               for task, label in (("qasper", 0), ("hotpotqa", 0), ("gov_report", 1)) for index in range(5)]
+    prompts += [LabelledPrompt("trec", f"trec{index}", f"Classify {index}.\n{few_shot}", 1) for index in range(5)]
+    fitted = []
+    monkeypatch.setattr(train, "fit", lambda model, cached, indices, *args, **kwargs: fitted.append(list(indices)))
+    for train_on_few_shot in (False, True):
+        fitted.clear()
+        config = TrainingConfig(encoder=encoder, epochs=1, held_out_tasks="none", train_on_few_shot=train_on_few_shot)
+        train.train_classifier(prompts, config, report=lambda line: None)
+        (indices,) = fitted
+        assert any(prompts[index].task == "trec" for index in indices) is train_on_few_shot
+
+
 def test_reader_settings_of_training_are_checked():
     with pytest.raises(KvbenchError, match="reader head_tokens must be an integer >= 0, got -1"):
-        TrainingConfig(head_tokens=-1).validate()
+        TrainingConfig(reader=PromptReader(head_tokens=-1)).validate()
     with pytest.raises(KvbenchError, match="balance must be one of task, label"):
         TrainingConfig(balance="prompt").validate()
 
