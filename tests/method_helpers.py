@@ -1,21 +1,26 @@
-"""Driving a method by hand as the engine does: bind it to a model, start a sample, watch its evictions."""
+"""Driving a method by hand as the engine does: bind it to a model, start a sample, watch what it keeps and evicts."""
 
-from kvbench.methods.base import Compressor, Method, ModelInfo, SampleCompression
+from kvbench.methods.base import Compressor, LayerPrefill, Method, ModelInfo, SampleCompression, Selection
 
 
-def sample_state(method: Method, prompt_length: int, num_layers: int = 1, model_name: str = "tiny",
-                 sample: dict | None = None) -> SampleCompression:
+def sample_state(method: Method, prompt_length: int, num_layers: int = 1, sample: dict | None = None) -> SampleCompression:
     """The per-sample state the engine would make for ``method`` on a ``num_layers``-layer model."""
-    return method.prepare(ModelInfo(model_name, num_layers)).start_sample(prompt_length, sample)
+    return method.prepare(ModelInfo("tiny", num_layers)).start_sample(prompt_length, sample)
 
 
 class RecordingCompressor(Compressor):
-    """Wraps a compressor: keeps the last sample state it made and every decode-time eviction it answered."""
+    """Wraps a compressor: keeps the last sample state it made, what each layer's prefill selected (and, with
+    ``keep_layers``, the layer it was shown), and every decode-time eviction it answered."""
 
-    def __init__(self, inner: Compressor):
+    def __init__(self, inner: Compressor, keep_layers: bool = False):
         super().__init__(inner.method, inner.model)
         self.inner = inner
+        self.keep_layers = keep_layers
         self.last_sample: SampleCompression | None = None
+        #: layer_idx -> the last sample's selection of that layer (None: kept whole)
+        self.selections: dict[int, Selection | None] = {}
+        #: layer_idx -> the last sample's prefill of that layer (with ``keep_layers``)
+        self.layers: dict[int, LayerPrefill] = {}
         #: (layer_idx, cache_length, tokens_seen, evicted index or None)
         self.evictions: list[tuple[int, int, int, int | None]] = []
 
@@ -24,7 +29,14 @@ class RecordingCompressor(Compressor):
 
     def start_sample(self, prompt_length, sample=None):
         state = self.inner.start_sample(prompt_length, sample)
-        answer = state.decode_eviction
+        answer, select = state.decode_eviction, state.select
+
+        def recording_select(layer):
+            selection = select(layer)
+            self.selections[layer.layer_idx] = selection
+            if self.keep_layers:
+                self.layers[layer.layer_idx] = layer
+            return selection
 
         def recording(layer_idx, cache_length, tokens_seen):
             index = answer(layer_idx, cache_length, tokens_seen)
@@ -32,9 +44,10 @@ class RecordingCompressor(Compressor):
             return index
 
         state.decode_eviction = recording
+        state.select = recording_select
         self.last_sample = state
         return state
 
 
-def recording(method: Method, num_layers: int, model_name: str = "tiny") -> RecordingCompressor:
-    return RecordingCompressor(method.prepare(ModelInfo(model_name, num_layers)))
+def recording(method: Method, num_layers: int) -> RecordingCompressor:
+    return RecordingCompressor(method.prepare(ModelInfo("tiny", num_layers)))

@@ -11,6 +11,7 @@ from kvbench.harness.generate import as_compressor, generate_greedy
 from kvbench.harness.prefill import DecodeRequest, prefill
 from kvbench.methods import build_method
 from kvbench.methods.pyramidkv import pyramid_prefix_budget
+from tests.method_helpers import RecordingCompressor
 from tests.tiny_models import FAMILIES, random_prompt, tiny_model
 
 NEW_TOKENS = 12
@@ -59,26 +60,6 @@ def test_compression_really_changes_the_output():
     assert tiny_budget.kv_cache_bytes * 300 == full.kv_cache_bytes * 16
 
 
-class RecordingSnapKV:
-    """SnapKV whose samples remember what each layer kept."""
-
-    def __init__(self, model, **options):
-        self.compressor = as_compressor(build_method("snapkv", **options), model)
-        self.kept = {}
-
-    def start_sample(self, prompt_length, sample=None):
-        state = self.compressor.start_sample(prompt_length, sample)
-        select = state.select
-
-        def recording_select(layer):
-            selection = select(layer)
-            self.kept[layer.layer_idx] = selection.indices[0]
-            return selection
-
-        state.select = recording_select
-        return state
-
-
 def masked_last_row_attention(kept_by_layer, prompt_length):
     """Eager attention over prompt + one new token where the new token may only see, in each layer and
     KV head, the prompt positions that layer kept (and itself): compression computed by hand."""
@@ -104,7 +85,7 @@ def masked_last_row_attention(kept_by_layer, prompt_length):
 def test_decoding_logits_equal_attention_over_the_kept_keys_at_original_positions(family):
     model = tiny_model(family, attn="sdpa")
     prompt = random_prompt(120, seed=3)
-    method = RecordingSnapKV(model, capacity=24, window_size=4, kernel_size=3)
+    method = RecordingCompressor(as_compressor(build_method("snapkv", capacity=24, window_size=4, kernel_size=3), model))
     next_token = 7
 
     prefilled = prefill(model, method, DecodeRequest(prompt, 2, set()))
@@ -115,7 +96,7 @@ def test_decoding_logits_equal_attention_over_the_kept_keys_at_original_position
         hooked = batch.decode_logits(1)[0]
     assert batch.valid[:, 0].sum(dim=-1).tolist() == [24 + 1] * 4  # the kept prompt and the new token
 
-    AttentionInterface.register("by_hand", masked_last_row_attention(method.kept, 120))
+    AttentionInterface.register("by_hand", masked_last_row_attention({layer: selection.indices[0] for layer, selection in method.selections.items()}, 120))
     AttentionMaskInterface.register("by_hand", ALL_MASK_ATTENTION_FUNCTIONS["eager"])
     model.set_attn_implementation("by_hand")
     with torch.inference_mode():

@@ -9,7 +9,7 @@ from kvbench.errors import KvbenchError
 from kvbench.methods import build_method, get_method_class
 from kvbench.methods.base import LayerPrefill, ModelInfo
 from kvbench.methods.windowkv import WindowKV, group_budgets, kept_windows, window_scores
-from tests.method_helpers import recording, sample_state
+from tests.method_helpers import RecordingCompressor, recording, sample_state
 
 EPS = 1e-6
 
@@ -363,28 +363,11 @@ def test_followers_store_the_leaders_positions_on_a_tiny_model():
     from kvbench.harness.generate import generate_greedy
 
     model = tiny_llama(5)  # groups of 2: layers 0-1, 2-3, 4 (shorter last group)
-    compressor = WindowKV(capacity=40, shared_layers=2, beta=7, task_type="qa").prepare(ModelInfo("tiny", 5))
-    chosen = {}
-    states = []
-
-    class RecordingSelect(type(compressor)):
-        def start_sample(self, prompt_length, sample=None):
-            state = super().start_sample(prompt_length, sample)
-            select = state.select
-
-            def recording_select(layer):
-                selection = select(layer)
-                chosen[layer.layer_idx] = None if selection is None else selection.indices.clone()
-                return selection
-
-            state.select = recording_select
-            states.append(state)
-            return state
-
-    compressor.__class__ = RecordingSelect
+    compressor = recording(WindowKV(capacity=40, shared_layers=2, beta=7, task_type="qa"), 5)
     prompt = torch.randint(3, 100, (200,), generator=torch.Generator().manual_seed(2)).tolist()
     result = generate_greedy(model, prompt, compressor, max_new_tokens=2, eos_token_ids=set())
-    assert states[0].record()["group_budgets"] == [69, 40, 11]
+    chosen = {layer_idx: selection.indices for layer_idx, selection in compressor.selections.items()}
+    assert compressor.last_sample.record()["group_budgets"] == [69, 40, 11]
     assert torch.equal(chosen[0], chosen[1]) and torch.equal(chosen[2], chosen[3])
     # 168 reviewable tokens: 168 - 13*8, 168 - 16*8, 168 - 20*8 kept, plus the 32 suffix tokens.
     assert result.kept_per_layer == [96, 96, 72, 72, 40]
@@ -526,7 +509,6 @@ def test_every_layer_keeps_the_references_positions_on_a_real_trec_prompt(longbe
     from kvbench.harness.generate import model_info
     from kvbench.harness.model import load_model
     from kvbench.harness.prefill import DecodeRequest, prefill
-    from kvbench.methods.base import Compressor
     from kvbench.tasks.longbench import LongBenchTask, load_task_samples
 
     loaded = load_model(None, dtype="fp32", device="cpu")
@@ -534,31 +516,16 @@ def test_every_layer_keeps_the_references_positions_on_a_real_trec_prompt(longbe
     sample = load_task_samples("trec", longbench_mini)[0]
     prompt = task.prompt_ids(sample, loaded.tokenizer, 1500)
     wkv = WindowKV(capacity=128, task_type=task_type)
-    inner = wkv.prepare(model_info(loaded.model))
-    layers, stored = {}, {}
-
-    class Recording(Compressor):
-        def start_sample(self, prompt_length, sample=None):
-            state = inner.start_sample(prompt_length, sample)
-            select = state.select
-
-            def recording_select(layer):
-                selection = select(layer)
-                layers[layer.layer_idx] = (layer.queries.clone(), layer.keys.clone())
-                stored[layer.layer_idx] = None if selection is None else kept(selection)
-                return selection
-
-            state.select = recording_select
-            return state
-
+    compressor = RecordingCompressor(wkv.prepare(model_info(loaded.model)), keep_layers=True)
     request = DecodeRequest(prompt, 1, set(), {**sample, "prompt_text": task.prompt_text(sample)})
-    prefilled = prefill(loaded.model, Recording(wkv, model_info(loaded.model)), request)
+    prefilled = prefill(loaded.model, compressor, request)
     suffix, strategy = (32, "max") if task_type == "qa" else (16, "average")
-    budgets = inner.budgets
+    budgets = compressor.inner.budgets
     assert budgets == [183, 147, 111, 73]
     for layer_idx in range(30):
         if layer_idx % 8 == 0:
-            queries, keys = layers[layer_idx]
-            leader = reference_update_kv(queries, keys, suffix, 8, budgets[layer_idx // 8], strategy)
-        assert stored[layer_idx] == leader, layer_idx
+            layer = compressor.layers[layer_idx]
+            leader = reference_update_kv(layer.queries, layer.keys, suffix, 8, budgets[layer_idx // 8], strategy)
+        selection = compressor.selections[layer_idx]
+        assert (None if selection is None else kept(selection)) == leader, layer_idx
         assert prefilled.kept_per_layer[layer_idx] == len(leader)
