@@ -26,9 +26,9 @@ import pandas as pd
 import torch
 
 from kvbench.errors import KvbenchError, error_line
-from kvbench.harness.decode import DecodeBatch, kv_head_layout
-from kvbench.harness.generate import Generation, generate_greedy, generate_stream
-from kvbench.harness.prefill import DecodeRequest, Prefilled, synchronize
+from kvbench.engine.decode import DecodeBatch, kv_head_layout
+from kvbench.engine.generate import Generation, generate_greedy, generate_stream
+from kvbench.engine.prefill import DecodeRequest, Prefilled, synchronize
 from kvbench.harness.run import max_prompt_length, sample_request
 from kvbench.methods.base import SampleCompression
 from kvbench.methods.fullkv import FullKV

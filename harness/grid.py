@@ -25,7 +25,7 @@ from kvbench.harness.model import (
     resolve_dtype,
     resolve_model_source,
 )
-from kvbench.harness.generate import default_batch_size
+from kvbench.engine.generate import default_batch_size
 from kvbench.harness.parallel import current_world, device_for, finish, start
 from kvbench.harness.run import RunPlan, execute_run, open_run
 from kvbench.methods import build_method, check_options_exist, get_method_class

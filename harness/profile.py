@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from kvbench.errors import KvbenchError
-from kvbench.harness.generate import generate_greedy, model_info
+from kvbench.engine.generate import generate_greedy, model_info
 from kvbench.methods.base import Compressor, LayerPrefill, SampleCompression, Selection
 from kvbench.methods.fullkv import FullKV
 from kvbench.methods.importance import attention_importance

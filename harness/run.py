@@ -28,8 +28,8 @@ from typing import Any
 
 from kvbench.console import progress_bar
 from kvbench.errors import KvbenchError
-from kvbench.harness.generate import Generation, eos_token_ids, generate_stream
-from kvbench.harness.prefill import DecodeRequest
+from kvbench.engine.generate import Generation, eos_token_ids, generate_stream
+from kvbench.engine.prefill import DecodeRequest
 from kvbench.harness.model import LoadedModel, ModelDescription
 from kvbench.harness.parallel import World, barrier, main_decides, shard, total_over_processes
 from kvbench.methods.base import Compressor, Method

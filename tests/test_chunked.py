@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from kvbench.harness.chunked import install_chunking, token_wise_modules
-from kvbench.harness.generate import generate_greedy, generate_stream
-from kvbench.harness.prefill import DecodeRequest, prefill
+from kvbench.engine.chunked import install_chunking, token_wise_modules
+from kvbench.engine.generate import generate_greedy, generate_stream
+from kvbench.engine.prefill import DecodeRequest, prefill
 from kvbench.methods import build_method
 from kvbench.methods.base import ModelInfo
 from tests.tiny_models import FAMILIES, random_prompt, tiny_model

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from kvbench.harness import generate as generate_module
-from kvbench.harness.generate import generate_greedy, generate_stream
-from kvbench.harness.hook import masked_decode_attention
-from kvbench.harness.prefill import DecodeRequest
+from kvbench.engine import generate as generate_module
+from kvbench.engine.generate import generate_greedy, generate_stream
+from kvbench.engine.hook import masked_decode_attention
+from kvbench.engine.prefill import DecodeRequest
 from kvbench.methods import build_method
 from tests.test_method_contract import CONTRACT
 from tests.tiny_models import FAMILIES, random_prompt, tiny_model
@@ -103,7 +103,7 @@ def test_out_of_memory_halves_the_batch_and_loses_or_repeats_nothing(monkeypatch
     method = build_method("pyramidkv", capacity=32)
     lengths, new_tokens = [70, 90, 50, 110, 60, 80], [8, 12, 5, 10, 7, 9]
     expected = {r.tag: r.token_ids for r in generate_stream(model, method, requests_of(lengths, new_tokens), 1)}
-    from kvbench.harness.decode import DecodeBatch
+    from kvbench.engine.decode import DecodeBatch
 
     real_step = DecodeBatch.step
     failures = []
@@ -146,7 +146,7 @@ def test_cuda_graph_steps_equal_eager_steps(name):
     lengths, new_tokens = [90, 30, 120, 64, 45, 100, 75, 140, 52], [10, 3, 12, 1, 9, 6, 11, 14, 7]
     eager = {r.tag: r.token_ids for r in generate_stream(model, method, requests_of(lengths, new_tokens), 1,
                                                           use_cuda_graphs=False)}
-    from kvbench.harness import decode as decode_module
+    from kvbench.engine import decode as decode_module
 
     captured = []
     real_capture = decode_module.DecodeBatch._capture

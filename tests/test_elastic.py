@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kvbench.harness.generate import generate_greedy
+from kvbench.engine.generate import generate_greedy
 from kvbench.methods import build_method
 from kvbench.methods import elastic as elastic_module
 from kvbench.methods.base import LayerPrefill

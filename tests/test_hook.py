@@ -6,9 +6,9 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.models.llama.modeling_llama import repeat_kv
 
-from kvbench.harness.decode import DecodeBatch
-from kvbench.harness.generate import as_compressor, generate_greedy
-from kvbench.harness.prefill import DecodeRequest, prefill
+from kvbench.engine.decode import DecodeBatch
+from kvbench.engine.generate import as_compressor, generate_greedy
+from kvbench.engine.prefill import DecodeRequest, prefill
 from kvbench.methods import build_method
 from kvbench.methods.pyramidkv import pyramid_prefix_budget
 from tests.method_helpers import RecordingCompressor

@@ -12,7 +12,7 @@ A method registered without an entry in CONTRACT fails here, so no new method sk
 
 import pytest
 
-from kvbench.harness.generate import generate_greedy
+from kvbench.engine.generate import generate_greedy
 from kvbench.methods import REGISTRY, build_method
 from tests.tiny_models import random_prompt, tiny_model
 

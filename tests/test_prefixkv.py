@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kvbench.errors import KvbenchError
-from kvbench.harness.generate import generate_greedy
+from kvbench.engine.generate import generate_greedy
 from kvbench.methods import build_method
 from kvbench.methods import prefixkv as prefixkv_module
 from kvbench.harness.profile import profile_prefixkv

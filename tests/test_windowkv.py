@@ -341,8 +341,8 @@ def tiny_llama(num_layers):
 
 @pytest.mark.parametrize("task_type, suffix", [("qa", 32), ("other", 16)])
 def test_prefill_cache_holds_group_budget_plus_suffix(task_type, suffix):
-    from kvbench.harness.generate import generate_greedy
-    from kvbench.harness.prefill import DecodeRequest, prefill
+    from kvbench.engine.generate import generate_greedy
+    from kvbench.engine.prefill import DecodeRequest, prefill
 
     model = tiny_llama(6)
     # Groups of 2: capacity 56, beta 14 -> last 8, first 104, step 48: budgets 104, 56, 8 (whole windows).
@@ -360,7 +360,7 @@ def test_prefill_cache_holds_group_budget_plus_suffix(task_type, suffix):
 
 
 def test_followers_store_the_leaders_positions_on_a_tiny_model():
-    from kvbench.harness.generate import generate_greedy
+    from kvbench.engine.generate import generate_greedy
 
     model = tiny_llama(5)  # groups of 2: layers 0-1, 2-3, 4 (shorter last group)
     compressor = recording(WindowKV(capacity=40, shared_layers=2, beta=7, task_type="qa"), 5)
@@ -506,9 +506,9 @@ def test_every_layer_keeps_the_references_positions_on_a_real_trec_prompt(longbe
     """SmolLM2 (9 query heads over 3 KV heads, 30 layers) on a LongBench trec prompt: each layer's kept positions,
     as the engine stores them, are the reference's (leaders scored by its loop, followers reusing the leader's
     windows, budgets of the decaying groups). Few-shot scores near zero on this model are the method's own."""
-    from kvbench.harness.generate import model_info
+    from kvbench.engine.generate import model_info
     from kvbench.harness.model import load_model
-    from kvbench.harness.prefill import DecodeRequest, prefill
+    from kvbench.engine.prefill import DecodeRequest, prefill
     from kvbench.tasks.longbench import LongBenchTask, load_task_samples
 
     loaded = load_model(None, dtype="fp32", device="cpu")

@@ -1,7 +1,7 @@
 """Greedy generation with compressed caches, many samples at once (continuous batching).
 
-Each sample is prefilled alone and compressed layer by layer (`kvbench.harness.prefill`);
-its cache then takes a free row of the decode batch (`kvbench.harness.decode`). A row that
+Each sample is prefilled alone and compressed layer by layer (`kvbench.engine.prefill`);
+its cache then takes a free row of the decode batch (`kvbench.engine.decode`). A row that
 reaches a stop token or its generation length leaves at once, and the next prefilled sample
 takes its place, so no step is spent on finished rows. Results come out as samples finish.
 
@@ -20,9 +20,9 @@ from typing import Any
 import torch
 
 from kvbench.errors import KvbenchError
-from kvbench.harness.chunked import DEFAULT_CHUNK_TOKENS
-from kvbench.harness.decode import DecodeBatch, FinishedRow
-from kvbench.harness.prefill import DecodeRequest, Prefilled, prefill
+from kvbench.engine.chunked import DEFAULT_CHUNK_TOKENS
+from kvbench.engine.decode import DecodeBatch, FinishedRow
+from kvbench.engine.prefill import DecodeRequest, Prefilled, prefill
 from kvbench.methods.base import Compressor, Method, ModelInfo
 
 #: free memory kept aside when growing the decode buffers, for the next prefill's activations

@@ -1,7 +1,7 @@
 """One sample's prefill: the prompt through the model at batch 1, compressed layer by layer.
 
 Prompts differ in length and prefill is compute-bound, so each sample is prefilled alone;
-its compressed cache then joins a decode batch (`kvbench.harness.decode`). Logits are
+its compressed cache then joins a decode batch (`kvbench.engine.decode`). Logits are
 computed for the last prompt position only.
 """
 
@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from kvbench.harness.chunked import DEFAULT_CHUNK_TOKENS, install_chunking
-from kvbench.harness.hook import PrefillSession, active, install_hook
+from kvbench.engine.chunked import DEFAULT_CHUNK_TOKENS, install_chunking
+from kvbench.engine.hook import PrefillSession, active, install_hook
 from kvbench.methods.base import Compressor, SampleCompression
 
 
@@ -92,7 +92,7 @@ def eviction_schedule(state: SampleCompression, kept_per_layer: list[int], promp
 def prefill(model, compressor: Compressor, request: DecodeRequest,
             chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> Prefilled:
     """Prefill one prompt through the hook; the method keeps what it chooses of each layer. The
-    per-token modules run in chunks of ``chunk_tokens`` positions (`kvbench.harness.chunked`)."""
+    per-token modules run in chunks of ``chunk_tokens`` positions (`kvbench.engine.chunked`)."""
     install_hook(model)
     install_chunking(model, chunk_tokens)
     device = model.get_input_embeddings().weight.device

@@ -11,7 +11,7 @@ Eviction while decoding (PrefixKV, Elastic Cache) clears a slot's valid bit inst
 shifting the cache. Keys are stored after RoPE, so attention over a row is a sum over the
 *set* of valid slots, and the ``i``-th entry of the shifted cache is the ``i``-th valid slot
 (`tests/test_decode.py` checks that the two give the same attention). The method's answers
-are worked out at admission for every step (`kvbench.harness.prefill.eviction_schedule`).
+are worked out at admission for every step (`kvbench.engine.prefill.eviction_schedule`).
 
 A step is therefore a fixed sequence of tensor operations for a given number of rows and
 slots: on CUDA it is captured once per (rows bucket, slots) as a CUDA graph and replayed;
@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 import torch
 
 from kvbench.errors import error_line
-from kvbench.harness.hook import DecodeSession, active, install_hook
-from kvbench.harness.prefill import Prefilled
+from kvbench.engine.hook import DecodeSession, active, install_hook
+from kvbench.engine.prefill import Prefilled
 
 log = logging.getLogger(__name__)
 
