@@ -87,9 +87,13 @@ def capacity_figure(points: pd.DataFrame, title: str, path: Path) -> Path:
                 scores = with_budget["score"].to_numpy(dtype=float)
                 complete = with_budget["complete"].to_numpy(dtype=bool)
                 axes.plot(capacities, scores, color=color, linewidth=1.5)
-                axes.fill_between(capacities, with_budget["low"].to_numpy(dtype=float),
-                                  with_budget["high"].to_numpy(dtype=float), color=color, alpha=INTERVAL_ALPHA,
-                                  linewidth=0)
+                lows, highs = with_budget["low"].to_numpy(dtype=float), with_budget["high"].to_numpy(dtype=float)
+                axes.fill_between(capacities, lows, highs, color=color, alpha=INTERVAL_ALPHA, linewidth=0)
+                # bars too: a band needs two points, and a lone capacity of a run in progress has one
+                bounded = ~np.isnan(lows)
+                axes.errorbar(capacities[bounded], scores[bounded],
+                              yerr=[scores[bounded] - lows[bounded], highs[bounded] - scores[bounded]],
+                              fmt="none", ecolor=color, elinewidth=1, capsize=3)
                 axes.scatter(capacities[complete], scores[complete], color=color, zorder=3)
                 axes.scatter(capacities[~complete], scores[~complete], facecolors="white", edgecolors=color, zorder=3)
             for level in without_budget.itertuples(index=False):

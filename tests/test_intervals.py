@@ -165,3 +165,20 @@ def test_eval_prints_intervals_and_the_paired_difference_from_a_reference(tmp_pa
                                                                         "difference_high")} == dict.fromkeys(
         ("difference", "difference_low", "difference_high"), 0.0)
     assert "0.00..0.00" in itself.stdout
+
+
+def test_the_capacity_plot_gets_each_points_interval(tmp_path, monkeypatch):
+    from tests.test_report import _capacity_points
+
+    recorded = _capacity_points(monkeypatch)
+    for capacity, (right, wrong) in {64: (2, 4), 128: (4, 2)}.items():
+        write_run(tmp_path, "snapkv", capacity, {"qasper": 6}, {"qasper": qa_rows(right, wrong)})
+    write_report([tmp_path], tmp_path / "report", ["md"])
+    (points,) = recorded
+    frame, samples = load_runs_and_samples(tmp_path)
+    table = leaderboard(frame, task_draws(samples, seed=0), seed=0)
+    for position, capacity in enumerate(table.runs["capacity"]):
+        cell = table.cells[position][table.columns.index("Avg")]
+        point = points[(points["capacity"] == capacity) & (points["panel"] == "LongBench Avg")].iloc[0]
+        assert (point["low"], point["high"]) == (cell.low, cell.high)
+        assert point["low"] < point["score"] < point["high"]
