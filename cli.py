@@ -7,7 +7,9 @@ from pathlib import Path
 
 import click
 
+from kvbench.console import quiet_third_party_progress_bars
 from kvbench.errors import KvbenchError
+from kvbench.intervals import DEFAULT_SEED, RESAMPLES
 
 
 class KvbenchGroup(click.Group):
@@ -16,6 +18,7 @@ class KvbenchGroup(click.Group):
     * Every mistake the user can fix is one ``error: ...`` line on stderr and exit status 2:
       kvbench's own (KvbenchError) and click's usage errors alike (click would print a usage
       block and ``Error:``).
+    * Other libraries' progress bars follow kvbench's rule (`kvbench.console`): none off a terminal.
     * Commands registered with `lazy_command` are built on first use: `run`'s flags come from
       the method registry, which imports torch, and `kvbench eval` / `kvbench report` must start
       without it.
@@ -32,6 +35,7 @@ class KvbenchGroup(click.Group):
         return super().get_command(ctx, name)
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        quiet_third_party_progress_bars()
         try:
             result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except KvbenchError as error:
@@ -134,23 +138,30 @@ CODE_SIM_OPTION = click.option(
          "used) or the pure-Python difflib")
 
 
+SEED_OPTION = click.option(
+    "--seed", type=int, default=DEFAULT_SEED, show_default=True,
+    help=f"seed of the {RESAMPLES} bootstrap resamples behind each 95% interval (the same seed, the same intervals)")
+
+
 @main.command("eval")
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--json", "json_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help='also write {"<task>": score, ...} to this file')
 @click.option("--longbench-e", is_flag=True, help="also score each LongBench-E length bucket (0-4k, 4-8k, 8k+)")
 @click.option("--against-run", type=click.Path(path_type=Path), default=None,
-              help="a reference run folder (e.g. fullkv): add ROUGE-L of each prediction against its prediction")
+              help="a reference run folder (e.g. fullkv): add the paired score difference from it on the shared "
+                   "samples, and ROUGE-L of each prediction against its prediction")
 @CODE_SIM_OPTION
-def eval_command(path, json_file, longbench_e, against_run, code_sim_matcher):
+@SEED_OPTION
+def eval_command(path, json_file, longbench_e, against_run, code_sim_matcher, seed):
     """Score LongBench predictions: a folder of <task>.jsonl files (pred, answers, all_classes, length) or one file."""
-    from kvbench.tasks.evaluate import evaluate_path, fidelity_to_reference, format_score_table, write_scores_json
+    from kvbench.tasks.evaluate import compare_with_reference, evaluate_path, format_score_table, write_scores_json
     from kvbench.tasks.metrics import using_code_sim_matcher
 
     with using_code_sim_matcher(code_sim_matcher):
-        table = evaluate_path(path, longbench_e=longbench_e)
-    if against_run is not None:
-        table = fidelity_to_reference(table, path, against_run)
+        table = evaluate_path(path, longbench_e=longbench_e, seed=seed)
+        if against_run is not None:
+            table = compare_with_reference(table, path, against_run)
     for note in table.attrs["skipped"]:
         click.echo(f"note: skipped {note}", err=True)
     click.echo(format_score_table(table))
@@ -303,11 +314,13 @@ def bench_command(workload, model, method_specs, lengths, capacity, new_tokens, 
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="folder for the report (default: <first RUN_DIR>/report)")
 @click.option("--format", "format_list", default="md,csv,html", show_default=True, help="comma list of md, csv, html")
-def report_command(run_dirs, out, format_list):
-    """Tables, needle heatmaps and capacity plots of every run under RUN_DIR... (default: the results folder)."""
+@SEED_OPTION
+def report_command(run_dirs, out, format_list, seed):
+    """Tables, needle heatmaps and capacity plots of every run under RUN_DIR... (default: the results folder),
+    each score with its 95% interval and each run's paired difference from the full cache."""
     from kvbench.report.write import parse_formats, write_report
 
-    for path in write_report(run_dirs, out, parse_formats(format_list)):
+    for path in write_report(run_dirs, out, parse_formats(format_list), seed):
         click.echo(path)
 
 

@@ -146,20 +146,24 @@ def _convert_gguf(gguf_file: Path) -> Path:
             return folder  # another process converted it while we waited
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
-            model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
-        except Exception as error:  # the GGUF reader raises many kinds of errors on a damaged file
-            raise KvbenchError(f"cannot convert {gguf_file}: {error_line(error)}") from None
-        # The de-quantized weights are plain float tensors; drop the GGUF quantizer marker so they save
-        # and reload as an ordinary checkpoint.
-        model.hf_quantizer = None
-        model.is_quantized = False
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        partial = folder.with_name(folder.name + ".partial")
-        model.save_pretrained(partial)
-        tokenizer.save_pretrained(partial)
+        # transformers' loading and shard-writing bars follow ours (its GGUF reader's own tqdm bar is off through
+        # console.quiet_third_party_progress_bars when the command line runs this)
+        with transformers_progress_bars(progress_bars_enabled()):
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+                model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name,
+                                                             dtype=torch.float32)
+            except Exception as error:  # the GGUF reader raises many kinds of errors on a damaged file
+                raise KvbenchError(f"cannot convert {gguf_file}: {error_line(error)}") from None
+            # The de-quantized weights are plain float tensors; drop the GGUF quantizer marker so they save
+            # and reload as an ordinary checkpoint.
+            model.hf_quantizer = None
+            model.is_quantized = False
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            partial = folder.with_name(folder.name + ".partial")
+            model.save_pretrained(partial)
+            tokenizer.save_pretrained(partial)
         partial.rename(folder)
     return folder
 

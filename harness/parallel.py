@@ -42,14 +42,50 @@ class World:
         return self.size > 1
 
 
-def current_world() -> World:
-    """This process's place among the launched processes (a single process when not launched)."""
+#: the variables a launcher exports that say where this process stands
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _whole_number(name: str, default: int) -> int:
+    text = os.environ.get(name)
+    if text is None:
+        return default
     try:
-        size = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
-        local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+        return int(text)
     except ValueError:
-        raise KvbenchError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (as torchrun sets them)") from None
+        raise KvbenchError(f"{name}={text!r} must be a whole number (as torchrun sets it)") from None
+
+
+def current_world() -> World:
+    """This process's place among the launched processes (a single process when not launched).
+
+    Checks the launcher's variables for consistency first: torch's rendezvous would otherwise
+    fail on them with a traceback, or wait for processes that never come.
+    """
+    size = _whole_number("WORLD_SIZE", 1)
+    if size < 1:
+        raise KvbenchError(f"WORLD_SIZE={size}: a launch has at least one process")
+    if size > 1 and "RANK" not in os.environ:
+        raise KvbenchError(f"WORLD_SIZE={size} without RANK: set both (torchrun and accelerate launch do)")
+    rank = _whole_number("RANK", 0)
+    if not 0 <= rank < size:
+        raise KvbenchError(f"RANK={rank} with WORLD_SIZE={size}: the rank must be from 0 to {size - 1}")
+    local_size = _whole_number("LOCAL_WORLD_SIZE", size)
+    if not 1 <= local_size <= size:
+        raise KvbenchError(f"LOCAL_WORLD_SIZE={local_size} with WORLD_SIZE={size}: "
+                           f"a machine runs from 1 to {size} of the processes")
+    local_rank = _whole_number("LOCAL_RANK", rank % local_size)
+    if not 0 <= local_rank < local_size:
+        raise KvbenchError(f"LOCAL_RANK={local_rank} with {local_size} process(es) on this machine: "
+                           f"the local rank must be from 0 to {local_size - 1}")
+    if size > 1:
+        missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+        if missing:
+            raise KvbenchError(f"WORLD_SIZE={size} needs {' and '.join(missing)} to meet the other processes "
+                               "(torchrun and accelerate launch set them)")
+        port = _whole_number("MASTER_PORT", 0)
+        if not 1 <= port <= 65535:
+            raise KvbenchError(f"MASTER_PORT={port} must be a port number from 1 to 65535")
     return World(rank, size, local_rank)
 
 

@@ -12,6 +12,8 @@ skipped, not repaired (the run loop repairs it when it resumes).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -131,7 +133,19 @@ def _whole_number_or_none(value: Any, what: str, path: Path) -> int | None:
     raise KvbenchError(f"{path}: {what} must be a whole number or null, got {value!r}")
 
 
-def _task_record(run: dict[str, Any], task_name: str, scores: dict[str, Any], scorers: _Scorers) -> dict[str, Any]:
+def _task_data(run: dict[str, Any], task_name: str) -> str:
+    """A short digest of what the task's rows depend on besides model and method (its data, its prompt budget),
+    as run.json records it; "" for runs from before it was recorded."""
+    identity = run["task_identity"].get(task_name)
+    if not isinstance(identity, dict) or not identity:
+        return ""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode("utf-8")).hexdigest()[:SHORT_DIGEST]
+
+
+def _task_record(run: dict[str, Any], task_name: str, scores: dict[str, Any], scorers: _Scorers,
+                 samples: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """The task's row of the frame; with ``samples``, one record per finished row (run folder, task, sample id
+    and the row's own scores, 0-100) is added to that list."""
     run_dir: Path = run["run_dir"]
     task = scorers(task_name, run_dir)
     rows = read_finished_rows(result_path(run_dir, task_name))
@@ -140,13 +154,16 @@ def _task_record(run: dict[str, Any], task_name: str, scores: dict[str, Any], sc
     complete = total is not None and len(rows) >= total
     saved = scores.get(task_name)
     saved_score = _number(saved.get("score")) if isinstance(saved, dict) else math.nan
+    values, source = {}, "none"
+    if rows and (samples is not None or not complete or math.isnan(saved_score)):
+        with using_code_sim_matcher(run["code_sim_matcher"]):
+            values, row_scores = task.score_with_samples(rows)  # each row scored once for both
+        source = "rows"
+        if samples is not None:
+            samples += [{"run_dir": str(run_dir), "task": task_name, "_id": str(row["_id"]), **row_score}
+                        for row, row_score in zip(rows, row_scores)]
     if complete and not math.isnan(saved_score):
         values, source = saved, SCORES_FILE
-    elif rows:
-        with using_code_sim_matcher(run["code_sim_matcher"]):
-            values, source = task.score(rows), "rows"
-    else:
-        values, source = {}, "none"
     record = {
         "run_dir": str(run_dir),
         "model": run["model"],
@@ -158,6 +175,7 @@ def _task_record(run: dict[str, Any], task_name: str, scores: dict[str, Any], sc
         "max_length": run["max_length"],
         "dtype": run["dtype"],
         "method_files": run["method_files"],
+        "task_data": _task_data(run, task_name),
         "n_done": len(rows),
         "n_total": total,
         "complete": complete,
@@ -176,6 +194,8 @@ def load_runs(*paths: str | Path) -> pd.DataFrame:
     Columns: run_dir, model, method, capacity (nullable int), settings, task, category,
     max_length (nullable int: none given, each task's from the model's window), dtype,
     method_files (``name=digest`` of the files the method read, digests shortened),
+    task_data (a short digest of the task's data and prompt budget as run.json records
+    them, "" when it does not: runs that agree on it answered the same prompts),
     n_done (rows in the folder, which may exceed n_total when a smaller --limit reused it),
     n_total (nullable: unknown for a task run.json does not plan), complete,
     score (0-100, NaN before the first row), score_source ("scores.json", "rows" or
@@ -184,6 +204,18 @@ def load_runs(*paths: str | Path) -> pd.DataFrame:
     task's extra scores (LongBench-E's "0-4k", "4-8k", "8k+"; the
     needle's "rouge1_f", "phrase_found"), NaN where a task has none.
     """
+    return _load(paths, with_samples=False)[0]
+
+
+def load_runs_and_samples(*paths: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """`load_runs`' frame, and every finished row's own scores: one row per sample with run_dir, task, _id
+    and its scores (0-100) under the frame's metric names (score, LongBench-E's bucket of its length, the
+    needle's rouge1_f and phrase_found; NaN where a sample has none). A task's score is their mean, up
+    to the official rounding (and over all the folder's rows where a smaller --limit reused it)."""
+    return _load(paths, with_samples=True)
+
+
+def _load(paths: tuple[str | Path, ...], with_samples: bool) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     run_dirs: list[Path] = []
     for path in paths or (default_output_dir(),):
         run_dirs += [run_dir for run_dir in find_run_dirs(path) if run_dir not in run_dirs]
@@ -204,22 +236,28 @@ def load_runs(*paths: str | Path) -> pd.DataFrame:
             "dtype": str(info.get("dtype") or identity.get("dtype") or ""),
             "method_files": _method_files_text(identity.get("method_files")),
             "tasks": info["tasks"],
+            "task_identity": info["task_identity"] if isinstance(info.get("task_identity"), dict) else {},
             "all_settings": settings if isinstance(settings, dict) else {},
         })
     _label_settings(runs)
     scorers = _Scorers()
     records = []
+    samples: list[dict[str, Any]] | None = [] if with_samples else None
     for run in runs:
         scores_path = run["run_dir"] / SCORES_FILE
         scores = read_json(scores_path) if scores_path.is_file() else {}
-        records += [_task_record(run, name, scores, scorers) for name in _task_names(run["run_dir"], run["tasks"])]
+        records += [_task_record(run, name, scores, scorers, samples)
+                    for name in _task_names(run["run_dir"], run["tasks"])]
     if not records:
         raise KvbenchError(f"the runs in {', '.join(str(path) for path in run_dirs)} plan no task")
     frame = pd.DataFrame.from_records(records)
     for column in ("capacity", "max_length", "n_total"):
         frame[column] = frame[column].astype("Int64")
     _refuse_duplicates(frame)
-    return frame
+    if samples is None:
+        return frame, None
+    return frame, pd.DataFrame.from_records(samples, columns=list(dict.fromkeys(
+        ["run_dir", "task", "_id", "score"] + [key for record in samples for key in record])))
 
 
 def _refuse_duplicates(frame: pd.DataFrame) -> None:

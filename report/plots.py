@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.colors import LinearSegmentedColormap  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 
 #: gkamradt's needle colours: red (missed) through yellow to green (found)
 NEEDLE_COLORMAP = LinearSegmentedColormap.from_list("needle", ["#F0496E", "#EBB839", "#0CD79F"])
@@ -20,6 +21,8 @@ NO_CELL_COLOR = "#d9d9d9"
 #: the score printed in each cell: near-black contrasts well with the map's red, yellow and green alike
 #: (white would fade on the yellow and the green)
 CELL_TEXT_COLOR = "#1a1a1a"
+#: the opacity of an interval's band: the lines stay readable through overlapping bands
+INTERVAL_ALPHA = 0.15
 
 
 def needle_heatmap(cells: pd.DataFrame, title: str, path: Path) -> Path:
@@ -60,8 +63,9 @@ def capacity_figure(points: pd.DataFrame, title: str, path: Path) -> Path:
     """One panel per metric (category averages, Avg, needle): score versus KV capacity, a line per method.
 
     ``points`` has columns panel, label (method and settings), capacity (NA for a method
-    without a budget, drawn as a dashed level), score and complete; a point is hollow
-    when its run has unfinished tasks in the panel.
+    without a budget, drawn as a dashed level), score, low and high (its 95% interval, NaN
+    without one: drawn as a band around the line or the level) and complete; a point is
+    hollow when its run has unfinished tasks in the panel.
     """
     panels = list(dict.fromkeys(points["panel"]))
     labels = sorted(set(points["label"]))
@@ -83,10 +87,19 @@ def capacity_figure(points: pd.DataFrame, title: str, path: Path) -> Path:
                 scores = with_budget["score"].to_numpy(dtype=float)
                 complete = with_budget["complete"].to_numpy(dtype=bool)
                 axes.plot(capacities, scores, color=color, linewidth=1.5)
+                lows, highs = with_budget["low"].to_numpy(dtype=float), with_budget["high"].to_numpy(dtype=float)
+                axes.fill_between(capacities, lows, highs, color=color, alpha=INTERVAL_ALPHA, linewidth=0)
+                # bars too: a band needs two points, and a lone capacity of a run in progress has one
+                bounded = ~np.isnan(lows)
+                axes.errorbar(capacities[bounded], scores[bounded],
+                              yerr=[scores[bounded] - lows[bounded], highs[bounded] - scores[bounded]],
+                              fmt="none", ecolor=color, elinewidth=1, capsize=3)
                 axes.scatter(capacities[complete], scores[complete], color=color, zorder=3)
                 axes.scatter(capacities[~complete], scores[~complete], facecolors="white", edgecolors=color, zorder=3)
-            for score in without_budget["score"]:
-                axes.axhline(score, color=color, linestyle="--", linewidth=1.2)
+            for level in without_budget.itertuples(index=False):
+                axes.axhline(level.score, color=color, linestyle="--", linewidth=1.2)
+                if not math.isnan(level.low):
+                    axes.axhspan(level.low, level.high, color=color, alpha=INTERVAL_ALPHA, linewidth=0)
         if budgets.nunique() > 1:
             axes.set_xscale("log", base=2)
             axes.set_xticks(sorted(budgets.astype(float).unique()), [str(int(b)) for b in sorted(budgets.unique())])
@@ -105,6 +118,8 @@ def capacity_figure(points: pd.DataFrame, title: str, path: Path) -> Path:
         else plt.Line2D([], [], color=colors[label], linestyle="--", label=f"{label} (no budget)")
         for label in labels
     ]
+    if points["low"].notna().any():
+        handles.append(Patch(color="grey", alpha=INTERVAL_ALPHA, label="95% interval"))
     if not points["complete"].all():
         handles.append(plt.Line2D([], [], color="grey", marker="o", markerfacecolor="white", linestyle="",
                                   label="unfinished tasks"))

@@ -17,6 +17,9 @@ Conventions (LongBench's leaderboard, adapted to runs that may be unfinished):
 * After the run key, each run's mean tokens kept per layer and KV cache MiB over its
   rows: methods given one ``--capacity`` may keep different amounts (WindowKV keeps its
   observation window on top of the budget), and a reader comparing scores needs to see it.
+* Given the bootstrap draws (`kvbench.report.uncertainty`), every value shows half the
+  width of its 95% interval, "41.20 ± 1.3", and the CSV its low and high;
+  `difference_tables` show each run's paired difference from the full cache.
 
 `paper_table` lays LongBench out as the PyramidKV and WindowKV papers do (their 16
 English tasks, blocks per KV size, their method order), to put results beside theirs.
@@ -31,7 +34,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from kvbench.intervals import LEVEL, RESAMPLES, average_draws, bounds
 from kvbench.report.load import RUN_KEY
+from kvbench.report.uncertainty import Draws
 from kvbench.tasks.longbench_spec import LENGTH_BUCKETS, LONGBENCH_E_TASKS, LONGBENCH_TASKS, TASK_TABLE
 
 MISSING = "–"
@@ -41,12 +46,12 @@ NEEDLE_SCORE_COLUMN = "Needle score (ROUGE-1 recall)"
 #: the run columns a table may show, with their headers
 INDEX_NAMES = {
     "model": "Model", "method": "Method", "max_length": "Max length", "capacity": "Capacity", "settings": "Settings",
-    "kept_tokens": "Kept tok.", "kv_cache_mb": "KV MiB",
+    "kept_tokens": "Kept tok.", "kv_cache_mb": "KV MiB", "shared_samples": "Shared",
 }
 #: per-run measurements: numbers, shown only when some run has one
 MEASUREMENT_INDEX = {"kept_tokens", "kv_cache_mb"}
 #: run columns shown only when some run has a value
-OPTIONAL_INDEX = {"settings"} | MEASUREMENT_INDEX
+OPTIONAL_INDEX = {"settings", "shared_samples"} | MEASUREMENT_INDEX
 MEASUREMENTS_NOTE = ("Kept tok.: prompt tokens kept per layer; KV MiB: the KV cache's size; each the mean over the "
                      "run's samples (methods run at one --capacity may keep different amounts).")
 
@@ -75,6 +80,11 @@ class Cell:
     #: what the cell shows before any best mark
     text: str = MISSING
     best: bool = False
+    #: the value's bootstrap means (`kvbench.intervals`), None without an interval
+    draws: np.ndarray | None = field(default=None, repr=False)
+    #: the 95% interval, NaN without one
+    low: float = math.nan
+    high: float = math.nan
 
 
 @dataclass
@@ -113,7 +123,7 @@ class Table:
         """Which of the columns before the values hold numbers (right-aligned)."""
         if self.row_labels is not None:
             return [False]
-        return [key in MEASUREMENT_INDEX for key in self.index_columns()]
+        return [key in MEASUREMENT_INDEX | {"shared_samples"} for key in self.index_columns()]
 
     def index_text(self, run: int) -> list[str]:
         if self.row_labels is not None:
@@ -122,10 +132,15 @@ class Table:
         return [_index_value_text(values[key]) for key in self.index_columns()]
 
     def numbers(self) -> pd.DataFrame:
-        """The values, with a ``<column> complete`` flag beside each, for CSV."""
+        """The values, with a ``<column> complete`` flag beside each and, in a table with intervals, the
+        ``<column> low`` and ``<column> high`` of each value's 95% interval, for CSV."""
         frame = self.runs[self.index_columns()].reset_index(drop=True).copy()
+        intervals = any(cell.draws is not None for row in self.cells for cell in row)
         for position, column in enumerate(self.columns):
             frame[column] = [row[position].value for row in self.cells]
+            if intervals:
+                frame[f"{column} low"] = [row[position].low for row in self.cells]
+                frame[f"{column} high"] = [row[position].high for row in self.cells]
             frame[f"{column} complete"] = [row[position].complete for row in self.cells]
         return frame
 
@@ -141,26 +156,41 @@ def _index_value_text(value) -> str:
     return f"{value:.1f}" if isinstance(value, float) else str(value)
 
 
-def task_cell(row: pd.Series | None, metric: str = "score") -> Cell:
-    """One run's task: its score (or another of its metrics), with its progress when unfinished."""
+def _with_interval(value: float, draws: np.ndarray | None) -> tuple[str, float, float]:
+    """The value's text, "41.20 ± 1.3" (half the 95% interval's width) where it has draws, and the bounds."""
+    if draws is None:
+        return _format(value), math.nan, math.nan
+    low, high = bounds(draws)
+    return f"{_format(value)} ± {(high - low) / 2:.1f}", low, high
+
+
+def task_cell(row: pd.Series | None, metric: str = "score", draws: Draws | None = None) -> Cell:
+    """One run's task: its score (or another of its metrics), with its interval where ``draws`` has one, and
+    its progress when unfinished."""
     if row is None:
         return Cell()
     value = float(row.get(metric, math.nan))
+    resampled = None if draws is None or math.isnan(value) else draws.get((row["run_dir"], row["task"], metric))
+    text, low, high = _with_interval(value, resampled)
     if row["complete"]:
-        return Cell(value, True, _format(value))
+        return Cell(value, True, text, draws=resampled, low=low, high=high)
     total = "?" if pd.isna(row["n_total"]) else str(int(row["n_total"]))
-    shown = MISSING if math.isnan(value) else _format(value)
-    return Cell(value, False, f"{shown} ({int(row['n_done'])}/{total})")
+    shown = MISSING if math.isnan(value) else text
+    return Cell(value, False, f"{shown} ({int(row['n_done'])}/{total})", draws=resampled, low=low, high=high)
 
 
 def average_cell(parts: list[Cell]) -> Cell:
-    """Mean of the parts that have a value; complete only when every part is."""
-    values = [cell.value for cell in parts if not math.isnan(cell.value)]
-    if not values:
+    """Mean of the parts that have a value; complete only when every part is. Its interval averages the parts'
+    draws, each part resampled alone (so each keeps its weight), where every such part has draws."""
+    valued = [cell for cell in parts if not math.isnan(cell.value)]
+    if not valued:
         return Cell()
-    value = float(np.mean(values))
+    value = float(np.mean([cell.value for cell in valued]))
     complete = all(cell.complete for cell in parts)
-    return Cell(value, complete, _format(value) + ("" if complete else PARTIAL_MARK))
+    resampled = average_draws([cell.draws for cell in valued]) if all(
+        cell.draws is not None for cell in valued) else None
+    text, low, high = _with_interval(value, resampled)
+    return Cell(value, complete, text + ("" if complete else PARTIAL_MARK), draws=resampled, low=low, high=high)
 
 
 def mark_best(cells: list[list[Cell]]) -> None:
@@ -234,8 +264,18 @@ def leaderboard_rows(frame: pd.DataFrame) -> pd.DataFrame:
     return frame[(frame["category"] != NEEDLE) & ~frame["task"].map(is_longbench_e)]
 
 
-def leaderboard(frame: pd.DataFrame) -> Table | None:
-    """LongBench (and any other non-needle, non-LongBench-E) tasks by category, with averages."""
+def interval_notes(draws: Draws | None, seed: int | None) -> list[str]:
+    """The note saying how to read the intervals, in a table that has them."""
+    if draws is None:
+        return []
+    return [f"41.20 ± 1.3: the score and half the width of its {LEVEL:.0%} bootstrap interval over the samples "
+            f"({RESAMPLES} resamples, seed {seed}; an average resamples within each task, so each keeps its weight; "
+            "none for a single sample). The CSV has each interval's low and high."]
+
+
+def leaderboard(frame: pd.DataFrame, draws: Draws | None = None, seed: int | None = None) -> Table | None:
+    """LongBench (and any other non-needle, non-LongBench-E) tasks by category, with averages; with ``draws``
+    (`kvbench.report.uncertainty.task_draws` made from ``seed``), each value's interval."""
     tasks_frame = leaderboard_rows(frame)
     if tasks_frame.empty:
         return None
@@ -261,7 +301,8 @@ def leaderboard(frame: pd.DataFrame) -> Table | None:
         category_averages: list[Cell] = []
         task_cells: list[Cell] = []
         for category in categories:
-            members = [task_cell(rows.get((*key, task))) for task in tasks if category_of[task] == category]
+            members = [task_cell(rows.get((*key, task)), draws=draws) for task in tasks
+                       if category_of[task] == category]
             average = average_cell(members)
             row_cells += members + [average]
             category_averages.append(average)
@@ -278,6 +319,7 @@ def leaderboard(frame: pd.DataFrame) -> Table | None:
         groups=groups,
         notes=[
             "Avg: mean of the category averages (LongBench's leaderboard); Task avg: mean over tasks.",
+            *interval_notes(draws, seed),
             *measurement_notes(runs),
             f"12.30 (5/10): an unfinished task, scored on its 5 finished samples of 10. "
             f"{PARTIAL_MARK}: an average over unfinished or missing tasks; it is not ranked. "
@@ -286,8 +328,9 @@ def leaderboard(frame: pd.DataFrame) -> Table | None:
     )
 
 
-def longbench_e_table(frame: pd.DataFrame) -> Table | None:
-    """LongBench-E: per length bucket, the mean over the run's LongBench-E tasks, and their mean score."""
+def longbench_e_table(frame: pd.DataFrame, draws: Draws | None = None, seed: int | None = None) -> Table | None:
+    """LongBench-E: per length bucket, the mean over the run's LongBench-E tasks, and their mean score (with
+    ``draws``, each with its interval)."""
     e_frame = frame[frame["task"].map(is_longbench_e)]
     if e_frame.empty:
         return None
@@ -301,7 +344,7 @@ def longbench_e_table(frame: pd.DataFrame) -> Table | None:
         task_rows = [rows.get((*key, task)) for task in tasks]
         row_cells = []
         for metric in buckets + ["score"]:
-            row_cells.append(average_cell([task_cell(row, metric) for row in task_rows]))
+            row_cells.append(average_cell([task_cell(row, metric, draws) for row in task_rows]))
         cells.append(row_cells)
     mark_best(cells)
     return Table(
@@ -313,13 +356,15 @@ def longbench_e_table(frame: pd.DataFrame) -> Table | None:
         notes=[
             f"Mean over the LongBench-E tasks ({', '.join(tasks)}) of each length bucket's score; "
             f"All: mean of the tasks' scores. {PARTIAL_MARK}: some task unfinished or missing; not ranked.",
+            *interval_notes(draws, seed),
             *measurement_notes(runs),
         ],
     )
 
 
-def needle_table(frame: pd.DataFrame) -> Table | None:
-    """Needle-in-a-Haystack per run: ROUGE-1 recall (the score), F1 and how often the answer appears."""
+def needle_table(frame: pd.DataFrame, draws: Draws | None = None, seed: int | None = None) -> Table | None:
+    """Needle-in-a-Haystack per run: ROUGE-1 recall (the score), F1 and how often the answer appears (with
+    ``draws``, each average over the cells with its interval)."""
     needle_frame = frame[frame["category"] == NEEDLE]
     if needle_frame.empty:
         return None
@@ -332,7 +377,7 @@ def needle_table(frame: pd.DataFrame) -> Table | None:
         key = _run_key(run)
         row_cells = []
         for metric, _ in metrics:
-            parts = [task_cell(rows.get((*key, task)), metric) for task in tasks]
+            parts = [task_cell(rows.get((*key, task)), metric, draws) for task in tasks]
             # One needle task (the usual case) shows its progress; several are averaged.
             row_cells.append(parts[0] if len(parts) == 1 else average_cell(parts))
         cells.append(row_cells)
@@ -347,16 +392,17 @@ def needle_table(frame: pd.DataFrame) -> Table | None:
             "Mean over the grid's cells (context length x depth) of ROUGE-1 recall of the answer's words, "
             "ROUGE-1 F1, and the percent of cells whose answer contains the expected phrase word for word. "
             "(5/10): cells finished of planned.",
+            *interval_notes(draws, seed),
             *measurement_notes(runs),
         ],
     )
 
 
-def paper_table(frame: pd.DataFrame) -> Table | None:
+def paper_table(frame: pd.DataFrame, draws: Draws | None = None, seed: int | None = None) -> Table | None:
     """LongBench as the PyramidKV and WindowKV papers lay it out: their 16 English tasks under their
     headers, then "Avg." (the unweighted mean of the 16); one block per model, max length and KV
     size, FullKV's first, then each capacity from the smallest; their method order within a block;
-    bold marks the best complete value of a column within its block."""
+    bold marks the best complete value of a column within its block. With ``draws``, each value's interval."""
     tasks_frame = frame[frame["task"].isin(PAPER_TASKS)]
     if tasks_frame.empty:
         return None
@@ -388,7 +434,7 @@ def paper_table(frame: pd.DataFrame) -> Table | None:
         label = _paper_block_label(run)
         if not blocks or blocks[-1][1] != label:
             blocks.append((position, label))
-        task_cells = {task: task_cell(rows.get((*_run_key(run, keys), task))) for task in PAPER_TASKS}
+        task_cells = {task: task_cell(rows.get((*_run_key(run, keys), task)), draws=draws) for task in PAPER_TASKS}
         cells.append([task_cells[task] for task in shown_tasks] + [average_cell(list(task_cells.values()))])
     for (start, _), (end, _) in zip(blocks, blocks[1:] + [(len(cells), "")]):
         mark_best(cells[start:end])
@@ -413,8 +459,45 @@ def paper_table(frame: pd.DataFrame) -> Table | None:
             "(not ranked)." + (f" Not run: {', '.join(not_run)}." if not_run else ""),
             "12.30 (5/10): an unfinished task, scored on its 5 finished samples of 10. "
             "Bold: the best complete value of a column within its block.",
+            *interval_notes(draws, seed),
         ],
     )
+
+
+def difference_tables(differences: pd.DataFrame, draws: Draws, seed: int) -> list[Table]:
+    """Each run's paired difference from its full-cache run (`kvbench.report.uncertainty.paired_differences`),
+    laid out as the LongBench table and as the needle table's score; bold where the interval leaves out 0."""
+    layouts = [(leaderboard, leaderboard_rows(differences), "longbench_vs_fullkv", "LongBench: difference from FullKV"),
+               (needle_table, differences[differences["category"] == NEEDLE], "needle_vs_fullkv",
+                "Needle-in-a-Haystack: difference from FullKV")]
+    tables = []
+    for build, rows, name, title in layouts:
+        table = build(rows, draws, seed) if not rows.empty else None
+        if table is None:
+            continue
+        if build is needle_table:  # only the score is compared
+            table.columns, table.cells = table.columns[:1], [row[:1] for row in table.cells]
+        for row in table.cells:
+            for cell in row:
+                cell.best = bool(cell.low > 0 or cell.high < 0)  # False for NaN bounds
+                if cell.value > 0:
+                    cell.text = f"+{cell.text}"
+        shared = {_run_key(group.iloc[0]): int(group["n_done"].sum())
+                  for _, group in rows.groupby(RUN_KEY, dropna=False, sort=False)}
+        table.runs = table.runs.assign(shared_samples=[shared[_run_key(run)] for _, run in table.runs.iterrows()])
+        table.name, table.title = name, title
+        table.notes = [
+            "Paired difference from the full-cache (fullkv) run of the same model that answered the same prompts "
+            "(same task data, max length and dtype): the mean over the samples both runs finished of this run's "
+            "score minus fullkv's on the same sample. Shared: the samples compared; (5/10): 5 shared of the 10 "
+            "planned.",
+            f"+1.20 ± 0.8: the difference and half the width of its {LEVEL:.0%} bootstrap interval ({RESAMPLES} "
+            f"resamples of the shared samples, seed {seed}; averages resample within each task). Bold: the interval "
+            "leaves out 0, a difference beyond what resampling the samples explains. "
+            f"{PARTIAL_MARK}: over unfinished or missing tasks.",
+        ]
+        tables.append(table)
+    return tables
 
 
 def _paper_block_order(run: pd.Series) -> tuple[int, float]:

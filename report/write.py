@@ -5,9 +5,12 @@ Written into the output folder:
 * ``report.md``: the tables ready to paste, with links to the PNG files beside it;
 * ``paper.md``: the LongBench table alone in the papers' layout (see `tables.paper_table`);
 * ``report.html``: one self-contained page, tables and pictures (base64) inside;
-* ``runs.csv`` (one row per run and task, as `load_runs` gives it), one CSV per table
-  (``longbench.csv``, ``paper.csv``, ``longbench_e.csv``, ``needle.csv``, each value with
-  a ``complete`` flag) and ``needle_cells.csv`` (every needle cell's answer and scores);
+* ``runs.csv`` (one row per run and task, as `load_runs` gives it, with each score's 95%
+  interval in ``score_low`` and ``score_high``), one CSV per table (``longbench.csv``,
+  ``paper.csv``, ``longbench_e.csv``, ``needle.csv``, and the paired differences from the
+  full cache ``longbench_vs_fullkv.csv`` and ``needle_vs_fullkv.csv``; each value with its
+  interval's ``low`` and ``high`` and a ``complete`` flag) and ``needle_cells.csv`` (every
+  needle cell's answer and scores);
   floats rounded to 2 decimals, whole numbers (capacity, max length) written as such and
   a missing value as an empty field;
 * PNGs: ``needle-<run>.png`` heatmaps and ``capacity-<model>.png`` score-versus-capacity
@@ -30,11 +33,13 @@ import pandas as pd
 from kvbench.errors import KvbenchError
 from kvbench.paths import default_output_dir
 from kvbench.report import plots
-from kvbench.report.load import RUN_KEY, load_runs, needle_cells
+from kvbench.intervals import DEFAULT_SEED, bounds
+from kvbench.report.load import RUN_KEY, load_runs_and_samples, needle_cells
 from kvbench.report.tables import (
     NEEDLE,
     NEEDLE_SCORE_COLUMN,
     Table,
+    difference_tables,
     leaderboard,
     leaderboard_rows,
     longbench_e_table,
@@ -42,9 +47,11 @@ from kvbench.report.tables import (
     paper_table,
     runs_table,
     same_run,
+    task_cell,
     to_html,
     to_markdown,
 )
+from kvbench.report.uncertainty import Draws, paired_differences, task_draws
 from kvbench.runfolder import check_writable_folder
 
 FORMATS = ("md", "csv", "html")
@@ -100,7 +107,7 @@ def _run_title(run: pd.Series) -> str:
     return f"{run['model']} · {run['method']}{capacity}{settings}"
 
 
-def _needle_pictures(frame: pd.DataFrame, cells: pd.DataFrame, out: Path) -> list[Picture]:
+def _needle_pictures(frame: pd.DataFrame, cells: pd.DataFrame, draws: Draws, out: Path) -> list[Picture]:
     pictures = []
     needle_rows = frame[frame["category"] == NEEDLE].sort_values(RUN_KEY + ["task"], na_position="last")
     for _, row in needle_rows.iterrows():
@@ -109,7 +116,9 @@ def _needle_pictures(frame: pd.DataFrame, cells: pd.DataFrame, out: Path) -> lis
             continue
         planned = "?" if pd.isna(row["n_total"]) else row["n_total"]
         progress = "" if row["complete"] else f"  ({row['n_done']}/{planned} cells)"
-        title = f"{_run_title(row)}\nNeedle average {row['score']:.1f}{progress}"
+        average = task_cell(row, draws=draws)
+        interval = "" if math.isnan(average.low) else f" ± {(average.high - average.low) / 2:.1f}"
+        title = f"{_run_title(row)}\nNeedle average {row['score']:.1f}{interval}{progress}"
         other_needle = row["task"] if row["task"] != NEEDLE else None
         name = _slug("needle", row["model"], row["method"], row["capacity"], row["settings"], other_needle)
         path = out / f"{name}.png"
@@ -148,8 +157,10 @@ def _capacity_points(frame: pd.DataFrame, tables: list[Table]) -> pd.DataFrame:
                     continue
                 planned = mine[mine["category"].isin(categories) & mine["n_total"].notna()]
                 records.append({"model": run["model"], "label": label, "capacity": run["capacity"], "panel": panel,
-                                "score": cell.value, "complete": bool(planned["complete"].all())})
-    points = pd.DataFrame.from_records(records, columns=["model", "label", "capacity", "panel", "score", "complete"])
+                                "score": cell.value, "low": cell.low, "high": cell.high,
+                                "complete": bool(planned["complete"].all())})
+    points = pd.DataFrame.from_records(records, columns=["model", "label", "capacity", "panel", "score", "low", "high",
+                                                         "complete"])
     return points.astype({"capacity": "Int64"})
 
 
@@ -226,16 +237,28 @@ def _write_csv(frame: pd.DataFrame, path: Path) -> Path:
     return path
 
 
+def _with_score_intervals(frame: pd.DataFrame, draws: Draws) -> pd.DataFrame:
+    """``frame`` with score_low and score_high, each task's 95% interval (NaN without one), after its score."""
+    intervals = [draws.get((row.run_dir, row.task, "score")) for row in frame.itertuples(index=False)]
+    low, high = zip(*(bounds(part) if part is not None else (math.nan, math.nan) for part in intervals))
+    position = frame.columns.get_loc("score") + 1
+    frame = frame.copy()
+    frame.insert(position, "score_low", low)
+    frame.insert(position + 1, "score_high", high)
+    return frame
+
+
 def write_report(paths: Iterable[str | Path] = (), out: str | Path | None = None,
-                 formats: Iterable[str] = FORMATS) -> list[Path]:
+                 formats: Iterable[str] = FORMATS, seed: int = DEFAULT_SEED) -> list[Path]:
     """Read every run under ``paths`` (default: `kvbench run`'s output folder) and write the report
-    into ``out`` (default: ``<first folder>/report``). Returns the files written."""
+    into ``out`` (default: ``<first folder>/report``), its bootstrap intervals drawn from ``seed``.
+    Returns the files written."""
     sources = [Path(path) for path in paths] or [default_output_dir()]
     formats = list(formats)
     if out is not None:
         out = Path(out)
         check_writable_folder(out, "--out")  # before reading and scoring every run
-    frame = load_runs(*sources)
+    frame, samples = load_runs_and_samples(*sources)
     if not frame["n_done"].any():
         raise KvbenchError(f"the runs under {', '.join(map(str, sources))} have no finished sample yet")
     if out is None:
@@ -243,19 +266,23 @@ def write_report(paths: Iterable[str | Path] = (), out: str | Path | None = None
         check_writable_folder(out, "the report folder")
     out.mkdir(parents=True, exist_ok=True)
 
-    tables = [table for table in (leaderboard(frame), paper_table(frame), longbench_e_table(frame), needle_table(frame))
+    draws = task_draws(samples, seed)
+    differences, difference_draws = paired_differences(frame, samples, seed)
+    tables = [table for table in (leaderboard(frame, draws, seed), paper_table(frame, draws, seed),
+                                  longbench_e_table(frame, draws, seed), needle_table(frame, draws, seed))
               if table]
+    tables += difference_tables(differences, difference_draws, seed)
     runs = runs_table(frame)
     cells = needle_cells(frame)  # every needle cell, scored once for the CSV and the heatmaps
     written: list[Path] = []
     if "csv" in formats:
-        written.append(_write_csv(frame, out / "runs.csv"))
+        written.append(_write_csv(_with_score_intervals(frame, draws), out / "runs.csv"))
         written += [_write_csv(table.numbers(), out / f"{table.name}.csv") for table in tables]
         if not cells.empty:
             written.append(_write_csv(cells, out / "needle_cells.csv"))
     if "md" in formats or "html" in formats:
         capacity_pictures, capacity_notes = _capacity_pictures(frame, tables, out)
-        pictures = _needle_pictures(frame, cells, out) + capacity_pictures
+        pictures = _needle_pictures(frame, cells, draws, out) + capacity_pictures
         written += [picture.path for picture in pictures]
         if "md" in formats:
             (out / "report.md").write_text(_markdown(tables, runs, pictures, capacity_notes, sources), encoding="utf-8")

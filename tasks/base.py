@@ -68,3 +68,8 @@ class Task:
     def score(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         """Scores of finished result rows: at least {"score": float}, 0-100."""
         raise NotImplementedError
+
+    def score_with_samples(self, rows: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, float]]]:
+        """`score`, and each row's own scores (0-100): a metric's mean over the rows that have it is `score`'s
+        value of that name (before any official rounding). What the report's bootstrap intervals resample."""
+        raise NotImplementedError

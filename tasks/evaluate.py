@@ -8,6 +8,7 @@ task ("qasper.jsonl", or "qasper_e.jsonl" for LongBench-E).
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from kvbench.errors import KvbenchError
+from kvbench.intervals import DEFAULT_SEED, average_draws, bounds, paired_difference_draws, resampled_means
 from kvbench.runfolder import check_id
 from kvbench.tasks.jsonl import read_jsonl
 from kvbench.tasks.longbench_spec import LENGTH_BUCKETS, LONGBENCH_TASKS, length_bucket, resolve_longbench_name
@@ -30,11 +32,24 @@ def score_rows(task: str, rows: list[dict[str, Any]], longbench_e: bool = False)
     A bucket without samples scores None. ``task`` is "qasper" or "qasper_e".
     """
     located_rows = [(f"{task} row {number}", row) for number, row in enumerate(rows, start=1)]
-    return _score_located_rows(task, located_rows, longbench_e)
+    return _official_scores(_located_sample_scores(task, located_rows, longbench_e),
+                            [row.get("length") for _, row in located_rows], longbench_e)
 
 
-def _score_located_rows(task: str, located_rows: list[tuple[str, dict[str, Any]]], longbench_e: bool) -> dict[str, float | None]:
-    """`score_rows` for rows that each come with where they are from ("file:line"), used in every error."""
+def score_rows_and_samples(task: str, rows: list[dict[str, Any]],
+                           longbench_e: bool = False) -> tuple[dict[str, float | None], list[dict[str, float]]]:
+    """`score_rows`, and each row's scores (0-100) whose means over the rows are those (before the official
+    rounding): "score", and with ``longbench_e`` the score again under the row's length bucket."""
+    located_rows = [(f"{task} row {number}", row) for number, row in enumerate(rows, start=1)]
+    scores = _located_sample_scores(task, located_rows, longbench_e)
+    official = _official_scores(scores, [row.get("length") for _, row in located_rows], longbench_e)
+    return official, [{"score": 100 * score, **({length_bucket(row["length"]): 100 * score} if longbench_e else {})}
+                      for score, (_, row) in zip(scores, located_rows)]
+
+
+def _located_sample_scores(task: str, located_rows: list[tuple[str, dict[str, Any]]], longbench_e: bool) -> list[float]:
+    """Each row's score (0-1) by the task's metric; the rows each come with where they are from ("file:line"),
+    used in every error."""
     info, _ = resolve_longbench_name(task)
     if not located_rows:
         raise KvbenchError(f"{task}: no rows to score")
@@ -51,9 +66,13 @@ def _score_located_rows(task: str, located_rows: list[tuple[str, dict[str, Any]]
             sample_scores.append(score_prediction(task, row["pred"], row["answers"], all_classes))
         except KvbenchError as error:
             raise KvbenchError(f"{location}: {error}") from None
+    return sample_scores
+
+
+def _official_scores(sample_scores: list[float], lengths: list[Any], longbench_e: bool) -> dict[str, float | None]:
     scores: dict[str, float | None] = {"score": _official_task_score(sample_scores)}
     if longbench_e:
-        scores.update(_official_bucket_scores(sample_scores, [row["length"] for _, row in located_rows]))
+        scores.update(_official_bucket_scores(sample_scores, lengths))
     return scores
 
 
@@ -89,22 +108,31 @@ def _official_bucket_scores(sample_scores: list[float], lengths: list[int]) -> d
     return {label: float(round(100 * np.mean(scores), 2)) if scores else None for label, scores in bucket_scores.items()}
 
 
-def score_file(path: Path, longbench_e: bool = False) -> tuple[int, dict[str, float | None]]:
-    """(number of predictions, scores) of one ``<task>.jsonl`` prediction file."""
+def _score_file(path: Path, longbench_e: bool) -> tuple[dict[str, float | None], pd.Series]:
+    """One ``<task>.jsonl`` prediction file's official scores, and each row's score (0-100) under its ``_id``
+    (its line number when the file has no ids)."""
     located_rows = [(f"{path}:{line_number}", row) for line_number, row in read_jsonl(path)]
     if not located_rows:
         raise KvbenchError(f"{path}: no predictions")
-    return len(located_rows), _score_located_rows(path.stem, located_rows, longbench_e)
+    scores = _located_sample_scores(path.stem, located_rows, longbench_e)
+    ids = [row.get("_id", location) for location, row in located_rows]
+    if len(set(map(str, ids))) != len(ids):
+        ids = [location for location, _ in located_rows]
+    official = _official_scores(scores, [row.get("length") for _, row in located_rows], longbench_e)
+    return official, pd.Series(100 * np.asarray(scores), index=[str(key) for key in ids], dtype=float)
 
 
-def evaluate_path(path: str | os.PathLike, longbench_e: bool = False) -> pd.DataFrame:
+def evaluate_path(path: str | os.PathLike, longbench_e: bool = False, seed: int = DEFAULT_SEED) -> pd.DataFrame:
     """Score a folder of ``<task>.jsonl`` prediction files, or one such file.
 
     Returns one row per task file, in LongBench's task order, with columns task
-    (the file's stem), category, n, score, and with ``longbench_e`` one column per
-    length bucket. In a folder, other files are left alone: ``.jsonl`` files whose
-    stem is not a LongBench task (a run's ``needle.jsonl``) are listed, one
-    "name: reason" each, in ``attrs["skipped"]``; the rest (``scores.json``) are ignored.
+    (the file's stem), category, n, score, score_low and score_high (its 95% bootstrap
+    interval over the file's samples, `kvbench.intervals`, drawn from ``seed``; NaN for
+    one sample), and with ``longbench_e`` one column per length bucket. In a folder, other
+    files are left alone: ``.jsonl`` files whose stem is not a LongBench task (a run's
+    ``needle.jsonl``) are listed, one "name: reason" each, in ``attrs["skipped"]``; the
+    rest (``scores.json``) are ignored. ``attrs["samples"]`` holds each task's per-sample
+    scores (by ``_id``) and ``attrs["draws"]`` their bootstrap means (None for one sample).
     """
     path = Path(path)
     if path.is_dir():
@@ -115,6 +143,8 @@ def evaluate_path(path: str | os.PathLike, longbench_e: bool = False) -> pd.Data
         raise KvbenchError(f"{path}: no such file or folder")
     records = []
     skipped = []
+    samples: dict[str, pd.Series] = {}
+    draws: dict[str, np.ndarray | None] = {}
     for file in files:
         try:
             info, is_longbench_e = resolve_longbench_name(file.stem)
@@ -123,31 +153,67 @@ def evaluate_path(path: str | os.PathLike, longbench_e: bool = False) -> pd.Data
                 raise KvbenchError(f"{path}: {file.stem!r} is not a LongBench task, so there is no metric to score it with") from None
             skipped.append(f"{file.name}: not a LongBench task")
             continue
-        count, scores = score_file(file, longbench_e)
+        scores, samples[file.stem] = _score_file(file, longbench_e)
+        draws[file.stem] = resampled_means(samples[file.stem].to_numpy(), file.stem, seed)
+        low, high = bounds(draws[file.stem]) if draws[file.stem] is not None else (math.nan, math.nan)
         order = (LONGBENCH_TASKS.index(info.name), is_longbench_e)
-        records.append((order, {"task": file.stem, "category": info.category, "n": count, **scores}))
+        records.append((order, {"task": file.stem, "category": info.category, "n": len(samples[file.stem]),
+                                "score": scores.pop("score"), "score_low": low, "score_high": high, **scores}))
     if not records:
         raise KvbenchError(f"{path}: no LongBench prediction files (<task>.jsonl) to score")
-    columns = ["task", "category", "n", "score"] + (BUCKET_LABELS if longbench_e else [])
+    columns = ["task", "category", "n", "score", "score_low", "score_high"] + (BUCKET_LABELS if longbench_e else [])
     table = pd.DataFrame([record for _, record in sorted(records, key=lambda item: item[0])], columns=columns)
-    table.attrs["skipped"] = skipped
+    table.attrs.update(skipped=skipped, samples=samples, draws=draws, seed=seed)
     return table
 
 
 def _score_columns(table: pd.DataFrame) -> list[str]:
-    return [column for column in ["score", *BUCKET_LABELS, "rougeL_vs_reference"] if column in table.columns]
+    return [column for column in ["score", *BUCKET_LABELS, "difference", "rougeL_vs_reference"]
+            if column in table.columns]
+
+
+def _interval_text(low: float, high: float) -> str:
+    return "-" if pd.isna(low) else f"{low:.2f}..{high:.2f}"
+
+
+def _average_interval(table: pd.DataFrame, draws_key: str) -> str:
+    """The interval of the average over the tasks, each task resampled alone; "-" when a task has none."""
+    draws = [table.attrs[draws_key].get(task) for task in table["task"]]
+    if not draws or any(part is None for part in draws):
+        return "-"
+    return _interval_text(*bounds(average_draws(draws)))
 
 
 def format_score_table(table: pd.DataFrame) -> str:
-    """The table `kvbench eval` prints: one line per task, then the average of the task scores ("-": no samples)."""
+    """The table `kvbench eval` prints: one line per task, then the average of the task scores ("-": no samples),
+    each score's 95% interval after it (the average's resamples each task alone), and with a reference run the
+    paired difference from it on the shared samples, with its interval and how many samples were shared."""
     score_columns = _score_columns(table)
+    intervals = {"score": ("score_low", "score_high", "draws"),
+                 "difference": ("difference_low", "difference_high", "difference_draws")}
 
     def number(value) -> str:
         return "-" if pd.isna(value) else f"{value:.2f}"
 
-    header = ["task", "category", "n", *score_columns]
-    lines = [[row["task"], row["category"], str(row["n"]), *(number(row[column]) for column in score_columns)] for _, row in table.iterrows()]
-    lines.append(["average", "", "", *(number(table[column].mean()) for column in score_columns)])
+    header, lines = ["task", "category", "n"], [[row["task"], row["category"], str(row["n"])] for _, row in table.iterrows()]
+    average = ["average", "", ""]
+    for column in score_columns:
+        header.append(column)
+        for line, value in zip(lines, table[column]):
+            line.append(number(value))
+        average.append(number(table[column].mean()))
+        if column in intervals:
+            low, high, draws_key = intervals[column]
+            header.append("95% interval")
+            for line, (_, row) in zip(lines, table.iterrows()):
+                line.append(_interval_text(row[low], row[high]))
+            average.append(_average_interval(table, draws_key))
+        if column == "difference":
+            header.append("shared")
+            for line, shared in zip(lines, table["n_matched"]):
+                line.append(str(shared))
+            average.append(str(table["n_matched"].sum()))
+    lines.append(average)
     widths = [max(len(line[index]) for line in [header, *lines]) for index in range(len(header))]
     text_columns = 2  # task and category read left-aligned, the numbers right-aligned
 
@@ -160,11 +226,15 @@ def format_score_table(table: pd.DataFrame) -> str:
 
 
 def scores_as_json(table: pd.DataFrame) -> dict[str, Any]:
-    """{task: score}, or with bucket columns {task: {"score": ..., "0-4k": ..., ...}}; an empty bucket is null."""
+    """{task: score}, or with bucket or reference columns {task: {"score": ..., "0-4k": ..., ...}}; an empty bucket
+    is null. A reference run adds the paired difference with its interval and the shared samples' count."""
     columns = _score_columns(table)
+    columns += [column for column in ("difference_low", "difference_high", "n_matched") if column in table.columns]
 
-    def plain(value) -> float | None:
-        return None if pd.isna(value) else float(value)
+    def plain(value) -> float | int | None:
+        if pd.isna(value):
+            return None
+        return int(value) if isinstance(value, (int, np.integer)) else float(value)
 
     if columns == ["score"]:
         return {row["task"]: plain(row["score"]) for _, row in table.iterrows()}
@@ -190,32 +260,49 @@ def _predictions_by_id(path: Path) -> dict[str, str]:
     return rows
 
 
-def fidelity_to_reference(table: pd.DataFrame, path: str | os.PathLike, reference: str | os.PathLike) -> pd.DataFrame:
-    """Add ``rougeL_vs_reference``: mean ROUGE-L F (x100) of each prediction against the reference run's
-    prediction for the same ``_id`` (the PrefixKV / Elastic Cache papers' fidelity to the full cache).
+def compare_with_reference(table: pd.DataFrame, path: str | os.PathLike, reference: str | os.PathLike) -> pd.DataFrame:
+    """Compare each task with a reference run's (e.g. the full cache's) predictions of the same ``_id``s:
 
-    Chinese tasks use the jieba-tokenised ROUGE-L as their metric does; identical predictions score 100
-    even when empty (the `rouge` package refuses empty strings). ``n_matched`` counts the shared ids.
+    * ``difference``: the mean over the shared samples of the score minus the reference's score
+      of the same sample (a paired difference), ``difference_low`` / ``difference_high`` its 95%
+      bootstrap interval (drawn from the table's seed; NaN for fewer than two shared samples);
+    * ``rougeL_vs_reference``: mean ROUGE-L F (x100) of each prediction against the reference's
+      (the PrefixKV / Elastic Cache papers' fidelity to the full cache). Chinese tasks use the
+      jieba-tokenised ROUGE-L as their metric does; identical predictions score 100 even when empty
+      (the `rouge` package refuses empty strings).
+
+    ``n_matched`` counts the shared ids. The reference's rows are scored by the same metric,
+    under the same code_sim matcher as the table.
     """
     path, reference = Path(path), Path(reference)
     if not reference.is_dir():
         raise KvbenchError(f"--against-run {reference}: no such folder")
     folder = path if path.is_dir() else path.parent
-    fidelity, matched = [], []
+    columns: dict[str, list] = {name: [] for name in ("n_matched", "difference", "difference_low", "difference_high",
+                                                      "rougeL_vs_reference")}
+    difference_draws: dict[str, np.ndarray | None] = {}
     for task in table["task"]:
-        info, _ = resolve_longbench_name(task)
+        info, is_longbench_e = resolve_longbench_name(task)
         reference_file = reference / f"{task}.jsonl"
         if not reference_file.is_file():
-            fidelity.append(None)
-            matched.append(0)
+            for name, empty in zip(columns, (0, None, None, None, None)):
+                columns[name].append(empty)
+            difference_draws[task] = None
             continue
         ours, theirs = _predictions_by_id(folder / f"{task}.jsonl"), _predictions_by_id(reference_file)
         shared = [key for key in ours if key in theirs]
         rouge = rouge_zh_score if info.language == "zh" else rouge_score
         values = [1.0 if ours[key] == theirs[key] else rouge(ours[key], theirs[key]) for key in shared]
-        fidelity.append(round(100 * float(np.mean(values)), 2) if values else None)
-        matched.append(len(shared))
+        our_scores = table.attrs["samples"][task].reindex(shared).to_numpy()
+        reference_scores = _score_file(reference_file, is_longbench_e)[1].reindex(shared).to_numpy()
+        draws = paired_difference_draws(our_scores, reference_scores, task, table.attrs["seed"])
+        low, high = bounds(draws) if draws is not None else (None, None)
+        for name, value in zip(columns, (len(shared), float(np.mean(our_scores - reference_scores)) if shared else None,
+                                         low, high, round(100 * float(np.mean(values)), 2) if values else None)):
+            columns[name].append(value)
+        difference_draws[task] = draws
     table = table.copy()
-    table["n_matched"] = matched
-    table["rougeL_vs_reference"] = fidelity
+    for name, values in columns.items():
+        table[name] = pd.Series(values, index=table.index, dtype="Int64" if name == "n_matched" else float)
+    table.attrs["difference_draws"] = difference_draws
     return table

@@ -17,7 +17,7 @@ from kvbench.errors import KvbenchError, error_line, unknown_name_message
 from kvbench.paths import kvbench_home
 from kvbench.runfolder import file_digest, check_id
 from kvbench.tasks.base import Task
-from kvbench.tasks.evaluate import score_rows
+from kvbench.tasks.evaluate import score_rows, score_rows_and_samples
 from kvbench.tasks.jsonl import read_jsonl
 from kvbench.tasks.longbench_spec import LONGBENCH_E_TASKS, TASK_TABLE, TaskInfo, first_line, resolve_longbench_name
 
@@ -224,3 +224,6 @@ class LongBenchTask(Task):
 
     def score(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         return score_rows(self.name, rows, longbench_e=self.longbench_e)
+
+    def score_with_samples(self, rows: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, float]]]:
+        return score_rows_and_samples(self.name, rows, longbench_e=self.longbench_e)

@@ -372,14 +372,17 @@ class NeedleTask(Task):
             "phrase_found": contains_phrase(row["pred"], answer),
         }
 
+    def score_with_samples(self, rows: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, float]]]:
+        """`score`, and each cell's score (ROUGE-1 recall), rouge1_f and phrase_found (100 when the answer
+        appears, else 0)."""
+        cells = [self.score_row(row) for row in rows]
+        samples = [{"score": cell["rouge1_recall"], "rouge1_f": cell["rouge1_f"],
+                    "phrase_found": 100.0 * cell["phrase_found"]} for cell in cells]
+        if not samples:
+            return {"score": float("nan"), "rouge1_f": float("nan"), "phrase_found": float("nan"), "cells": 0}, []
+        return ({**{metric: float(np.mean([sample[metric] for sample in samples])) for metric in samples[0]},
+                 "cells": len(samples)}, samples)
+
     def score(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         """Means over the cells: score = ROUGE-1 recall, rouge1_f, phrase_found = percent of cells."""
-        if not rows:
-            return {"score": float("nan"), "rouge1_f": float("nan"), "phrase_found": float("nan"), "cells": 0}
-        cells = [self.score_row(row) for row in rows]
-        return {
-            "score": float(np.mean([cell["rouge1_recall"] for cell in cells])),
-            "rouge1_f": float(np.mean([cell["rouge1_f"] for cell in cells])),
-            "phrase_found": 100 * float(np.mean([cell["phrase_found"] for cell in cells])),
-            "cells": len(cells),
-        }
+        return self.score_with_samples(rows)[0]

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import subprocess
 import sys
 
 import pytest
@@ -512,6 +514,31 @@ def test_progress_bars_only_on_a_terminal(monkeypatch):
     assert progress_bars_enabled() is False
     monkeypatch.setattr(sys, "stderr", object())  # no isatty at all
     assert progress_bars_enabled() is False
+
+
+@pytest.mark.parametrize("quieted", [True, False])
+def test_other_libraries_bars_are_off_when_the_command_line_is_piped(quieted):
+    """What the command line does first (`KvbenchGroup.main`): a bar drawn by plain tqdm (as transformers' GGUF
+    reader draws it), transformers' and datasets' switches all off when stderr is a pipe; without it, the bar
+    shows, so the check can fail."""
+    script = "\n".join([
+        "import os",
+        "from kvbench.console import quiet_third_party_progress_bars",
+        *(["quiet_third_party_progress_bars()"] if quieted else []),
+        "from tqdm.auto import tqdm",
+        "for _ in tqdm(range(3), desc='third-party bar'): pass",
+        "from transformers.utils import logging",
+        "print(logging.is_progress_bar_enabled(), os.environ.get('HF_DATASETS_DISABLE_PROGRESS_BARS'))",
+    ])
+    environment = {name: value for name, value in os.environ.items()
+                   if name not in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment)
+    assert result.returncode == 0, result.stderr
+    if quieted:
+        assert "third-party bar" not in result.stderr
+        assert result.stdout.split() == ["False", "1"]
+    else:
+        assert "third-party bar" in result.stderr
 
 
 def test_piped_training_log_has_only_the_report_lines(tmp_path):

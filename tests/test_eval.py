@@ -65,8 +65,11 @@ def test_longbench_e_scores_each_length_bucket(tmp_path):
     write_predictions(tmp_path / "passage_retrieval_en_e.jsonl", rows)
     table = evaluate_path(tmp_path, longbench_e=True)
     record = table.iloc[0].to_dict()
+    low, high = record.pop("score_low"), record.pop("score_high")
     assert record == {"task": "passage_retrieval_en_e", "category": "synthetic", "n": 4, "score": 62.5,
                       "0-4k": 100.0, "4-8k": 25.0, "8k+": 100.0}
+    # the samples score 100, 0, 50, 100: no resample's mean leaves [0, 100], the 95% interval holds the mean
+    assert 0 <= low < 62.5 < high <= 100
 
 
 def test_an_empty_bucket_has_no_score():
@@ -156,10 +159,10 @@ def test_eval_command_prints_the_table_and_writes_json(tmp_path):
     result = CliRunner().invoke(main, ["eval", str(folder), "--json", str(json_file)])
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines() == [
-        "task     category  n   score",
-        "trec     few-shot  2   50.00",
-        "lcc      code      1  100.00",
-        "average                75.00",
+        "task     category  n   score  95% interval",
+        "trec     few-shot  2   50.00  0.00..100.00",
+        "lcc      code      1  100.00             -",
+        "average                75.00             -",
         "(lcc and repobench-p scored with fuzzywuzzy's ratio on the levenshtein matcher)",
     ]
     assert result.stderr == "note: skipped needle.jsonl: not a LongBench task\n"
@@ -171,7 +174,7 @@ def test_eval_command_with_longbench_e_writes_bucket_scores(tmp_path):
     json_file = tmp_path / "scores.json"
     result = CliRunner().invoke(main, ["eval", str(tmp_path), "--longbench-e", "--json", str(json_file)])
     assert result.exit_code == 0, result.output
-    assert result.stdout.splitlines()[1].split() == ["samsum_e", "few-shot", "1", "100.00", "-", "100.00", "-"]
+    assert result.stdout.splitlines()[1].split() == ["samsum_e", "few-shot", "1", "100.00", "-", "-", "100.00", "-"]
     assert json.loads(json_file.read_text()) == {"samsum_e": {"score": 100.0, "0-4k": None, "4-8k": 100.0, "8k+": None}}
 
 

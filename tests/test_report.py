@@ -236,7 +236,7 @@ def test_report_files(results, tmp_path):
 
     page = _PageParts()
     page.feed((out / "report.html").read_text())
-    assert page.tables == 5  # LongBench, the papers' layout, LongBench-E, needle, runs
+    assert page.tables == 6  # LongBench, the papers' layout, LongBench-E, needle, difference from FullKV, runs
     assert len(page.images) == 2
     for source in page.images:
         assert source.startswith("data:image/png;base64,")

@@ -120,6 +120,46 @@ def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
 
 
+LAUNCHED = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29518"}
+
+
+@pytest.mark.parametrize(
+    "variables, message",
+    [
+        ({"RANK": "5", "WORLD_SIZE": "2", **LAUNCHED}, "RANK=5 with WORLD_SIZE=2: the rank must be from 0 to 1"),
+        ({"RANK": "-1", "WORLD_SIZE": "2", **LAUNCHED}, "RANK=-1 with WORLD_SIZE=2"),
+        ({"RANK": "1"}, "RANK=1 with WORLD_SIZE=1"),
+        ({"WORLD_SIZE": "2", **LAUNCHED}, "WORLD_SIZE=2 without RANK"),
+        ({"WORLD_SIZE": "0"}, "WORLD_SIZE=0: a launch has at least one process"),
+        ({"WORLD_SIZE": "two", "RANK": "0"}, "WORLD_SIZE='two' must be a whole number"),
+        ({"RANK": "0.5", "WORLD_SIZE": "2", **LAUNCHED}, "RANK='0.5' must be a whole number"),
+        ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "2", **LAUNCHED}, "LOCAL_RANK=2 with 2 process(es)"),
+        ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "-1", **LAUNCHED}, "LOCAL_RANK=-1"),
+        ({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "LOCAL_RANK": "3", **LAUNCHED},
+         "LOCAL_RANK=3 with 2 process(es) on this machine"),
+        ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "3", **LAUNCHED}, "LOCAL_WORLD_SIZE=3 with WORLD_SIZE=2"),
+        ({"RANK": "0", "WORLD_SIZE": "2"}, "WORLD_SIZE=2 needs MASTER_ADDR and MASTER_PORT"),
+        ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "http"},
+         "MASTER_PORT='http' must be a whole number"),
+        ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "70000"},
+         "MASTER_PORT=70000 must be a port number"),
+    ],
+)
+def test_inconsistent_launch_variables_are_one_line_before_the_rendezvous(variables, message, tmp_path):
+    """torch's rendezvous would answer these with a traceback, or wait for processes that never come."""
+    from kvbench.harness.parallel import LAUNCH_VARIABLES
+
+    environment = {**{name: None for name in LAUNCH_VARIABLES}, **variables}
+    started = time.perf_counter()
+    result = CliRunner().invoke(main, ["run", "--method", "fullkv", "--tasks", "trec", "--output", str(tmp_path)],
+                                env=environment)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    assert time.perf_counter() - started < 30  # refused before the model loads, not after a rendezvous timeout
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("content", [b"", b"not a gguf file at all"])
 def test_an_empty_or_garbage_gguf_is_one_line(tmp_path, content):
     gguf_file = tmp_path / "broken.gguf"
