@@ -39,15 +39,16 @@ class LinearTiles(NamedTuple):
     """Tile sizes (powers of two, at least 16) and launch settings of `invariant_linear`: fixed, whatever the
     number of rows (that is the invariance), and whatever the weight's shape (so one compiled kernel serves all)."""
 
-    rows: int = 16
+    rows: int = 32
     outputs: int = 32
     reduced: int = 128
     warps: int = 4
     stages: int = 4
 
 
-#: decode reads each weight once per step, so the tiles aim at bandwidth: few rows (decode batches are small),
-#: narrow output tiles (a 4096-wide layer still spreads over ~128 programs), a long reduced tile per load
+#: decode reads each weight once per step, so the tiles aim at bandwidth: one row tile covers the default batch
+#: (32: each weight tile is read once), narrow output tiles (a 4096-wide layer still spreads over 128 programs),
+#: a long reduced tile per load. Not yet tuned on a GPU: tests/gpu/invariance.py times the alternatives.
 LINEAR_TILES = LinearTiles()
 #: slots per block of `decode_attention`
 ATTENTION_BLOCK_SLOTS = 64

@@ -38,8 +38,8 @@ METHODS = ("snapkv", "fullkv")
 CAPACITY = 512
 BATCH = 32
 #: tiles tried besides the default (rows, outputs, reduced, warps, stages)
-OTHER_TILES = [LinearTiles(16, 64, 128, 4, 4), LinearTiles(16, 32, 256, 4, 3), LinearTiles(16, 16, 256, 4, 4),
-               LinearTiles(32, 32, 128, 4, 4), LinearTiles(16, 64, 64, 4, 6)]
+OTHER_TILES = [LinearTiles(16, 32, 128, 4, 4), LinearTiles(32, 64, 128, 4, 4), LinearTiles(32, 32, 256, 4, 3),
+               LinearTiles(32, 16, 256, 4, 4), LinearTiles(32, 64, 64, 4, 6)]
 #: a model of the same structure small enough for Triton's CPU interpreter (the dry run)
 bench.MODEL_SHAPES["tiny-llama"] = dict(
     model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
