@@ -122,6 +122,8 @@ def invariant_rms_norm(x: torch.Tensor, weight: torch.Tensor, epsilon: float) ->
     RMSNorm), one row per program; the result's dtype is the product's (``weight`` and ``x`` promoted)."""
     width = x.shape[-1]
     flat = x.reshape(-1, width)
+    if flat.stride(-1) != 1:  # the kernel reads a row's elements side by side
+        flat = flat.contiguous()
     result = torch.empty(flat.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
     with _on_device(x):
         _rms_norm[(flat.shape[0],)](flat, weight, result, width, flat.stride(0), result.stride(0), epsilon,
@@ -152,7 +154,7 @@ def _decode_attention(
     keys = K + row * stride_kb + kv_head * stride_kh + dims[None, :] * stride_kd
     values = V + row * stride_vb + kv_head * stride_vh + dims[None, :] * stride_vd
     # Every valid slot lies at or before the slot this step just wrote: the loop's length is the row's own.
-    limit = tl.load(WRITE_POS + row * stride_write_pos) + 1
+    limit = (tl.load(WRITE_POS + row * stride_write_pos) + 1).to(tl.int32)
     # A finite start: a block with no valid slot then leaves the running max finite and adds exactly 0.
     row_max = tl.full([BLOCK_G], -1.0e30, tl.float32)
     row_sum = tl.zeros([BLOCK_G], tl.float32)

@@ -102,8 +102,8 @@ def run_grid(request: GridRequest, echo: Callable[[str], None] = print,
     config = load_model_config(source, request.trust_remote_code)
     description, info = describe_model(source, config, request.dtype, request.attn, device)
     compressors = [method.prepare(info) for method in methods]
-    batch_invariant = resolve_batch_invariant(request.batch_invariant, resolve_device(device),
-                                              getattr(config, "model_type", None))
+    decode_device = "cpu" if request.device_map == "cpu" else resolve_device(device)
+    batch_invariant = resolve_batch_invariant(request.batch_invariant, decode_device, getattr(config, "model_type", None))
     plan = RunPlan(tasks=tasks, data_dir=request.data_dir, limit=request.limit, max_length=request.max_length,
                    output_dir=output_dir, batch_invariant=batch_invariant)
     if not world.is_main:

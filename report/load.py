@@ -157,6 +157,7 @@ def _task_record(run: dict[str, Any], task_name: str, scores: dict[str, Any], sc
         "category": task.category,
         "max_length": run["max_length"],
         "dtype": run["dtype"],
+        "decoding": run["decoding"],
         "method_files": run["method_files"],
         "n_done": len(rows),
         "n_total": total,
@@ -175,7 +176,7 @@ def load_runs(*paths: str | Path) -> pd.DataFrame:
 
     Columns: run_dir, model, method, capacity (nullable int), settings, task, category,
     max_length (nullable int: none given, each task's from the model's window), dtype,
-    method_files (``name=digest`` of the files the method read, digests shortened),
+    decoding ("batch-invariant" or "plain", see `kvbench.engine.invariant`), method_files (``name=digest`` of the files the method read, digests shortened),
     n_done (rows in the folder, which may exceed n_total when a smaller --limit reused it),
     n_total (nullable: unknown for a task run.json does not plan), complete,
     score (0-100, NaN before the first row), score_source ("scores.json", "rows" or
@@ -202,6 +203,7 @@ def load_runs(*paths: str | Path) -> pd.DataFrame:
             "max_length": _whole_number_or_none(info.get("max_length", identity.get("max_length")), "max_length",
                                                 run_dir / RUN_FILE),
             "dtype": str(info.get("dtype") or identity.get("dtype") or ""),
+            "decoding": "batch-invariant" if identity.get("batch_invariant") else "plain",
             "method_files": _method_files_text(identity.get("method_files")),
             "tasks": info["tasks"],
             "all_settings": settings if isinstance(settings, dict) else {},
