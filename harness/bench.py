@@ -214,14 +214,15 @@ def load_bench_model(model: str | None, dtype: str, attn: str, device: str) -> L
 
 
 def synthetic_prefilled(model, cache_tokens: int, max_new_tokens: int, generator: torch.Generator) -> Prefilled:
-    """A sample as if prefilled and compressed to ``cache_tokens`` per layer (random keys and values)."""
+    """A sample as if prefilled and compressed to ``cache_tokens`` per layer (random keys and values, drawn on the
+    model's device by ``generator``, which lives there: gigabytes of them would take the CPU minutes)."""
     config = model.config
     device = model.get_input_embeddings().weight.device
     dtype = model.get_input_embeddings().weight.dtype
     kv_heads, head_dim = kv_head_layout(config)
     kept = []
     for _ in range(config.num_hidden_layers):
-        keys = torch.randn(1, kv_heads, cache_tokens, head_dim, generator=generator).to(device, dtype)
+        keys = torch.randn(1, kv_heads, cache_tokens, head_dim, generator=generator, device=device, dtype=dtype)
         kept.append((keys, torch.randn_like(keys)))
     request = DecodeRequest([0] * cache_tokens, max_new_tokens, set())
     kv_bytes = sum(keys.nbytes + values.nbytes for keys, values in kept)
@@ -235,7 +236,7 @@ def run_decode_step_bench(loaded: LoadedModel, batch_sizes: list[int], cache_tok
     step captured as a CUDA graph and (with ``eager``) run eagerly, by each of ``kernels`` (batch-invariant or
     not), all alternated within each round; the first round is discarded."""
     model = loaded.model
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator(model.device).manual_seed(0)
     modes = ([True] + ([False] if eager else [])) if model.device.type == "cuda" else [False]
     batches = {}
     for rows in batch_sizes:
