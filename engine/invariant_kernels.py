@@ -199,6 +199,7 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
             output.stride(0), output.stride(2), output.stride(3),
             GROUPS=groups, BLOCK_G=max(16, triton.next_power_of_2(groups)), HEAD_DIM=head_dim,
             BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_S=ATTENTION_BLOCK_SLOTS,
-            num_warps=4,
+            # float32 key and value tiles are twice the size: fewer in flight keeps them within shared memory
+            num_warps=4, num_stages=2 if key.element_size() == 4 else 3,
         )
     return output
