@@ -132,6 +132,12 @@ def _batch_size(text: str) -> int | None:
     return value
 
 
+BATCH_INVARIANT_OPTION = click.option(
+    "--batch-invariant/--no-batch-invariant", default=None,
+    help="decode with batch-invariant kernels: a sample's tokens do not depend on the batch size or on the samples "
+         "decoded beside it (CUDA only; part of a run's identity) [default: on for CUDA with Llama, Mistral, Qwen2 "
+         "and Qwen3 models, off otherwise]")
+
 CODE_SIM_OPTION = click.option(
     "--code-sim-matcher", type=click.Choice(["levenshtein", "difflib"]), default="levenshtein", show_default=True,
     help="fuzzywuzzy's matcher for lcc / repobench-p: python-Levenshtein (what KVCache-Factory's published numbers "
@@ -194,6 +200,7 @@ def _build_run_command():
     @CODE_SIM_OPTION
     @click.option("--batch-size", default="auto", show_default=True,
                   help="samples decoded together (continuous batching); auto: 32 on CUDA, 4 on CPU")
+    @BATCH_INVARIANT_OPTION
     @click.option("--lengths", default=None, help="needle: context lengths, START:STOP:COUNT or a comma list [1000:8000:8]")
     @click.option("--depths", default=None, help="needle: depth percents, START:STOP:COUNT or a comma list [0:100:11]")
     @click.option("--needle", default=None, help="needle: the sentence hidden in the haystack")
@@ -202,8 +209,8 @@ def _build_run_command():
     @click.option("--haystack-dir", type=click.Path(), default=None, help="needle: folder of .txt files [Paul Graham essays]")
     @_method_option_flags
     def run_command(method_names, capacities, task_spec, data_dir, limit, max_length, output, model, dtype, attn, device,
-                    device_map, trust_remote_code, code_sim_matcher, batch_size, lengths, depths, needle, question,
-                    answer, haystack_dir, **method_options):
+                    device_map, trust_remote_code, code_sim_matcher, batch_size, batch_invariant, lengths, depths, needle,
+                    question, answer, haystack_dir, **method_options):
         """Run methods over LongBench / the needle test; rows land in OUTPUT/<model>/<method>-<capacity>/.
 
         Comma lists in --method and --capacity make a grid: the model loads once and each (method, capacity)
@@ -227,7 +234,7 @@ def _build_run_command():
                               haystack_dir=haystack_dir),
             data_dir=data_dir, limit=limit, max_length=max_length, output=output, model=model, dtype=dtype, attn=attn,
             device=device, device_map=device_map, trust_remote_code=trust_remote_code,
-            batch_size=_batch_size(batch_size),
+            batch_size=_batch_size(batch_size), batch_invariant=batch_invariant,
         )
         with using_code_sim_matcher(code_sim_matcher):
             run_grid(request, echo=click.echo, progress=lambda line: click.echo(line, err=True))
@@ -257,6 +264,7 @@ def _build_run_command():
               help="longbench: samples of each task also run alone (batch 1)")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="longbench: rows of the batched run")
 @click.option("--alone-eager", is_flag=True, help="longbench: also decode the batch-1 samples without CUDA graphs")
+@BATCH_INVARIANT_OPTION
 @click.option("--max-length", type=int, default=None, help="longbench: prompt tokens kept, as for `run`")
 @click.option("--tokenizer", default=None,
               help="longbench: tokenizer (folder or hub id) building the prompts [default: the model's, else the "
@@ -266,8 +274,8 @@ def _build_run_command():
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", type=click.Path(), default="results/bench", show_default=True, help="folder for bench.csv / bench.md")
 def bench_command(workload, model, method_specs, lengths, capacity, new_tokens, repeats, batch_sizes, cache_tokens,
-                  steps, data_dir, limit, alone_limit, batch_size, alone_eager, max_length, tokenizer, dtype, attn,
-                  device, out):
+                  steps, data_dir, limit, alone_limit, batch_size, alone_eager, batch_invariant, max_length, tokenizer,
+                  dtype, attn, device, out):
     """Speed and memory of the engine: prefill, decode and peak memory side by side, medians from one process."""
     from kvbench.harness import bench
     from kvbench.runfolder import check_writable_folder
@@ -288,20 +296,22 @@ def bench_command(workload, model, method_specs, lengths, capacity, new_tokens, 
     specs = method_specs.split(",")
     bench.bench_methods(specs, capacity)  # refuse bad specs before the model loads
     check_writable_folder(Path(out), "--out")
+    invariant = bench.bench_batch_invariant(batch_invariant, model, device)
     loaded = bench.load_bench_model(model, dtype, attn, device)
     say = lambda line: click.echo(line, err=True)  # noqa: E731
     precision = str(loaded.model.dtype).replace("torch.", "")
-    header = f"model {loaded.name}, {precision}, attention {attn}, device {bench.device_description(loaded.model)}"
+    header = (f"model {loaded.name}, {precision}, attention {attn}, device {bench.device_description(loaded.model)}, "
+              f"{'batch-invariant' if invariant else 'plain'} decode kernels")
     if workload == "prompts":
-        table = bench.run_bench(loaded, specs, length_list, capacity, new_tokens, repeats, say)
+        table = bench.run_bench(loaded, specs, length_list, capacity, new_tokens, repeats, say, invariant)
         header += f", capacity {capacity}, {new_tokens} decoded tokens, median of {repeats}"
     elif workload == "decode":
-        table = bench.run_decode_step_bench(loaded, sizes, cache_tokens, steps, repeats, say)
+        table = bench.run_decode_step_bench(loaded, sizes, cache_tokens, steps, repeats, say, (invariant,))
         header += f", {cache_tokens} cached tokens per row, median of {steps * (repeats - 1)} steps"
     else:
         table, samples = bench.run_longbench_workload(
             loaded, bench.workload_tokenizer(loaded, tokenizer), specs, capacity, data_dir,
-            batch_size, limit, alone_limit, max_length, say, alone_eager)
+            batch_size, limit, alone_limit, max_length, say, alone_eager, invariant)
         extra = {"bench_samples.csv": samples}
         header += f", capacity {capacity}, LongBench prompts from {data_dir}, stop tokens ignored"
     bench.write_bench(table, Path(out), header, extra if workload == "longbench" else {})

@@ -16,10 +16,15 @@ are worked out at admission for every step (`kvbench.engine.prefill.eviction_sch
 A step is therefore a fixed sequence of tensor operations for a given number of rows and
 slots: on CUDA it is captured once per (rows bucket, slots) as a CUDA graph and replayed;
 on CPU it runs eagerly. If capture fails the batch says so once and runs eagerly.
+
+With ``batch_invariant`` the step's reductions run in kernels whose order a row fixes alone
+(`kvbench.engine.invariant`): a sample's tokens are then the same in any batch, beside any
+other samples, and whatever the buffers' capacity; the step is captured the same way.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import math
@@ -30,6 +35,7 @@ import torch
 
 from kvbench.errors import error_line
 from kvbench.engine.hook import DecodeSession, active, install_hook
+from kvbench.engine.invariant import check_invariance, invariant_forwards
 from kvbench.engine.prefill import Prefilled
 
 log = logging.getLogger(__name__)
@@ -91,11 +97,15 @@ class DecodeBatch:
     model: torch.nn.Module
     max_rows: int
     use_cuda_graphs: bool = True
+    #: decode steps by the batch-invariant kernels (`kvbench.engine.invariant`)
+    batch_invariant: bool = False
     #: host side of each row (None: free)
     rows: list[Row | None] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         install_hook(self.model)
+        if self.batch_invariant:
+            check_invariance(self.model)
         config = self.model.config
         embeddings = self.model.get_input_embeddings().weight
         self.device = embeddings.device
@@ -286,9 +296,10 @@ class DecodeBatch:
         Writes the token's key and value into the buffers; the caller advances the positions."""
         if self.evictions is not None:
             self._evict(rows)
-        session = DecodeSession(self.valid, rows)
+        session = DecodeSession(self.valid, rows, self.write_pos, self.batch_invariant)
         cache = {self._cache_keyword: BatchCache(self, rows)}
-        with active(self.model, session):
+        kernels = invariant_forwards(self.model) if self.batch_invariant else contextlib.nullcontext()
+        with active(self.model, session), kernels:
             output = self.model(input_ids=self.tokens[:rows].view(rows, 1),
                                 position_ids=self.positions[:rows].view(rows, 1),
                                 attention_mask=self._short_circuit_mask, use_cache=True, logits_to_keep=1, **cache)

@@ -95,11 +95,12 @@ def _out_of_memory(error: BaseException) -> bool:
 
 def generate_stream(model, method: Method | Compressor, requests: Iterable[DecodeRequest], batch_size: int = 1,
                     say: Callable[[str], None] | None = None, use_cuda_graphs: bool = True,
-                    chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> Iterator[Generation]:
+                    chunk_tokens: int = DEFAULT_CHUNK_TOKENS, batch_invariant: bool = False) -> Iterator[Generation]:
     """Generate for every request, up to ``batch_size`` decoded together; yields each as it finishes.
-    Prefills run their per-token modules in chunks of ``chunk_tokens`` positions."""
+    Prefills run their per-token modules in chunks of ``chunk_tokens`` positions; with ``batch_invariant``
+    decode steps run the batch-invariant kernels (`kvbench.engine.invariant`)."""
     compressor = as_compressor(method, model)
-    batch = DecodeBatch(model, batch_size, use_cuda_graphs=use_cuda_graphs)
+    batch = DecodeBatch(model, batch_size, use_cuda_graphs=use_cuda_graphs, batch_invariant=batch_invariant)
     source = iter(requests)
     redo: deque[DecodeRequest] = deque()
     held: Prefilled | None = None
@@ -187,7 +188,7 @@ def _fits(batch: DecodeBatch, prefilled: Prefilled) -> bool:
 
 
 def generate_greedy(model, prompt_ids, method: Method | Compressor, max_new_tokens: int, eos_token_ids: set[int],
-                    sample: dict | None = None) -> Generation:
+                    sample: dict | None = None, batch_invariant: bool = False) -> Generation:
     """One sample, alone: prefill, compress layer by layer, decode greedily at the original positions."""
     request = DecodeRequest(list(prompt_ids), max_new_tokens, set(eos_token_ids), sample)
-    return next(generate_stream(model, method, [request], batch_size=1))
+    return next(generate_stream(model, method, [request], batch_size=1, batch_invariant=batch_invariant))

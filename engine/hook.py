@@ -11,7 +11,8 @@ depends on the session active on the attention module:
   of all layers never coexists. In the scoring pre-pass the layer is only observed.
 * a `DecodeSession` (one token for each row of a decode batch): the keys and values are
   the batch's preallocated buffers, where each layer and row holds its own number of
-  valid slots; attention runs over the valid slots only (`masked_decode_attention`).
+  valid slots; attention runs over the valid slots only (`masked_decode_attention`, or in a
+  batch-invariant step the Triton kernel `kvbench.engine.invariant_kernels.decode_attention`).
 """
 
 from __future__ import annotations
@@ -73,6 +74,10 @@ class DecodeSession:
     valid: torch.Tensor
     #: rows in this step (the buffers may hold more)
     rows: int
+    #: (num_layers, batch) the slot each row writes this step; no valid slot lies after it
+    write_pos: torch.Tensor | None = None
+    #: attention by the batch-invariant kernel (`kvbench.engine.invariant`)
+    batch_invariant: bool = False
 
 
 def masked_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -98,6 +103,11 @@ def _hooked(backend_name: str):
         scaling = kwargs.get("scaling") or module.scaling
         if isinstance(session, DecodeSession):
             valid = session.valid[module.layer_idx, : session.rows]
+            if session.batch_invariant:
+                from kvbench.engine.invariant_kernels import decode_attention
+
+                write_pos = session.write_pos[module.layer_idx, : session.rows]
+                return decode_attention(query, key, value, valid, write_pos, scaling), None
             return masked_decode_attention(query, key, value, valid, scaling), None
         backend = eager_attention_forward if backend_name == "eager" else ALL_ATTENTION_FUNCTIONS[backend_name]
         output = backend(module, query, key, value, attention_mask, **kwargs)

@@ -6,6 +6,9 @@
   peak accelerator memory, the KV cache kept, ratios against the full cache.
 * ``decode``: the decode step of a batch of 1, 8, 32, ... rows holding a given number of
   cached tokens each, captured as a CUDA graph and eager, alternated, first round discarded.
+
+Every workload decodes with the batch-invariant kernels or without (``--batch-invariant``, the
+default as for `kvbench run`); the decode and LongBench functions also take both, to compare them.
 * ``longbench``: the run loop's engine over LongBench-shaped work (the data's prompts, built
   as `kvbench run` builds them, each decoding its task's whole generation length), alone and
   batched: samples per hour, decode tokens per second, the prefill share, peak memory, the
@@ -28,6 +31,7 @@ import torch
 from kvbench.errors import KvbenchError, error_line
 from kvbench.engine.decode import DecodeBatch, kv_head_layout
 from kvbench.engine.generate import Generation, generate_greedy, generate_stream
+from kvbench.engine.invariant import resolve_batch_invariant
 from kvbench.engine.prefill import DecodeRequest, Prefilled, synchronize
 from kvbench.harness.run import max_prompt_length, sample_request
 from kvbench.methods.base import SampleCompression
@@ -38,6 +42,7 @@ from kvbench.harness.model import (
     LoadedModel,
     check_attention_backend,
     load_model,
+    load_model_config,
     resolve_device,
     resolve_dtype,
     resolve_model_source,
@@ -116,7 +121,7 @@ def decode_bound_ms(model, kv_cache_bytes: int) -> float | None:
 
 
 def run_bench(loaded: LoadedModel, method_specs: list[str], lengths: list[int], capacity: int,
-              new_tokens: int, repeats: int, progress=print) -> pd.DataFrame:
+              new_tokens: int, repeats: int, progress=print, batch_invariant: bool = False) -> pd.DataFrame:
     model = loaded.model
     vocab = model.config.vocab_size
     methods = {spec: method.prepare(loaded.info) for spec, method in bench_methods(method_specs, capacity).items()}
@@ -124,7 +129,7 @@ def run_bench(loaded: LoadedModel, method_specs: list[str], lengths: list[int], 
     # Warm-up: kernels, allocator and autotuning before anything is timed.
     warm_prompt = torch.randint(0, vocab, (min(lengths),), generator=generator).tolist()
     for method in methods.values():
-        generate_greedy(model, warm_prompt, method, 2, set())
+        generate_greedy(model, warm_prompt, method, 2, set(), batch_invariant=batch_invariant)
     rows = []
     for length in lengths:
         prompt = torch.randint(0, vocab, (length,), generator=generator).tolist()
@@ -133,7 +138,8 @@ def run_bench(loaded: LoadedModel, method_specs: list[str], lengths: list[int], 
             for spec, method in methods.items():
                 # No EOS: every run decodes exactly `new_tokens`, so decode times compare.
                 generation = generate_greedy(model, prompt, method, new_tokens, set(),
-                                             sample={"task": "bench", "prompt_text": ""})
+                                             sample={"task": "bench", "prompt_text": ""},
+                                             batch_invariant=batch_invariant)
                 samples[spec].append(generation)
                 progress(f"length {length} {spec} repeat {repeat + 1}/{repeats}: "
                          f"prefill {generation.prefill_seconds:.3f}s")
@@ -189,6 +195,15 @@ def workload_tokenizer(loaded: LoadedModel, tokenizer: str | None):
         raise KvbenchError(f"cannot load tokenizer {source!r}: {error_line(error)}") from None
 
 
+def bench_batch_invariant(requested: bool | None, model: str | None, device: str) -> bool:
+    """--batch-invariant resolved as `kvbench run` resolves it (before the weights load)."""
+    if model in MODEL_SHAPES:
+        model_type = MODEL_SHAPES[model]["model_type"]
+    else:
+        model_type = getattr(load_model_config(resolve_model_source(model)), "model_type", None)
+    return resolve_batch_invariant(requested, resolve_device(device), model_type)
+
+
 def load_bench_model(model: str | None, dtype: str, attn: str, device: str) -> LoadedModel:
     if model in MODEL_SHAPES:
         return random_weight_model(model, dtype, device, attn)
@@ -199,14 +214,15 @@ def load_bench_model(model: str | None, dtype: str, attn: str, device: str) -> L
 
 
 def synthetic_prefilled(model, cache_tokens: int, max_new_tokens: int, generator: torch.Generator) -> Prefilled:
-    """A sample as if prefilled and compressed to ``cache_tokens`` per layer (random keys and values)."""
+    """A sample as if prefilled and compressed to ``cache_tokens`` per layer (random keys and values, drawn on the
+    model's device by ``generator``, which lives there: gigabytes of them would take the CPU minutes)."""
     config = model.config
     device = model.get_input_embeddings().weight.device
     dtype = model.get_input_embeddings().weight.dtype
     kv_heads, head_dim = kv_head_layout(config)
     kept = []
     for _ in range(config.num_hidden_layers):
-        keys = torch.randn(1, kv_heads, cache_tokens, head_dim, generator=generator).to(device, dtype)
+        keys = torch.randn(1, kv_heads, cache_tokens, head_dim, generator=generator, device=device, dtype=dtype)
         kept.append((keys, torch.randn_like(keys)))
     request = DecodeRequest([0] * cache_tokens, max_new_tokens, set())
     kv_bytes = sum(keys.nbytes + values.nbytes for keys, values in kept)
@@ -215,20 +231,22 @@ def synthetic_prefilled(model, cache_tokens: int, max_new_tokens: int, generator
 
 
 def run_decode_step_bench(loaded: LoadedModel, batch_sizes: list[int], cache_tokens: int, steps: int, rounds: int,
-                          progress=print) -> pd.DataFrame:
+                          progress=print, kernels: tuple[bool, ...] = (False,), eager: bool = True) -> pd.DataFrame:
     """Milliseconds per decode step of ``batch_sizes`` rows, each holding ``cache_tokens`` per layer, with the
-    step captured as a CUDA graph and run eagerly, alternated within each round; the first round is discarded."""
+    step captured as a CUDA graph and (with ``eager``) run eagerly, by each of ``kernels`` (batch-invariant or
+    not), all alternated within each round; the first round is discarded."""
     model = loaded.model
-    generator = torch.Generator().manual_seed(0)
-    modes = [True, False] if model.device.type == "cuda" else [False]
+    generator = torch.Generator(model.device).manual_seed(0)
+    modes = ([True] + ([False] if eager else [])) if model.device.type == "cuda" else [False]
     batches = {}
     for rows in batch_sizes:
         for graphs in modes:
-            batch = DecodeBatch(model, rows, use_cuda_graphs=graphs)
-            for _ in range(rows):
-                batch.admit(synthetic_prefilled(model, cache_tokens, steps * rounds + 2, generator))
-            batches[rows, graphs] = batch
-    timings: dict[tuple[int, bool], list[float]] = {key: [] for key in batches}
+            for invariant in kernels:
+                batch = DecodeBatch(model, rows, use_cuda_graphs=graphs, batch_invariant=invariant)
+                for _ in range(rows):
+                    batch.admit(synthetic_prefilled(model, cache_tokens, steps * rounds + 2, generator))
+                batches[rows, graphs, invariant] = batch
+    timings: dict[tuple[int, bool, bool], list[float]] = {key: [] for key in batches}
     for round_index in range(rounds):
         for key, batch in batches.items():
             seconds = []
@@ -238,14 +256,15 @@ def run_decode_step_bench(loaded: LoadedModel, batch_sizes: list[int], cache_tok
                 seconds.append(time.perf_counter() - start)
             if round_index > 0:
                 timings[key] += seconds
-            progress(f"round {round_index + 1}/{rounds}: {key[0]} rows, "
-                     f"{'CUDA graph' if key[1] else 'eager'}: {statistics.median(seconds) * 1e3:.2f} ms/step")
+            progress(f"round {round_index + 1}/{rounds}: {key[0]} rows, {'CUDA graph' if key[1] else 'eager'}"
+                     f"{', batch-invariant' if key[2] else ''}: {statistics.median(seconds) * 1e3:.2f} ms/step")
     rows_out = []
-    for (rows, graphs), seconds in timings.items():
+    for (rows, graphs, invariant), seconds in timings.items():
         step_ms = statistics.median(seconds) * 1e3
-        rows_out.append({"batch": rows, "cuda_graph": graphs, "cache_tokens": cache_tokens,
+        rows_out.append({"batch": rows, "cuda_graph": graphs, "batch_invariant": invariant, "cache_tokens": cache_tokens,
                          "step_ms": round(step_ms, 2), "ms_per_sample_token": round(step_ms / rows, 3),
-                         "steps_timed": len(seconds), "graph_fell_back": graphs and not batches[rows, graphs].use_cuda_graphs})
+                         "steps_timed": len(seconds),
+                         "graph_fell_back": graphs and not batches[rows, graphs, invariant].use_cuda_graphs})
     return pd.DataFrame(rows_out)
 
 
@@ -270,7 +289,7 @@ def longbench_requests(tokenizer, data_dir: str, limit: int | None, context_wind
 def run_longbench_workload(loaded: LoadedModel, tokenizer, method_specs: list[str], capacity: int, data_dir: str,
                            batch_size: int, limit: int | None = None, alone_limit: int | None = 1,
                            max_length: int | None = None, progress=print,
-                           alone_eager: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+                           alone_eager: bool = False, batch_invariant: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Throughput of the run loop's engine over LongBench-shaped work, each method alone (batch 1, on the
     first ``alone_limit`` samples of each task; with ``alone_eager`` also without CUDA graphs, as kvbench
     decoded before batching) and batched (all samples), in one process.
@@ -289,7 +308,8 @@ def run_longbench_workload(loaded: LoadedModel, tokenizer, method_specs: list[st
     methods = {spec: method.prepare(loaded.info) for spec, method in bench_methods(method_specs, capacity).items()}
     # Warm-up: kernels, allocator, autotuning and CUDA graphs of the common batch sizes before timing.
     for compressor in methods.values():
-        list(generate_stream(model, compressor, all_requests[: min(4, len(all_requests))], batch_size))
+        list(generate_stream(model, compressor, all_requests[: min(4, len(all_requests))], batch_size,
+                             batch_invariant=batch_invariant))
     summary, samples = [], []
     for spec, compressor in methods.items():
         results = {}
@@ -300,28 +320,30 @@ def run_longbench_workload(loaded: LoadedModel, tokenizer, method_specs: list[st
         for mode, requests, rows, graphs in modes:
             synchronize(model.device)
             start = time.perf_counter()
-            generations = list(generate_stream(model, compressor, requests, rows, use_cuda_graphs=graphs))
+            generations = list(generate_stream(model, compressor, requests, rows, use_cuda_graphs=graphs,
+                                               batch_invariant=batch_invariant))
             seconds = time.perf_counter() - start
             results[mode] = {g.tag: g for g in generations}
-            summary.append(_workload_row(spec, compressor, mode, rows, generations, seconds))
+            summary.append({**workload_row(spec, compressor, mode, rows, generations, seconds),
+                            "batch_invariant": batch_invariant})
             progress(", ".join(f"{key} {value}" for key, value in summary[-1].items()))
         alone, batched = results["batch 1"], results[f"batch {batch_size}"]
         for tag, generation in alone.items():
             samples.append({"method": spec, "task": tag[0], "_id": tag[1], "prompt_tokens": generation.prompt_tokens,
                             "identical": generation.token_ids == batched[tag].token_ids,
-                            "first_difference": _first_difference(generation.token_ids, batched[tag].token_ids)})
+                            "first_difference": first_difference(generation.token_ids, batched[tag].token_ids)})
     table = pd.DataFrame(summary)
     identical = pd.DataFrame(samples).groupby("method")["identical"].mean().round(4)
     table["identical_to_batch_1"] = table["method"].map(identical)
     return table, pd.DataFrame(samples)
 
 
-def _first_difference(first: list[int], second: list[int]) -> int | None:
+def first_difference(first: list[int], second: list[int]) -> int | None:
     return next((index for index, (a, b) in enumerate(zip(first, second)) if a != b),
                 None if len(first) == len(second) else min(len(first), len(second)))
 
 
-def _workload_row(spec: str, compressor, mode: str, rows: int, generations: list[Generation], seconds: float) -> dict:
+def workload_row(spec: str, compressor, mode: str, rows: int, generations: list[Generation], seconds: float) -> dict:
     """Throughput figures of one mode, and the full LongBench v1 projected from each task's measured cost."""
     prefill = sum(g.prefill_seconds for g in generations)
     decode_tokens = sum(len(g.token_ids) - 1 for g in generations)

@@ -26,6 +26,7 @@ from kvbench.harness.model import (
     resolve_model_source,
 )
 from kvbench.engine.generate import default_batch_size
+from kvbench.engine.invariant import check_invariance, resolve_batch_invariant
 from kvbench.harness.parallel import current_world, device_for, finish, start
 from kvbench.harness.run import RunPlan, execute_run, open_run
 from kvbench.methods import build_method, check_options_exist, get_method_class
@@ -57,6 +58,8 @@ class GridRequest:
     trust_remote_code: bool = False
     #: samples decoded together; None: the default for the device (`default_batch_size`)
     batch_size: int | None = None
+    #: --batch-invariant / --no-batch-invariant; None: the default for the device (`resolve_batch_invariant`)
+    batch_invariant: bool | None = None
 
 
 def grid_methods(method_names: list[str], capacities: list[int], options: dict[str, Any]) -> list[Method]:
@@ -99,8 +102,10 @@ def run_grid(request: GridRequest, echo: Callable[[str], None] = print,
     config = load_model_config(source, request.trust_remote_code)
     description, info = describe_model(source, config, request.dtype, request.attn, device)
     compressors = [method.prepare(info) for method in methods]
+    decode_device = "cpu" if request.device_map == "cpu" else resolve_device(device)
+    batch_invariant = resolve_batch_invariant(request.batch_invariant, decode_device, getattr(config, "model_type", None))
     plan = RunPlan(tasks=tasks, data_dir=request.data_dir, limit=request.limit, max_length=request.max_length,
-                   output_dir=output_dir)
+                   output_dir=output_dir, batch_invariant=batch_invariant)
     if not world.is_main:
         echo = progress = None
     start(world)
@@ -110,6 +115,8 @@ def run_grid(request: GridRequest, echo: Callable[[str], None] = print,
             runs.append(open_run(description, method, compressor, plan, world))
         loaded = load_model(source, dtype=request.dtype, attn=request.attn, device=device,
                             device_map=request.device_map, trust_remote_code=request.trust_remote_code)
+        if batch_invariant:
+            check_invariance(loaded.model)  # before run.json is written
         batch_size = request.batch_size or default_batch_size(loaded.model)
         started = time.perf_counter()
         samples = 0

@@ -63,6 +63,8 @@ class RunPlan:
     limit: int | None = None
     max_length: int | None = None
     output_dir: Path = field(default_factory=default_output_dir)
+    #: decode with the batch-invariant kernels (`kvbench.engine.invariant`), resolved for the device
+    batch_invariant: bool = False
 
 
 def method_label(method: Method) -> str:
@@ -111,8 +113,11 @@ def run_identity(model: ModelDescription, method: Method, compressor: Compressor
     prompts the prompt budget ``--max-length`` resolves to: see `open_run`).
 
     Not part of it, because they never change a row: the device and the batch of
-    decoding (bf16 rounding aside, see the README), ``--limit`` and the needle grid
-    (they choose samples), the data folder's path (its content is what counts).
+    decoding (bf16 rounding aside, which batch-invariant decoding removes, see the README),
+    ``--limit`` and the needle grid (they choose samples), the data folder's path (its content
+    is what counts). Batch-invariant decoding rounds otherwise than the plain kernels, so it is
+    part of it, as ``"batch_invariant": true``; the plain path adds nothing, so folders written
+    before the mode existed (all CPU runs, CUDA runs with --no-batch-invariant) keep matching.
     """
     return {
         "format": RUN_FORMAT,
@@ -123,6 +128,7 @@ def run_identity(model: ModelDescription, method: Method, compressor: Compressor
         "options": method.options(),
         "method_files": compressor.identity(),
         "scorer": scorer_settings(),
+        **({"batch_invariant": True} if plan.batch_invariant else {}),
     }
 
 
@@ -237,6 +243,7 @@ def _write_run_file(run: OpenRun, model: ModelDescription, device: str) -> None:
         "dtype": model.dtype,
         "attention": model.attention,
         "device": device,
+        "batch_invariant": run.plan.batch_invariant,
         "data_dir": None if run.plan.data_dir is None else str(Path(run.plan.data_dir).resolve()),
         # A folder reused for more tasks keeps what earlier runs recorded for theirs.
         "tasks": {**previous.get("tasks", {}), **planned},
@@ -288,7 +295,8 @@ def execute_run(run: OpenRun, loaded: LoadedModel, report: Callable[[str], None]
     bar = progress_bar(None, desc=run.run_dir.name, unit="sample", initial=planned_total - len(work),
                        total=planned_total, disable=not world.is_main)
     with bar:
-        for generation in generate_stream(loaded.model, run.compressor, requests(), batch_size, say=report):
+        for generation in generate_stream(loaded.model, run.compressor, requests(), batch_size, say=report,
+                                          batch_invariant=run.plan.batch_invariant):
             task, sample = generation.tag
             append_row(result_path(run.run_dir, task.name), _sample_row(loaded, task, sample, generation))
             samples_done += 1

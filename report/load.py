@@ -174,6 +174,7 @@ def _task_record(run: dict[str, Any], task_name: str, scores: dict[str, Any], sc
         "category": task.category,
         "max_length": run["max_length"],
         "dtype": run["dtype"],
+        "decoding": run["decoding"],
         "method_files": run["method_files"],
         "task_data": _task_data(run, task_name),
         "n_done": len(rows),
@@ -193,9 +194,13 @@ def load_runs(*paths: str | Path) -> pd.DataFrame:
 
     Columns: run_dir, model, method, capacity (nullable int), settings, task, category,
     max_length (nullable int: none given, each task's from the model's window), dtype,
+<<<<<<< HEAD
     method_files (``name=digest`` of the files the method read, digests shortened),
     task_data (a short digest of the task's data and prompt budget as run.json records
     them, "" when it does not: runs that agree on it answered the same prompts),
+=======
+    decoding ("batch-invariant" or "plain", see `kvbench.engine.invariant`), method_files (``name=digest`` of the files the method read, digests shortened),
+>>>>>>> issue23
     n_done (rows in the folder, which may exceed n_total when a smaller --limit reused it),
     n_total (nullable: unknown for a task run.json does not plan), complete,
     score (0-100, NaN before the first row), score_source ("scores.json", "rows" or
@@ -234,6 +239,7 @@ def _load(paths: tuple[str | Path, ...], with_samples: bool) -> tuple[pd.DataFra
             "max_length": _whole_number_or_none(info.get("max_length", identity.get("max_length")), "max_length",
                                                 run_dir / RUN_FILE),
             "dtype": str(info.get("dtype") or identity.get("dtype") or ""),
+            "decoding": "batch-invariant" if identity.get("batch_invariant") else "plain",
             "method_files": _method_files_text(identity.get("method_files")),
             "tasks": info["tasks"],
             "task_identity": info["task_identity"] if isinstance(info.get("task_identity"), dict) else {},

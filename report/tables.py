@@ -522,7 +522,7 @@ def _paper_method_order(method: str) -> tuple[int, str]:
 
 
 def runs_table(frame: pd.DataFrame) -> Table:
-    """Each run's settings that tell runs apart beyond the key (max length, dtype, the method's files),
+    """Each run's settings that tell runs apart beyond the key (max length, dtype, the method's files, decoding),
     its progress (samples finished of planned) and its folders."""
     runs = sorted_runs(frame)
     cells = []
@@ -533,16 +533,18 @@ def runs_table(frame: pd.DataFrame) -> Table:
                    for rows, planned in zip(mine["n_done"], mine["n_total"]))
         planned = "?" if mine["n_total"].isna().any() else str(int(mine["n_total"].sum()))
         texts = [_distinct(mine["max_length"].astype("string").fillna("auto")), _distinct(mine["dtype"]),
-                 _distinct(mine["method_files"]), ", ".join(mine["task"])]
+                 _distinct(mine["method_files"]), _distinct(mine["decoding"]), ", ".join(mine["task"])]
         cells.append([Cell(text=text or MISSING, complete=True) for text in texts]
                      + [Cell(text=f"{done}/{planned}", complete=bool(mine["complete"].all())),
                         Cell(text=_distinct(mine["run_dir"]), complete=True)])
     return Table(name="runs", title="Runs", runs=runs,
-                 columns=["Max length", "Dtype", "Method files", "Tasks", "Samples done", "Folder"], cells=cells,
+                 columns=["Max length", "Dtype", "Method files", "Decoding", "Tasks", "Samples done", "Folder"],
+                 cells=cells,
                  numeric=False,
                  notes=["Max length auto: each task's from the model's context window. Method files: content "
                         "digests (shortened) of the files the method read, WindowKV's classifier or PrefixKV's "
-                        "profiles."])
+                        "profiles. Decoding: batch-invariant (a sample's tokens do not depend on the decode batch) "
+                        "or plain kernels."])
 
 
 def _distinct(values: pd.Series) -> str:

@@ -6,12 +6,11 @@ Run by test_attention_mass.py as ``TRITON_INTERPRET=1 python tests/interpret_att
 
 import json
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
 from test_attention_mass import dense_attention_mass, random_inputs, relative_error, tolerance_for
-from triton.runtime import interpreter
+from triton_interpreter import widen_bfloat16_in_dots
 
 from kvbench.methods.attention_mass_triton import Blocks, _round_to_bfloat16, fused_attention_mass
 
@@ -25,24 +24,6 @@ CASES = [
     (6, 2, 50, 128, torch.bfloat16, Blocks(32, 32, 4, 16, 64, 4)),
     (8, 2, 61, 64, torch.bfloat16, Blocks(32, 16, 4, 64, 16, 4)),
 ]
-
-
-def widen_bfloat16_in_dots():
-    """Make the interpreter's tl.dot read bfloat16 tiles as numbers (exactly, as float32).
-
-    Triton 3.9's interpreter stores bfloat16 as uint16 and multiplies those raw bits in tl.dot.
-    """
-    interpreted_dot = interpreter.InterpreterBuilder.create_dot
-
-    def widen(tile):
-        if tile.dtype != tl.bfloat16:
-            return tile
-        return interpreter.TensorHandle((tile.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
-
-    def create_dot(self, a, b, accumulator, *options):
-        return interpreted_dot(self, widen(a), widen(b), accumulator, *options)
-
-    interpreter.InterpreterBuilder.create_dot = create_dot
 
 
 @triton.jit

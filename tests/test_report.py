@@ -38,7 +38,7 @@ RIGHT_ANSWER = "Eat a sandwich and sit in Dolores Park on a sunny day."
 def write_run(root: Path, method: str, capacity: int | None, planned: dict[str, int],
               rows: dict[str, list[dict]], scores: dict | None = None, settings: dict | None = None,
               folder: str | None = None, method_files: dict | None = None, max_length: int | None = 8000,
-              model: str = MODEL, code_sim_matcher: str | None = "difflib") -> Path:
+              model: str = MODEL, code_sim_matcher: str | None = "difflib", batch_invariant: bool = False) -> Path:
     """A run folder as `kvbench run` writes it: run.json, <task>.jsonl, and scores.json when finished
     (``code_sim_matcher`` None: a run.json from before the matcher was recorded)."""
     run_dir = root / model / (folder or (method if capacity is None else f"{method}-{capacity}"))
@@ -51,7 +51,8 @@ def write_run(root: Path, method: str, capacity: int | None, planned: dict[str, 
         "identity": {"format": 1, "model": {"name": model}, "dtype": "bfloat16", "attention": "sdpa",
                      "max_length": max_length, "method": method, "options": options,
                      "method_files": method_files or {},
-                     **({} if code_sim_matcher is None else {"scorer": {"code_sim_matcher": code_sim_matcher}})},
+                     **({} if code_sim_matcher is None else {"scorer": {"code_sim_matcher": code_sim_matcher}}),
+                     **({"batch_invariant": True} if batch_invariant else {})},
         "task_identity": {},
     }))
     for task, task_rows in rows.items():
@@ -406,20 +407,20 @@ def test_runs_without_measurements_show_no_such_columns(results):
     assert "Kept tok." not in markdown and "KV MiB" not in markdown
 
 
-def test_runs_table_shows_max_length_dtype_and_method_files(tmp_path):
+def test_runs_table_shows_max_length_dtype_method_files_and_decoding(tmp_path):
     rows = {"qasper": qa_rows(1, 0)}
     write_run(tmp_path, "windowkv", 512, {"qasper": 1}, rows, method_files={"classifier": "ab12" * 16})
     write_run(tmp_path, "prefixkv", None, {"qasper": 1}, rows, max_length=None,
               method_files={"prefixkv_profiles": {"prefixkv_tiny_0.9.json": "cd34" * 16}})
-    write_run(tmp_path, "snapkv", 512, {"qasper": 1}, rows, max_length=4096)
+    write_run(tmp_path, "snapkv", 512, {"qasper": 1}, rows, max_length=4096, batch_invariant=True)
     table = runs_table(load_runs(tmp_path))
-    assert table.columns[:3] == ["Max length", "Dtype", "Method files"]
-    shown = {table.runs.iloc[position]["method"]: [cell.text for cell in row[:3]]
+    assert table.columns[:4] == ["Max length", "Dtype", "Method files", "Decoding"]
+    shown = {table.runs.iloc[position]["method"]: [cell.text for cell in row[:4]]
              for position, row in enumerate(table.cells)}
     assert shown == {
-        "prefixkv": ["auto", "bfloat16", "prefixkv_profiles/prefixkv_tiny_0.9.json=cd34cd34cd34"],
-        "snapkv": ["4096", "bfloat16", "–"],
-        "windowkv": ["8000", "bfloat16", "classifier=ab12ab12ab12"],
+        "prefixkv": ["auto", "bfloat16", "prefixkv_profiles/prefixkv_tiny_0.9.json=cd34cd34cd34", "plain"],
+        "snapkv": ["4096", "bfloat16", "–", "batch-invariant"],
+        "windowkv": ["8000", "bfloat16", "classifier=ab12ab12ab12", "plain"],
     }
 
 

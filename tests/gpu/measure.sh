@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU figure of the README in one call, tables under $OUT (a folder per phase).
 #
-#   tests/gpu/measure.sh PHASE...     PHASE: smoke, kernel, sweep, decode, prefill, long, workload, exactness (or all)
+#   tests/gpu/measure.sh PHASE...     PHASE: smoke, kernel, sweep, decode, prefill, long, workload, exactness, invariance (or all)
 #
 # Runs on a CUDA machine where `python3` has torch; packages it lacks come as wheels in .whl/
 # (click, tqdm, tabulate, rouge, pytest and its needs, and the transformers kvbench is tested with),
@@ -16,14 +16,15 @@ export PYTHONPATH=/tmp/site:/tmp/pkg PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 MINI=.dev-assets/longbench-mini
 TOKENIZER=.dev-assets/tokenizer
 phases=("$@")
-[[ " ${phases[*]} " == *" all "* ]] && phases=(smoke kernel decode prefill long workload exactness)
+[[ " ${phases[*]} " == *" all "* ]] && phases=(smoke kernel decode prefill long workload exactness invariance)
 
 for phase in "${phases[@]}"; do
   mkdir -p "$OUT/$phase"
   case $phase in
-  smoke)  # versions, the CUDA tests (graphs equal eager, the kernel against dense attention)
+  smoke)  # versions, the CUDA tests (graphs equal eager, the kernels against PyTorch, batch invariance)
     python3 -c "import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__, torch.cuda.get_device_name())"
-    python3 -m pytest -q -p no:cacheprovider tests/test_decode.py tests/test_attention_mass.py -k "cuda or triton" -rs 2>&1 | tee "$OUT/smoke/tests.txt"
+    python3 -m pytest -q -p no:cacheprovider tests/test_decode.py tests/test_attention_mass.py tests/test_batch_invariant.py \
+      -k "cuda or triton" -rs 2>&1 | tee "$OUT/smoke/tests.txt"
     ;;
   kernel)  # the fused attention-mass kernel against the chunked PyTorch path and causal SDPA
     python3 tests/gpu/attention_mass.py 2>&1 | tee "$OUT/kernel/attention_mass.txt"
@@ -55,9 +56,14 @@ PY
       --out "$OUT/workload"
     ;;
   exactness)  # the same in fp32 on one sample per task: do batched tokens equal batch-1 tokens without bf16 rounding?
-    python3 -m kvbench bench --workload longbench --model llama3-8b --dtype fp32 --tokenizer "$TOKENIZER" \
+    # (the plain kernels: the question is whether their batch-dependent rounding is what moves tokens)
+    python3 -m kvbench bench --workload longbench --model llama3-8b --dtype fp32 --no-batch-invariant --tokenizer "$TOKENIZER" \
       --data-dir "$MINI" --methods snapkv --capacity 512 --batch-size 32 --limit 1 --alone-limit 1 --max-length 7950 \
       --out "$OUT/exactness"
+    ;;
+  invariance)  # batch-invariant decoding against the plain kernels: step cost, samples/h, batched = alone, repeatable
+    python3 tests/gpu/invariance.py --data-dir "$MINI" --tokenizer "$TOKENIZER" --limit 2 --out "$OUT/invariance" \
+      2>&1 | tee "$OUT/invariance/log.txt"
     ;;
   *) echo "unknown phase $phase" >&2; exit 2 ;;
   esac

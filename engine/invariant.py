@@ -1,0 +1,129 @@
+"""Batch-invariant decoding: a sample's tokens do not depend on the batch it is decoded in.
+
+In the decode step every reduction a row's logits go through is done by a kernel of
+`kvbench.engine.invariant_kernels`, whose order is fixed by the row alone: the linear layers
+(``nn.Linear``: attention projections, MLP, the LM head), the RMSNorms, and attention over the
+row's valid slots (the hook, `kvbench.engine.hook`). The rest of the step is already
+invariant: embedding lookups, rotary embeddings (one product per element), the SiLU and the
+residual sums are elementwise, and the greedy argmax compares exactly (ties go to the first index).
+
+The mode is scoped to the decode step: `invariant_forwards` swaps the modules' forwards for the
+step's forward pass only and puts them back after, so a prefill (one sample, batch 1 already) gives the
+first token and the cache it gives today. Only the model families whose modules it knows are
+supported (`invariance_gap` names what it does not know). It needs Triton's kernels on a CUDA device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+
+import torch
+
+from kvbench.errors import KvbenchError
+
+#: the default of `kvbench run` / `bench` on CUDA: on if a batch-invariant decode step costs at most 1.3x the
+#: fast one at batch 32 and at --batch-size auto (`tests/gpu/measure.sh invariance` measures it)
+BATCH_INVARIANT_ON_CUDA = True
+#: model types whose decoder layers are made of nn.Linear, the RMSNorm below, and elementwise operations
+SUPPORTED_MODEL_TYPES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+
+_MISSING = object()
+
+
+def resolve_batch_invariant(requested: bool | None, device: str, model_type: str | None) -> bool:
+    """Whether to decode batch-invariantly: as asked (refused in one line where it cannot run), else the default
+    (on for CUDA and a supported family, see `BATCH_INVARIANT_ON_CUDA`)."""
+    cuda = device.startswith("cuda")
+    supported = model_type in SUPPORTED_MODEL_TYPES
+    if requested is None:
+        return BATCH_INVARIANT_ON_CUDA and cuda and supported
+    if requested and not cuda:
+        raise KvbenchError("--batch-invariant needs a CUDA device (its kernels are Triton's); "
+                           "CPU decoding takes the plain path")
+    if requested and not supported:
+        raise KvbenchError(f"--batch-invariant supports the model types {', '.join(SUPPORTED_MODEL_TYPES)}, "
+                           f"not {model_type!r}; pass --no-batch-invariant")
+    return requested
+
+
+@functools.cache
+def _rms_norm_classes() -> tuple[type, ...]:
+    """The RMSNorm classes of the supported families (all: weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype))."""
+    classes = []
+    for model_type, prefix in SUPPORTED_MODEL_TYPES.items():
+        try:
+            module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+        except ImportError:  # an older transformers without the family
+            continue
+        classes.append(getattr(module, f"{prefix}RMSNorm"))
+    return tuple(classes)
+
+
+def _linear_forward(module: torch.nn.Linear, input: torch.Tensor) -> torch.Tensor:
+    from kvbench.engine.invariant_kernels import invariant_linear
+
+    return invariant_linear(input, module.weight, module.bias)
+
+
+def _rms_norm_forward(module: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    from kvbench.engine.invariant_kernels import invariant_rms_norm
+
+    return invariant_rms_norm(hidden_states, module.weight, module.variance_epsilon)
+
+
+def _invariant_forward(module: torch.nn.Module):
+    """The batch-invariant forward of a module that computes a reduction, None for one that needs none, and
+    False for one this mode does not know."""
+    if type(module) is torch.nn.Linear:  # not a subclass: a quantised linear computes otherwise
+        return functools.partial(_linear_forward, module)
+    if isinstance(module, _rms_norm_classes()):
+        return functools.partial(_rms_norm_forward, module)
+    if isinstance(module, torch.nn.Embedding) or next(module.parameters(recurse=False), None) is None:
+        return None
+    return False
+
+
+def invariance_gap(model) -> str | None:
+    """Why ``model`` cannot decode batch-invariantly (the modules with weights this mode does not know), or None."""
+    unknown = sorted({type(module).__name__ for module in model.modules() if _invariant_forward(module) is False})
+    return f"modules {', '.join(unknown)} have no batch-invariant kernel" if unknown else None
+
+
+def check_invariance(model) -> None:
+    gap = invariance_gap(model)
+    if gap is not None:
+        raise KvbenchError(f"--batch-invariant: {gap}; pass --no-batch-invariant")
+
+
+def _replacements(model) -> list[tuple[torch.nn.Module, str, object]]:
+    """(module, attribute, forward) for every module to swap, found once per model. An accelerate hook
+    (--device-map) keeps the module's own forward as ``_old_forward`` and wraps it: that one is swapped."""
+    found = getattr(model, "_kvbench_invariant_forwards", None)
+    if found is None:
+        found = []
+        for module in model.modules():
+            forward = _invariant_forward(module)
+            if forward:
+                attribute = "_old_forward" if "_old_forward" in module.__dict__ else "forward"
+                found.append((module, attribute, forward))
+        model._kvbench_invariant_forwards = found
+    return found
+
+
+@contextlib.contextmanager
+def invariant_forwards(model):
+    """Within the block, every linear layer and RMSNorm of ``model`` runs its batch-invariant kernel."""
+    swapped = []
+    try:
+        for module, attribute, forward in _replacements(model):
+            swapped.append((module, attribute, module.__dict__.get(attribute, _MISSING)))
+            setattr(module, attribute, forward)
+        yield
+    finally:
+        for module, attribute, previous in reversed(swapped):
+            if previous is _MISSING:
+                delattr(module, attribute)
+            else:
+                setattr(module, attribute, previous)

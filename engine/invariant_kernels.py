@@ -1,0 +1,205 @@
+"""Batch-invariant decode kernels (Triton): a row's result never depends on the other rows or on the buffers' size.
+
+A float reduction's result depends on its order. The libraries the decode step normally runs on choose that
+order by shape: cuBLAS picks another matmul algorithm (tiling, split of the reduced dimension) per number of
+rows, and attention over the decode buffers splits its keys by the buffers' capacity, which grows with the
+samples a batch has held. In 16-bit floats such a change moves a logit by an ulp now and then, and a greedy
+token flips. These kernels fix every reduction's order by what a row is, never by how many rows there are:
+
+* `invariant_linear`: ``x @ W^T (+ b)`` in fixed tiles of rows, outputs and the reduced dimension, one
+  program per tile, the reduced dimension walked whole in ``BLOCK_K`` steps in order (no split-K). The
+  tiles depend on nothing (not even on the weight's shape), so a row's every dot product is the same
+  sequence of tile products whether it shares its tile with 0 or 31 other rows; rows past the last are
+  loaded as zeros and never stored.
+* `invariant_rms_norm`: one program per row, the whole row's sum of squares in one block.
+* `decode_attention`: one program per (row, KV head), holding the head's GQA group of queries; the row's
+  slots are read in blocks of ``BLOCK_S`` from slot 0 up to its write position (never up to the buffers'
+  capacity), with an online softmax in float32; invalid slots (evicted, or never written) weigh exactly 0.
+
+Each computes what the PyTorch op computes, up to float32 summation order and the final rounding
+(tests/test_batch_invariant.py derives the tolerances). They run on CUDA, and on the CPU under Triton's
+interpreter (``TRITON_INTERPRET=1``) where the tests check them; the decode step that uses them is captured
+as a CUDA graph like the fast one (every shape-dependent choice is made on the host at capture, and a row's
+write position is read by the kernel from device memory at each replay).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = tl.constexpr(1.4426950408889634)
+
+
+class LinearTiles(NamedTuple):
+    """Tile sizes (powers of two, at least 16) and launch settings of `invariant_linear`: fixed, whatever the
+    number of rows (that is the invariance), and whatever the weight's shape (so one compiled kernel serves all)."""
+
+    rows: int = 32
+    outputs: int = 32
+    reduced: int = 128
+    warps: int = 4
+    stages: int = 4
+
+
+#: decode reads each weight once per step, so the tiles aim at bandwidth: one row tile covers the default batch
+#: (32: each weight tile is read once), narrow output tiles (a 4096-wide layer still spreads over 128 programs),
+#: a long reduced tile per load. Not yet tuned on a GPU: tests/gpu/invariance.py times the alternatives.
+LINEAR_TILES = LinearTiles()
+#: slots per block of `decode_attention`
+ATTENTION_BLOCK_SLOTS = 64
+
+
+def _on_device(tensor: torch.Tensor):
+    """Triton launches on the current CUDA device; a model split over GPUs has layers on others."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+@triton.jit
+def _linear(
+    X, W, BIAS, Y, rows, outputs, reduced,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # Row tiles vary fastest in launch order: the programs sharing a weight tile run together (one read from memory).
+    row_ids = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    out_ids = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # a vocabulary x hidden weight passes 2^31
+    in_rows = row_ids < rows
+    in_outputs = out_ids < outputs
+    accumulator = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for start in range(0, reduced, BLOCK_K):
+        ks = start + tl.arange(0, BLOCK_K)
+        in_reduced = ks < reduced
+        x = tl.load(X + row_ids[:, None] * stride_xm + ks[None, :] * stride_xk,
+                    mask=in_rows[:, None] & in_reduced[None, :], other=0.0)
+        w = tl.load(W + out_ids[None, :] * stride_wn + ks[:, None] * stride_wk,
+                    mask=in_outputs[None, :] & in_reduced[:, None], other=0.0)
+        accumulator = tl.dot(x, w, accumulator, input_precision="ieee")  # "ieee": float32 must not drop to TF32
+    if HAS_BIAS:
+        accumulator += tl.load(BIAS + out_ids, mask=in_outputs, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + row_ids[:, None] * stride_ym + out_ids[None, :] * stride_yn,
+             accumulator.to(Y.dtype.element_ty), mask=in_rows[:, None] & in_outputs[None, :])
+
+
+def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                     tiles: LinearTiles = LINEAR_TILES) -> torch.Tensor:
+    """``torch.nn.functional.linear(x, weight, bias)`` with each output row's reduction order fixed (see the module)."""
+    outputs, reduced = weight.shape
+    flat = x.reshape(-1, reduced)
+    rows = flat.shape[0]
+    result = torch.empty(rows, outputs, dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(rows, tiles.rows), triton.cdiv(outputs, tiles.outputs))
+    with _on_device(x):
+        _linear[grid](
+            flat, weight, bias if bias is not None else weight, result, rows, outputs, reduced,
+            *flat.stride(), *weight.stride(), *result.stride(),
+            HAS_BIAS=bias is not None, BLOCK_M=tiles.rows, BLOCK_N=tiles.outputs, BLOCK_K=tiles.reduced,
+            num_warps=tiles.warps, num_stages=tiles.stages,
+        )
+    return result.view(*x.shape[:-1], outputs)
+
+
+@triton.jit
+def _rms_norm(X, WEIGHT, Y, width, stride_x, stride_y, epsilon, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    inside = cols < width
+    x = tl.load(X + row * stride_x + cols, mask=inside, other=0.0).to(tl.float32)
+    mean_square = tl.sum(x * x, 0) / width
+    # As the models' RMSNorm: normalised in float32, rounded to the input's dtype, then times the weight
+    # (a 16-bit product is computed in float32 and rounded, as PyTorch's elementwise product is).
+    normed = (x * tl.math.rsqrt(mean_square + epsilon)).to(X.dtype.element_ty).to(tl.float32)
+    weight = tl.load(WEIGHT + cols, mask=inside, other=0.0).to(tl.float32)
+    tl.store(Y + row * stride_y + cols, (weight * normed).to(Y.dtype.element_ty), mask=inside)
+
+
+def invariant_rms_norm(x: torch.Tensor, weight: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """``weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)`` over the last dimension (Llama, Mistral, Qwen2's
+    RMSNorm), one row per program; the result's dtype is the product's (``weight`` and ``x`` promoted)."""
+    width = x.shape[-1]
+    flat = x.reshape(-1, width)
+    if flat.stride(-1) != 1:  # the kernel reads a row's elements side by side
+        flat = flat.contiguous()
+    result = torch.empty(flat.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    with _on_device(x):
+        _rms_norm[(flat.shape[0],)](flat, weight, result, width, flat.stride(0), result.stride(0), epsilon,
+                                    BLOCK=triton.next_power_of_2(width), num_warps=8 if width >= 4096 else 4)
+    return result.view(x.shape)
+
+
+@triton.jit
+def _decode_attention(
+    Q, K, V, VALID, WRITE_POS, OUT, scaling,
+    stride_qb, stride_qh, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_valid_b, stride_valid_s, stride_write_pos,
+    stride_ob, stride_oh, stride_od,
+    GROUPS: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1)
+    group = tl.arange(0, BLOCK_G)
+    heads = kv_head * GROUPS + group
+    in_group = group < GROUPS  # BLOCK_G pads the group to a dot's 16 rows
+    dims = tl.arange(0, BLOCK_D)
+    in_head = dims < HEAD_DIM
+    q = tl.load(Q + row * stride_qb + heads[:, None] * stride_qh + dims[None, :] * stride_qd,
+                mask=in_group[:, None] & in_head[None, :], other=0.0)
+    keys = K + row * stride_kb + kv_head * stride_kh + dims[None, :] * stride_kd
+    values = V + row * stride_vb + kv_head * stride_vh + dims[None, :] * stride_vd
+    # Every valid slot lies at or before the slot this step just wrote: the loop's length is the row's own.
+    limit = (tl.load(WRITE_POS + row * stride_write_pos) + 1).to(tl.int32)
+    # A finite start: a block with no valid slot then leaves the running max finite and adds exactly 0.
+    row_max = tl.full([BLOCK_G], -1.0e30, tl.float32)
+    row_sum = tl.zeros([BLOCK_G], tl.float32)
+    accumulator = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for start in range(0, limit, BLOCK_S):
+        slots = start + tl.arange(0, BLOCK_S)
+        in_row = slots < limit
+        k = tl.load(keys + slots[:, None] * stride_ks, mask=in_row[:, None] & in_head[None, :], other=0.0)
+        logits = tl.dot(q, tl.trans(k), input_precision="ieee") * (scaling * _LOG2E)
+        valid = tl.load(VALID + row * stride_valid_b + slots * stride_valid_s, mask=in_row, other=0) != 0
+        logits = tl.where(valid[None, :], logits, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(logits, 1))
+        rescale = tl.exp2(row_max - new_max)
+        probabilities = tl.exp2(logits - new_max[:, None])
+        row_sum = row_sum * rescale + tl.sum(probabilities, 1)
+        v = tl.load(values + slots[:, None] * stride_vs, mask=in_row[:, None] & in_head[None, :], other=0.0)
+        accumulator = accumulator * rescale[:, None] + tl.dot(probabilities.to(v.dtype), v, input_precision="ieee")
+        row_max = new_max
+    output = accumulator / row_sum[:, None]
+    tl.store(OUT + row * stride_ob + heads[:, None] * stride_oh + dims[None, :] * stride_od,
+             output.to(OUT.dtype.element_ty), mask=in_group[:, None] & in_head[None, :])
+
+
+def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, valid: torch.Tensor,
+                     write_pos: torch.Tensor, scaling: float) -> torch.Tensor:
+    """`kvbench.engine.hook.masked_decode_attention` with each row's reduction order its own: (batch, 1, Hq, d).
+
+    query (B, Hq, 1, d); key/value (B, Hkv, S, d) un-repeated; valid (B, S) bool; write_pos (B,): the slot
+    each row wrote this step (no valid slot lies after it).
+    """
+    batch, num_heads, _, head_dim = query.shape
+    num_kv_heads = key.shape[1]
+    groups = num_heads // num_kv_heads
+    output = torch.empty(batch, 1, num_heads, head_dim, dtype=query.dtype, device=query.device)
+    valid_bytes = valid.view(torch.uint8)
+    with _on_device(query):
+        _decode_attention[(batch, num_kv_heads)](
+            query, key, value, valid_bytes, write_pos, output, scaling,
+            query.stride(0), query.stride(1), query.stride(3),
+            *key.stride(), *value.stride(),
+            *valid_bytes.stride(), write_pos.stride(0),
+            output.stride(0), output.stride(2), output.stride(3),
+            GROUPS=groups, BLOCK_G=max(16, triton.next_power_of_2(groups)), HEAD_DIM=head_dim,
+            BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_S=ATTENTION_BLOCK_SLOTS,
+            # float32 key and value tiles are twice the size: fewer in flight keeps them within shared memory
+            num_warps=4, num_stages=2 if key.element_size() == 4 else 3,
+        )
+    return output

@@ -1,0 +1,267 @@
+"""The batch-invariant kernels and decode mode, checked on any device (shared by the CPU tests under Triton's
+interpreter, tests/interpret_batch_invariant.py, and the CUDA tests in tests/test_batch_invariant.py).
+
+Each kernel is compared with the PyTorch computation done in float64 on the same (rounded) inputs, within a
+bound derived from the kernel's arithmetic: float32 sums of n terms err by at most n units of float32
+(2^-23 each, chopping as tensor cores may, where a rounded sum would need half), an approximate exp2 or
+rsqrt by 2^-21 relative, and each rounding to the tensors' dtype by its unit roundoff u (2^-8 bfloat16,
+2^-11 float16, 2^-24 float32). The invariance itself is bitwise: a row's result is the same in batches of
+1, 3 and 8 rows (and more rows than one tile holds), at any position in the batch, and in buffers of any
+capacity; slots past a row's write position hold NaN, which the kernel never reads.
+"""
+
+import contextlib
+
+import torch
+from tiny_models import random_prompt, tiny_model
+
+from kvbench.engine.decode import DecodeBatch
+from kvbench.engine.generate import generate_stream
+from kvbench.engine.invariant_kernels import LINEAR_TILES, decode_attention, invariant_linear, invariant_rms_norm
+from kvbench.engine.prefill import DecodeRequest
+from kvbench.methods import build_method
+
+F32 = 2.0**-23  # one float32 addition, chopped
+APPROX = 2.0**-21  # exp2 / rsqrt approximations
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps / 2
+
+
+def _randn(generator, *shape, dtype, device, scale=1.0):
+    return (scale * torch.randn(*shape, generator=generator)).to(device=device, dtype=dtype)
+
+
+# -- linear ------------------------------------------------------------------------------------------
+
+
+def linear_excess(x, weight, bias) -> float:
+    """The kernel's largest error over its bound (at most 1 where it holds)."""
+    x64, w64 = x.double().reshape(-1, x.shape[-1]), weight.double()
+    b64 = bias.double() if bias is not None else torch.zeros(weight.shape[0], dtype=torch.float64, device=x.device)
+    reference = x64 @ w64.T + b64
+    magnitude = x64.abs() @ w64.abs().T + b64.abs()
+    # the float32 accumulation over K products and the bias, then one rounding to the output dtype
+    accumulated = (x.shape[-1] + 1) * F32 * magnitude
+    bound = accumulated + unit_roundoff(x.dtype) * (reference.abs() + accumulated)
+    result = invariant_linear(x, weight, bias).double().reshape(reference.shape)
+    return ((result - reference).abs() / bound.clamp_min(1e-300)).max().item()
+
+
+def linear_checks(device: str) -> tuple[dict, dict]:
+    """({case: error over bound}, {case: whether every row equals itself computed in other batches})."""
+    generator = torch.Generator().manual_seed(0)
+    excess, invariant = {}, {}
+    # K not a multiple of the reduced tile; N not a multiple of the output tile; more rows than a row tile
+    rows_in_tiles = 2 * LINEAR_TILES.rows + 5
+    for dtype in DTYPES:
+        for reduced, outputs, with_bias in ((100, 70, True), (2 * LINEAR_TILES.reduced + 3, 33, False)):
+            x = _randn(generator, rows_in_tiles, reduced, dtype=dtype, device=device)
+            weight = _randn(generator, outputs, reduced, dtype=dtype, device=device, scale=0.1)
+            bias = _randn(generator, outputs, dtype=dtype, device=device) if with_bias else None
+            case = f"{dtype} K {reduced} N {outputs} bias {with_bias}"
+            excess[case] = linear_excess(x, weight, bias)
+            whole = invariant_linear(x, weight, bias)
+            same = True
+            for rows in (1, 3, 8):
+                for first in range(0, rows_in_tiles - rows + 1, 7):
+                    part = invariant_linear(x[first:first + rows], weight, bias)
+                    same &= torch.equal(part, whole[first:first + rows])
+            # a 3-D input (batch, 1, K) as the decode step gives it
+            same &= torch.equal(invariant_linear(x[:8].unsqueeze(1), weight, bias).squeeze(1), whole[:8])
+            invariant[case] = bool(same)
+    return excess, invariant
+
+
+# -- RMSNorm -----------------------------------------------------------------------------------------
+
+
+def rms_norm_excess(x, weight, epsilon) -> float:
+    x64 = x.double()
+    reference = weight.double() * x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + epsilon)
+    width = x.shape[-1]
+    u = unit_roundoff(x.dtype)
+    # the mean of squares (width + 1 float32 operations, half of it through the square root), rsqrt, the
+    # product with x, the rounding to x's dtype, the product with the weight and its rounding
+    relative = (width + 1) * F32 / 2 + APPROX + 3 * F32 + 2 * u
+    bound = relative * (1 + 2 * u) * reference.abs()
+    result = invariant_rms_norm(x, weight, epsilon).double()
+    return ((result - reference).abs() / bound.clamp_min(1e-300)).max().item()
+
+
+def rms_norm_checks(device: str) -> tuple[dict, dict]:
+    generator = torch.Generator().manual_seed(1)
+    excess, invariant = {}, {}
+    for dtype in DTYPES:
+        for width in (64, 100):  # a power of two, and one that pads its block
+            x = _randn(generator, 8, width, dtype=dtype, device=device, scale=3.0)
+            weight = (1 + _randn(generator, width, dtype=torch.float32, device=device, scale=0.2)).to(dtype)
+            case = f"{dtype} width {width}"
+            excess[case] = rms_norm_excess(x, weight, 1e-5)
+            whole = invariant_rms_norm(x, weight, 1e-5)
+            invariant[case] = all(torch.equal(invariant_rms_norm(x[first:first + rows], weight, 1e-5),
+                                              whole[first:first + rows])
+                                  for rows in (1, 3) for first in range(0, 8 - rows + 1, 2))
+    return excess, invariant
+
+
+# -- decode attention --------------------------------------------------------------------------------
+
+
+def decode_rows(count, num_heads, num_kv_heads, head_dim, dtype, device, seed=2):
+    """Rows as the decode batch holds them: a query, and keys/values up to the row's write position, some of
+    the slots before it invalid (evicted), the one at it valid (this step's token)."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for index in range(count):
+        write_pos = [0, 5, 63, 64, 130, 17, 200, 90][index % 8]
+        valid = torch.rand(write_pos + 1, generator=generator) < 0.7
+        valid[write_pos] = True
+        rows.append(dict(
+            query=_randn(generator, num_heads, head_dim, dtype=dtype, device=device, scale=2.0),
+            keys=_randn(generator, num_kv_heads, write_pos + 1, head_dim, dtype=dtype, device=device),
+            values=_randn(generator, num_kv_heads, write_pos + 1, head_dim, dtype=dtype, device=device),
+            valid=valid.to(device), write_pos=write_pos,
+        ))
+    return rows
+
+
+def pack(rows, capacity, device):
+    """The rows in buffers of ``capacity`` slots; every slot past a row's write position holds NaN."""
+    first = rows[0]
+    num_heads, head_dim = first["query"].shape
+    num_kv_heads, dtype = first["keys"].shape[0], first["keys"].dtype
+    query = torch.stack([row["query"] for row in rows]).unsqueeze(2)  # (B, Hq, 1, d)
+    keys = torch.full((len(rows), num_kv_heads, capacity, head_dim), float("nan"), dtype=dtype, device=device)
+    values = keys.clone()
+    valid = torch.zeros(len(rows), capacity, dtype=torch.bool, device=device)
+    for index, row in enumerate(rows):
+        length = row["write_pos"] + 1
+        keys[index, :, :length] = row["keys"]
+        values[index, :, :length] = row["values"]
+        valid[index, :length] = row["valid"]
+    write_pos = torch.tensor([row["write_pos"] for row in rows], device=device)
+    # the model's query layout: (B, 1, Hq, d) transposed, so the kernel's strides are exercised
+    query = query.transpose(1, 2).contiguous().transpose(1, 2)
+    return query, keys, values, valid, write_pos
+
+
+def attention_excess(row, scaling) -> float:
+    """The kernel's error over its bound for one row alone."""
+    query, keys, values, valid, write_pos = pack([row], row["write_pos"] + 1, row["query"].device)
+    result = decode_attention(query, keys, values, valid, write_pos, scaling)[0, 0].double()  # (Hq, d)
+    num_heads, head_dim = row["query"].shape
+    groups = num_heads // row["keys"].shape[0]
+    q = row["query"].double()
+    k = row["keys"].double().repeat_interleave(groups, dim=0)[:, row["valid"]]  # (Hq, n, d)
+    v = row["values"].double().repeat_interleave(groups, dim=0)[:, row["valid"]]
+    logits = (k @ q.unsqueeze(-1)).squeeze(-1) * scaling  # (Hq, n)
+    weights = logits.softmax(-1)
+    reference = (weights.unsqueeze(-1) * v).sum(1)
+    count = k.shape[1]
+    slots = row["write_pos"] + 1
+    blocks = -(-slots // 64)
+    u = unit_roundoff(row["query"].dtype)
+    # each logit: the float32 dot product, the scaling; each weight: both its logit's and the max's error,
+    # exp2, the sum over the slots and the division; then the weights rounded for the dot with the values,
+    # that dot's float32 sum and the rescaling of each block, and the output's rounding
+    logit_error = (head_dim * F32 * scaling * (k.abs() @ q.abs().unsqueeze(-1)).squeeze(-1)
+                   + 3 * F32 * logits.abs()).amax(-1, keepdim=True)
+    spread = (logits - logits.amax(-1, keepdim=True)).abs().amax(-1, keepdim=True)
+    weight_error = 2 * (2 * logit_error + 2 * F32 * spread + APPROX) + (count + 2) * F32
+    carried = (weights.unsqueeze(-1) * v.abs()).sum(1)
+    summed = carried * (weight_error + u + (slots + 2 * blocks + 2) * F32)
+    bound = summed + u * (reference.abs() + summed)
+    return ((result - reference).abs() / bound.clamp_min(1e-300)).max().item()
+
+
+def attention_checks(device: str) -> tuple[dict, dict]:
+    excess, invariant = {}, {}
+    for dtype in DTYPES:
+        for num_heads, num_kv_heads, head_dim in ((8, 2, 32), (4, 4, 16), (6, 1, 80)):  # GQA, MHA, MQA; d padded
+            case = f"{dtype} Hq {num_heads} Hkv {num_kv_heads} d {head_dim}"
+            rows = decode_rows(8, num_heads, num_kv_heads, head_dim, dtype, device)
+            scaling = head_dim**-0.5
+            excess[case] = max(attention_excess(row, scaling) for row in rows)
+            alone = [decode_attention(*pack([row], row["write_pos"] + 1, device), scaling)[0] for row in rows]
+            same = True
+            for capacity in (201, 256, 333):
+                for order in (list(range(8)), [5, 2, 7], [6]):
+                    batch = decode_attention(*pack([rows[i] for i in order], capacity, device), scaling)
+                    same &= all(torch.equal(batch[position], alone[i]) for position, i in enumerate(order))
+            invariant[case] = bool(same)
+    return excess, invariant
+
+
+def kernel_checks(device: str) -> dict:
+    """Every kernel's error over its bound by case, and whether each case is batch-invariant."""
+    outcome = {}
+    for name, check in (("linear", linear_checks), ("rms_norm", rms_norm_checks), ("attention", attention_checks)):
+        excess, invariant = check(device)
+        outcome[name] = {"excess": excess, "invariant": invariant}
+    return outcome
+
+
+# -- the decode mode in the engine -------------------------------------------------------------------
+
+#: prompts spanning one to three slot granules, so batches of different rows hold buffers of different capacity
+ENGINE_LENGTHS = [300, 40, 600, 90, 150, 35, 520]
+ENGINE_NEW_TOKENS = [6, 3, 8, 2, 5, 4, 7]
+
+
+def engine_requests():
+    return [DecodeRequest(random_prompt(length, seed=index + 10), tokens, set(), tag=index)
+            for index, (length, tokens) in enumerate(zip(ENGINE_LENGTHS, ENGINE_NEW_TOKENS))]
+
+
+@contextlib.contextmanager
+def recording_logits(logits: dict):
+    """Record each active row's logits at every eager decode step, by (request tag, tokens so far)."""
+    real = DecodeBatch.decode_logits
+
+    def recording(batch, rows):
+        step_logits = real(batch, rows)
+        for index in batch.active_rows:
+            row = batch.rows[index]
+            logits[row.prefilled.request.tag, len(row.tokens)] = step_logits[index].clone()
+        return step_logits
+
+    DecodeBatch.decode_logits = recording
+    try:
+        yield logits
+    finally:
+        DecodeBatch.decode_logits = real
+
+
+def engine_checks(device: str, use_cuda_graphs: bool = False) -> dict:
+    """A tiny bfloat16 model decoding batch-invariantly in batches of 1, 3 and 8 (rows joining and leaving, buffers
+    of 512 to 1024 slots), with the full cache and with Elastic Cache (slots evicted while decoding): whether each
+    sample's tokens, and (eagerly) its logits at every step, are bitwise the same in every batch; whether the first
+    token (the prefill's) is the plain path's; and whether the model's forwards are back to what they were."""
+    model = tiny_model("llama", num_layers=2).to(device=device, dtype=torch.bfloat16)
+    outcome = {}
+    for method in (build_method("fullkv"), build_method("elastic", capacity=40)):
+        plain = {generation.tag: generation.token_ids[0]
+                 for generation in generate_stream(model, method, engine_requests(), 3)}
+        # after a plain run, which wraps some forwards for chunked prefills (`kvbench.engine.chunked`)
+        forwards_before = {name: module.__dict__.get("forward") for name, module in model.named_modules()}
+        tokens, logits = {}, {}
+        for batch_size in (1, 3, 8):
+            logits[batch_size] = {}
+            with recording_logits(logits[batch_size]):
+                generations = generate_stream(model, method, engine_requests(), batch_size,
+                                              use_cuda_graphs=use_cuda_graphs, batch_invariant=True)
+                tokens[batch_size] = {generation.tag: generation.token_ids for generation in generations}
+        forwards_after = {name: module.__dict__.get("forward") for name, module in model.named_modules()}
+        outcome[method.name] = {
+            "tokens identical": all(tokens[size] == tokens[1] for size in (3, 8)),
+            "logits identical": all(logits[size].keys() == logits[1].keys()
+                                    and all(torch.equal(value, logits[1][key]) for key, value in logits[size].items())
+                                    for size in (3, 8)),
+            "steps recorded": len(logits[1]),
+            "first token as the plain path's": {tag: ids[0] for tag, ids in tokens[1].items()} == plain,
+            "forwards restored": forwards_after == forwards_before,
+        }
+    return outcome
