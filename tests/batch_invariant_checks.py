@@ -244,7 +244,7 @@ def engine_checks(device: str, use_cuda_graphs: bool = False) -> dict:
     outcome = {}
     for method in (build_method("fullkv"), build_method("elastic", capacity=40)):
         plain = {generation.tag: generation.token_ids[0]
-                 for generation in generate_stream(model, method, engine_requests(), 3)}
+                 for generation in generate_stream(model, method, engine_requests(), 3, use_cuda_graphs=use_cuda_graphs)}
         # after a plain run, which wraps some forwards for chunked prefills (`kvbench.engine.chunked`)
         forwards_before = {name: module.__dict__.get("forward") for name, module in model.named_modules()}
         tokens, logits = {}, {}
