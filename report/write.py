@@ -6,7 +6,7 @@ Written into the output folder:
 * ``paper.md``: the LongBench table alone in the papers' layout (see `tables.paper_table`);
 * ``report.html``: one self-contained page, tables and pictures (base64) inside;
 * ``runs.csv`` (one row per run and task, as `load_runs` gives it), one CSV per table
-  (``longbench.csv``, ``paper.csv``, ``longbench_e.csv``, ``needle.csv``, each value with
+  (``longbench.csv``, ``ruler.csv``, ``ruler_tasks.csv``, ``paper.csv``, ``longbench_e.csv``, ``needle.csv``, each value with
   a ``complete`` flag) and ``needle_cells.csv`` (every needle cell's answer and scores);
   floats rounded to 2 decimals, whole numbers (capacity, max length) written as such and
   a missing value as an empty field;
@@ -34,12 +34,15 @@ from kvbench.report.load import RUN_KEY, load_runs, needle_cells
 from kvbench.report.tables import (
     NEEDLE,
     NEEDLE_SCORE_COLUMN,
+    RULER,
     Table,
     leaderboard,
     leaderboard_rows,
     longbench_e_table,
     needle_table,
     paper_table,
+    ruler_table,
+    ruler_tasks_table,
     runs_table,
     same_run,
     to_html,
@@ -120,7 +123,7 @@ def _needle_pictures(frame: pd.DataFrame, cells: pd.DataFrame, out: Path) -> lis
 
 def _capacity_points(frame: pd.DataFrame, tables: list[Table]) -> pd.DataFrame:
     """The points of the score-versus-capacity figures: each run's category averages and Avg (from the
-    leaderboard) and its needle score.
+    leaderboard), its RULER average over lengths and its needle score.
 
     A point is hollow (unfinished) only when the run itself has an unfinished task among those it
     planned in the panel's categories; a task that only other runs have does not make it so.
@@ -133,6 +136,7 @@ def _capacity_points(frame: pd.DataFrame, tables: list[Table]) -> pd.DataFrame:
                       [(category, f"{category} avg", [category]) for category in leaderboard_categories]
                       + [("LongBench Avg", "Avg", leaderboard_categories)]),
         "needle": (frame[frame["category"] == NEEDLE], [("Needle", NEEDLE_SCORE_COLUMN, [NEEDLE])]),
+        "ruler": (frame[frame["category"] == RULER], [("RULER Avg", "Avg", [RULER])]),
     }
     records = []
     for table in tables:
@@ -243,8 +247,8 @@ def write_report(paths: Iterable[str | Path] = (), out: str | Path | None = None
         check_writable_folder(out, "the report folder")
     out.mkdir(parents=True, exist_ok=True)
 
-    tables = [table for table in (leaderboard(frame), paper_table(frame), longbench_e_table(frame), needle_table(frame))
-              if table]
+    tables = [table for table in (leaderboard(frame), ruler_table(frame), ruler_tasks_table(frame), paper_table(frame),
+                                  longbench_e_table(frame), needle_table(frame)) if table]
     runs = runs_table(frame)
     cells = needle_cells(frame)  # every needle cell, scored once for the CSV and the heatmaps
     written: list[Path] = []
