@@ -111,7 +111,7 @@ def run_grid(request: GridRequest, echo: Callable[[str], None] = print,
     world = current_world()
     methods = grid_methods(request.method_names, request.capacities, request.method_options)
     tasks = build_tasks(request.task_spec, **request.task_options)
-    tasks = tasks_with_data(tasks, request.data_dir, progress or echo if world.is_main else None)
+    tasks = tasks_with_data(tasks, request.data_dir, (progress or echo) if world.is_main else None)
     check_attention_backend(request.attn)
     check_device_map(request.device_map)
     device = device_for(world, request.device, request.device_map)

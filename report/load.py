@@ -182,7 +182,8 @@ def load_runs(*paths: str | Path) -> pd.DataFrame:
     "none"), kept_tokens and kv_cache_mb (means over the task's rows of the tokens kept
     per layer and of the KV cache's MiB; NaN when the rows do not record them), then each
     task's extra scores (LongBench-E's "0-4k", "4-8k", "8k+"; the
-    needle's "rouge1_f", "phrase_found"), NaN where a task has none.
+    needle's "rouge1_f", "phrase_found"; a RULER task's score at each length, "4096", ...),
+    NaN where a task has none.
     """
     run_dirs: list[Path] = []
     for path in paths or (default_output_dir(),):

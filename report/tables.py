@@ -18,6 +18,9 @@ Conventions (LongBench's leaderboard, adapted to runs that may be unfinished):
   rows: methods given one ``--capacity`` may keep different amounts (WindowKV keeps its
   observation window on top of the budget), and a reader comparing scores needs to see it.
 
+RULER has tables of its own (`ruler_table` by length, `ruler_tasks_table` by task) and stays out of the
+LongBench leaderboard.
+
 `paper_table` lays LongBench out as the PyramidKV and WindowKV papers do (their 16
 English tasks, blocks per KV size, their method order), to put results beside theirs.
 """

@@ -396,7 +396,7 @@ class CommonWordsGenerator(Generator):
         self.example = (20, 3, 1) if short else (40, 10, 3)
 
     def tokens_per_unit(self) -> float:
-        return 4.0 * self.repeats[1] + 40.0 * self.repeats[0] / 1000
+        return 4.0 * self.repeats[1]  # each further word is one more rare entry per repeat, "123. word"
 
     def _pool(self, rng: random.Random, needed: int) -> list[str]:
         words = sorted({*word_list("nounlist.txt"), *word_list("adjectivelist.txt"), *word_list("verblist.txt")})
