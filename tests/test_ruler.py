@@ -235,3 +235,15 @@ def test_report_shows_ruler_by_length_and_task_apart_from_longbench(tmp_path):
     assert cell_texts(ruler_tasks_table(frame))[("fullkv", None)]["vt"].strip("*") == "75.00"
     assert "vt" not in leaderboard(frame).columns and "trec" in leaderboard(frame).columns
     assert not math.isnan(frame.loc[frame["task"] == "vt", "1024"].iloc[0])
+
+
+def test_capacity_plot_has_a_ruler_panel(tmp_path):
+    from kvbench.report.write import _capacity_points
+
+    write_run(tmp_path, "snapkv", 64, {"vt": 4}, {"vt": ruler_rows(1, 0)})
+    write_run(tmp_path, "snapkv", 128, {"vt": 4}, {"vt": ruler_rows(2, 1)})
+    frame = load_runs(tmp_path)
+    points = _capacity_points(frame, [ruler_table(frame)])
+    ruler = points[points["panel"] == "RULER Avg"].sort_values("capacity")
+    assert ruler["capacity"].tolist() == [64, 128] and ruler["score"].tolist() == [25.0, 75.0]
+    assert ruler["complete"].all()
