@@ -186,8 +186,9 @@ def _build_run_command():
     @click.option("--capacity", "capacities", default=None,
                   help="tokens kept per layer per KV head, observation window included; a comma list for a grid")
     @click.option("--tasks", "task_spec", default="longbench", show_default=True,
-                  help="comma list of tasks, or longbench / longbench-e / needle")
-    @click.option("--data-dir", type=click.Path(), default=None, help="folder of LongBench <task>.jsonl files (default: the hub)")
+                  help="comma list of tasks, or longbench / longbench-e / needle / ruler")
+    @click.option("--data-dir", type=click.Path(), default=None,
+                  help="folder of LongBench <task>.jsonl files, and of RULER's squad.json / hotpotqa.json (default: the hub)")
     @click.option("--limit", type=int, default=None, help="first K samples of each task")
     @click.option("--max-length", type=int, default=None, help="prompt tokens kept (middle truncation); default: context window - generation length")
     @click.option("--output", type=click.Path(), default=None, help="results folder [default: results/]")
@@ -201,17 +202,21 @@ def _build_run_command():
     @click.option("--batch-size", default="auto", show_default=True,
                   help="samples decoded together (continuous batching); auto: 32 on CUDA, 4 on CPU")
     @BATCH_INVARIANT_OPTION
-    @click.option("--lengths", default=None, help="needle: context lengths, START:STOP:COUNT or a comma list [1000:8000:8]")
+    @click.option("--lengths", default=None, help="needle: context lengths, START:STOP:COUNT or a comma list "
+                  "[1000:8000:8]; ruler: lengths, prompt plus answer, in the model's tokens [4096]")
     @click.option("--depths", default=None, help="needle: depth percents, START:STOP:COUNT or a comma list [0:100:11]")
     @click.option("--needle", default=None, help="needle: the sentence hidden in the haystack")
     @click.option("--question", default=None, help="needle: the question asked about it")
     @click.option("--answer", default=None, help="needle: the reference answer scored against")
-    @click.option("--haystack-dir", type=click.Path(), default=None, help="needle: folder of .txt files [Paul Graham essays]")
+    @click.option("--haystack-dir", type=click.Path(), default=None,
+                  help="needle, ruler: folder of .txt files [Paul Graham essays]")
+    @click.option("--seed", default=None, help="ruler: seed the samples are drawn from [42]")
+    @click.option("--num-samples", type=int, default=None, help="ruler: samples per task and length [500]")
     @_method_option_flags
     def run_command(method_names, capacities, task_spec, data_dir, limit, max_length, output, model, dtype, attn, device,
                     device_map, trust_remote_code, code_sim_matcher, batch_size, batch_invariant, lengths, depths, needle,
-                    question, answer, haystack_dir, **method_options):
-        """Run methods over LongBench / the needle test; rows land in OUTPUT/<model>/<method>-<capacity>/.
+                    question, answer, haystack_dir, seed, num_samples, **method_options):
+        """Run methods over LongBench / the needle test / RULER; rows land in OUTPUT/<model>/<method>-<capacity>/.
 
         Comma lists in --method and --capacity make a grid: the model loads once and each (method, capacity)
         fills its own run folder; an option applies to the listed methods that have it.
@@ -231,7 +236,7 @@ def _build_run_command():
             method_options={key: value for key, value in method_options.items() if value is not None},
             task_spec=task_spec,
             task_options=dict(lengths=lengths, depths=depths, needle=needle, question=question, answer=answer,
-                              haystack_dir=haystack_dir),
+                              haystack_dir=haystack_dir, seed=seed, num_samples=num_samples),
             data_dir=data_dir, limit=limit, max_length=max_length, output=output, model=model, dtype=dtype, attn=attn,
             device=device, device_map=device_map, trust_remote_code=trust_remote_code,
             batch_size=_batch_size(batch_size), batch_invariant=batch_invariant,

@@ -12,6 +12,11 @@ class KvbenchError(Exception):
     """
 
 
+class TaskDataUnavailable(KvbenchError):
+    """A task's source data can be had neither locally nor from the hub; a run of several tasks goes on
+    without it (see `kvbench.harness.grid.tasks_with_data`)."""
+
+
 def error_line(error: BaseException) -> str:
     """The first line of an error's message (its type's name when it has none), for a one-line report."""
     text = str(error).strip()

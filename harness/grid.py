@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvbench.errors import KvbenchError
+from kvbench.errors import KvbenchError, TaskDataUnavailable
 from kvbench.harness.model import (
     check_attention_backend,
     check_device_map,
@@ -34,6 +34,7 @@ from kvbench.methods.base import Method
 from kvbench.paths import default_output_dir
 from kvbench.runfolder import check_writable_folder
 from kvbench.tasks import build_tasks
+from kvbench.tasks.base import Task
 
 
 @dataclass
@@ -82,6 +83,27 @@ def grid_methods(method_names: list[str], capacities: list[int], options: dict[s
     return methods
 
 
+def tasks_with_data(tasks: list[Task], data_dir: str | None, note: Callable[[str], None] | None) -> list[Task]:
+    """The tasks whose data can be had. Tasks that may miss theirs (RULER's QA offline) are left out in one
+    note when other tasks remain; when none would remain, the first reason is the error."""
+    missing: list[tuple[Task, TaskDataUnavailable]] = []
+    for task in tasks:
+        if task.data_may_be_missing:
+            try:
+                task.load_samples(data_dir)
+            except TaskDataUnavailable as error:
+                missing.append((task, error))
+    if not missing:
+        return tasks
+    if len(missing) == len(tasks):
+        raise missing[0][1]
+    if note is not None:
+        note(f"note: running without {', '.join(task.name for task, _ in missing)}: "
+             f"{'; '.join(str(error) for _, error in missing)}")
+    left_out = {id(task) for task, _ in missing}
+    return [task for task in tasks if id(task) not in left_out]
+
+
 def run_grid(request: GridRequest, echo: Callable[[str], None] = print,
              progress: Callable[[str], None] | None = None) -> list[Path]:
     """Validate everything, load the model once, fill each run folder; returns the folders.
@@ -92,6 +114,7 @@ def run_grid(request: GridRequest, echo: Callable[[str], None] = print,
     world = current_world()
     methods = grid_methods(request.method_names, request.capacities, request.method_options)
     tasks = build_tasks(request.task_spec, **request.task_options)
+    tasks = tasks_with_data(tasks, request.data_dir, (progress or echo) if world.is_main else None)
     check_attention_backend(request.attn)
     check_device_map(request.device_map)
     device = device_for(world, request.device, request.device_map)

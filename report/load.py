@@ -194,20 +194,18 @@ def load_runs(*paths: str | Path) -> pd.DataFrame:
 
     Columns: run_dir, model, method, capacity (nullable int), settings, task, category,
     max_length (nullable int: none given, each task's from the model's window), dtype,
-<<<<<<< HEAD
+    decoding ("batch-invariant" or "plain", see `kvbench.engine.invariant`),
     method_files (``name=digest`` of the files the method read, digests shortened),
     task_data (a short digest of the task's data and prompt budget as run.json records
     them, "" when it does not: runs that agree on it answered the same prompts),
-=======
-    decoding ("batch-invariant" or "plain", see `kvbench.engine.invariant`), method_files (``name=digest`` of the files the method read, digests shortened),
->>>>>>> issue23
     n_done (rows in the folder, which may exceed n_total when a smaller --limit reused it),
     n_total (nullable: unknown for a task run.json does not plan), complete,
     score (0-100, NaN before the first row), score_source ("scores.json", "rows" or
     "none"), kept_tokens and kv_cache_mb (means over the task's rows of the tokens kept
     per layer and of the KV cache's MiB; NaN when the rows do not record them), then each
     task's extra scores (LongBench-E's "0-4k", "4-8k", "8k+"; the
-    needle's "rouge1_f", "phrase_found"), NaN where a task has none.
+    needle's "rouge1_f", "phrase_found"; a RULER task's score at each length, "4096", ...),
+    NaN where a task has none.
     """
     return _load(paths, with_samples=False)[0]
 

@@ -21,6 +21,9 @@ Conventions (LongBench's leaderboard, adapted to runs that may be unfinished):
   width of its 95% interval, "41.20 ± 1.3", and the CSV its low and high;
   `difference_tables` show each run's paired difference from the full cache.
 
+RULER has tables of its own (`ruler_table` by length, `ruler_tasks_table` by task) and stays out of the
+LongBench leaderboard.
+
 `paper_table` lays LongBench out as the PyramidKV and WindowKV papers do (their 16
 English tasks, blocks per KV size, their method order), to put results beside theirs.
 """
@@ -38,6 +41,7 @@ from kvbench.intervals import LEVEL, RESAMPLES, average_draws, bounds
 from kvbench.report.load import RUN_KEY
 from kvbench.report.uncertainty import Draws
 from kvbench.tasks.longbench_spec import LENGTH_BUCKETS, LONGBENCH_E_TASKS, LONGBENCH_TASKS, TASK_TABLE
+from kvbench.tasks.ruler import CATEGORY as RULER, RULER_TASKS, length_key
 
 MISSING = "–"
 PARTIAL_MARK = "*"
@@ -260,8 +264,9 @@ def is_longbench_e(task: str) -> bool:
 
 
 def leaderboard_rows(frame: pd.DataFrame) -> pd.DataFrame:
-    """The rows of the leaderboard's tasks: LongBench and any other task that is neither needle nor LongBench-E."""
-    return frame[(frame["category"] != NEEDLE) & ~frame["task"].map(is_longbench_e)]
+    """The rows of the leaderboard's tasks: LongBench and any other task that is neither needle, RULER nor
+    LongBench-E."""
+    return frame[~frame["category"].isin([NEEDLE, RULER]) & ~frame["task"].map(is_longbench_e)]
 
 
 def interval_notes(draws: Draws | None, seed: int | None) -> list[str]:
@@ -359,6 +364,68 @@ def longbench_e_table(frame: pd.DataFrame, draws: Draws | None = None, seed: int
             *interval_notes(draws, seed),
             *measurement_notes(runs),
         ],
+    )
+
+
+def ruler_lengths(frame: pd.DataFrame) -> list[int]:
+    """The lengths some RULER row of ``frame`` has a score at (the tasks' per-length scores), shortest first."""
+    return sorted(int(column) for column in frame.columns
+                  if column.isdigit() and frame[column].notna().any())
+
+
+def ruler_table(frame: pd.DataFrame) -> Table | None:
+    """RULER as its paper reports it: at each length the mean over the tasks, then "Avg", the mean over lengths."""
+    ruler_frame = frame[frame["category"] == RULER]
+    if ruler_frame.empty:
+        return None
+    lengths = ruler_lengths(ruler_frame)
+    tasks = [task for task in RULER_TASKS if task in set(ruler_frame["task"])]
+    runs = with_measurements(sorted_runs(ruler_frame), ruler_frame)
+    rows = _lookup(ruler_frame)
+    cells = []
+    for _, run in runs.iterrows():
+        key = _run_key(run)
+        by_length = [average_cell([task_cell(rows.get((*key, task)), length_key(length)) for task in tasks])
+                     for length in lengths]
+        cells.append(by_length + [average_cell(by_length)])
+    mark_best(cells)
+    return Table(
+        name="ruler",
+        title="RULER by length",
+        runs=runs,
+        columns=[str(length) for length in lengths] + ["Avg"],
+        cells=cells,
+        groups=[("Length (tokens, prompt + answer)", len(lengths)), ("", 1)],
+        notes=[
+            f"At each length the mean over the RULER tasks run ({', '.join(tasks)}) of their score at that length "
+            "(string_match_all; string_match_part for qa_1 and qa_2), 0-100; Avg: the mean over the lengths. "
+            f"{PARTIAL_MARK}: some task unfinished or missing; not ranked.",
+            *measurement_notes(runs),
+        ],
+    )
+
+
+def ruler_tasks_table(frame: pd.DataFrame) -> Table | None:
+    """RULER per task: each task's score over all its lengths, and the mean over the tasks."""
+    ruler_frame = frame[frame["category"] == RULER]
+    if ruler_frame.empty:
+        return None
+    tasks = [task for task in RULER_TASKS if task in set(ruler_frame["task"])]
+    runs = with_measurements(sorted_runs(ruler_frame), ruler_frame)
+    rows = _lookup(ruler_frame)
+    cells = []
+    for _, run in runs.iterrows():
+        task_cells = [task_cell(rows.get((*_run_key(run), task))) for task in tasks]
+        cells.append(task_cells + [average_cell(task_cells)])
+    mark_best(cells)
+    return Table(
+        name="ruler_tasks",
+        title="RULER by task",
+        runs=runs,
+        columns=tasks + ["Avg"],
+        cells=cells,
+        notes=["Each task's score over its samples at every length run; Avg: the mean over the tasks. "
+               "12.30 (5/10): an unfinished task, scored on its 5 finished samples of 10."],
     )
 
 

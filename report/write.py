@@ -7,10 +7,10 @@ Written into the output folder:
 * ``report.html``: one self-contained page, tables and pictures (base64) inside;
 * ``runs.csv`` (one row per run and task, as `load_runs` gives it, with each score's 95%
   interval in ``score_low`` and ``score_high``), one CSV per table (``longbench.csv``,
-  ``paper.csv``, ``longbench_e.csv``, ``needle.csv``, and the paired differences from the
-  full cache ``longbench_vs_fullkv.csv`` and ``needle_vs_fullkv.csv``; each value with its
-  interval's ``low`` and ``high`` and a ``complete`` flag) and ``needle_cells.csv`` (every
-  needle cell's answer and scores);
+  ``ruler.csv``, ``ruler_tasks.csv``, ``paper.csv``, ``longbench_e.csv``, ``needle.csv``, and the
+  paired differences from the full cache ``longbench_vs_fullkv.csv`` and ``needle_vs_fullkv.csv``;
+  each value with its interval's ``low`` and ``high`` and a ``complete`` flag) and
+  ``needle_cells.csv`` (every needle cell's answer and scores);
   floats rounded to 2 decimals, whole numbers (capacity, max length) written as such and
   a missing value as an empty field;
 * PNGs: ``needle-<run>.png`` heatmaps and ``capacity-<model>.png`` score-versus-capacity
@@ -38,6 +38,7 @@ from kvbench.report.load import RUN_KEY, load_runs_and_samples, needle_cells
 from kvbench.report.tables import (
     NEEDLE,
     NEEDLE_SCORE_COLUMN,
+    RULER,
     Table,
     difference_tables,
     leaderboard,
@@ -45,6 +46,8 @@ from kvbench.report.tables import (
     longbench_e_table,
     needle_table,
     paper_table,
+    ruler_table,
+    ruler_tasks_table,
     runs_table,
     same_run,
     task_cell,
@@ -129,7 +132,7 @@ def _needle_pictures(frame: pd.DataFrame, cells: pd.DataFrame, draws: Draws, out
 
 def _capacity_points(frame: pd.DataFrame, tables: list[Table]) -> pd.DataFrame:
     """The points of the score-versus-capacity figures: each run's category averages and Avg (from the
-    leaderboard) and its needle score.
+    leaderboard), its RULER average over lengths and its needle score.
 
     A point is hollow (unfinished) only when the run itself has an unfinished task among those it
     planned in the panel's categories; a task that only other runs have does not make it so.
@@ -142,6 +145,7 @@ def _capacity_points(frame: pd.DataFrame, tables: list[Table]) -> pd.DataFrame:
                       [(category, f"{category} avg", [category]) for category in leaderboard_categories]
                       + [("LongBench Avg", "Avg", leaderboard_categories)]),
         "needle": (frame[frame["category"] == NEEDLE], [("Needle", NEEDLE_SCORE_COLUMN, [NEEDLE])]),
+        "ruler": (frame[frame["category"] == RULER], [("RULER Avg", "Avg", [RULER])]),
     }
     records = []
     for table in tables:
@@ -268,8 +272,9 @@ def write_report(paths: Iterable[str | Path] = (), out: str | Path | None = None
 
     draws = task_draws(samples, seed)
     differences, difference_draws = paired_differences(frame, samples, seed)
-    tables = [table for table in (leaderboard(frame, draws, seed), paper_table(frame, draws, seed),
-                                  longbench_e_table(frame, draws, seed), needle_table(frame, draws, seed))
+    tables = [table for table in (leaderboard(frame, draws, seed), ruler_table(frame), ruler_tasks_table(frame),
+                                  paper_table(frame, draws, seed), longbench_e_table(frame, draws, seed),
+                                  needle_table(frame, draws, seed))
               if table]
     tables += difference_tables(differences, difference_draws, seed)
     runs = runs_table(frame)

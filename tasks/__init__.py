@@ -11,12 +11,14 @@ from kvbench.tasks.base import Task
 from kvbench.tasks.longbench import LongBenchTask
 from kvbench.tasks.longbench_spec import LONGBENCH_E_TASKS, LONGBENCH_TASKS
 from kvbench.tasks.needle import NeedleTask
+from kvbench.tasks.ruler import RULER_TASKS, RulerTask
 
 #: task name -> callable building the task from keyword options
 TASK_FACTORIES: dict[str, Callable[..., Task]] = {
     **{name: functools.partial(LongBenchTask, name) for name in LONGBENCH_TASKS},
     **{f"{name}_e": functools.partial(LongBenchTask, f"{name}_e") for name in LONGBENCH_E_TASKS},
     "needle": NeedleTask,
+    **{name: functools.partial(RulerTask, name) for name in RULER_TASKS},
     # Other task families add one entry each here.
 }
 
@@ -24,6 +26,7 @@ TASK_FACTORIES: dict[str, Callable[..., Task]] = {
 TASK_GROUPS: dict[str, list[str]] = {
     "longbench": list(LONGBENCH_TASKS),
     "longbench-e": [f"{name}_e" for name in LONGBENCH_E_TASKS],
+    "ruler": list(RULER_TASKS),
 }
 
 
@@ -50,12 +53,12 @@ def build_tasks(spec: str, **options) -> list[Task]:
               and not any(key in inspect.signature(TASK_FACTORIES[name]).parameters for name in names)]
     if unused:
         flags = ", ".join(f"--{key.replace('_', '-')}" for key in unused)
-        raise KvbenchError(f"{flags} applies to no task of --tasks {spec!r} (needle options need --tasks needle)")
+        raise KvbenchError(f"{flags} applies to no task of --tasks {spec!r} (needle options need --tasks needle, RULER's --tasks ruler)")
     return [get_task(name, **options) for name in names]
 
 
 def resolve_task_names(spec: str) -> list[str]:
-    """Task names of a comma list of task and group names ("longbench", "longbench-e"), in order, without repeats."""
+    """Task names of a comma list of task and group names ("longbench", "longbench-e", "ruler"), in order, without repeats."""
     names: list[str] = []
     for item in (part.strip() for part in spec.split(",")):
         if not item:

@@ -23,6 +23,9 @@ class Task:
     max_new_tokens: int
     #: whether prompts are cut to the run's maximum prompt length (so that length can change a row)
     truncates_prompts: bool = False
+    #: whether a run of several tasks may go on without this one when its data cannot be had (offline hub):
+    #: `load_samples` then raises `kvbench.errors.TaskDataUnavailable`
+    data_may_be_missing: bool = False
 
     def load_samples(self, data_dir: str | None) -> list[dict[str, Any]]:
         """All samples of the task, each a dict with a unique string ``_id``."""

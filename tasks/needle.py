@@ -85,6 +85,20 @@ def default_haystack_dir() -> Path:
     return folder / "PaulGrahamEssays"
 
 
+def read_haystack(folder: Path | None) -> str:
+    """The .txt files of ``folder`` (default: the Paul Graham essays) joined in name order."""
+    folder = folder or default_haystack_dir()
+    if not folder.is_dir():
+        raise KvbenchError(f"--haystack-dir: no such folder: {folder}")
+    files = sorted(folder.glob("*.txt"))
+    if not files:
+        raise KvbenchError(f"--haystack-dir: no .txt files in {folder}")
+    text = "".join(file.read_text(encoding="utf-8", errors="replace") for file in files)
+    if not text.strip():
+        raise KvbenchError(f"--haystack-dir: the .txt files in {folder} are empty")
+    return text
+
+
 def parse_grid(spec: str | Iterable[float] | float, option: str, integer: bool) -> list[float]:
     """Grid values from a comma list whose parts are numbers or ``START:STOP:COUNT`` ranges
     (linspace, rounded to whole numbers as the reference does), or from a sequence of
@@ -257,15 +271,7 @@ class NeedleTask(Task):
 
     def _read_haystack(self) -> str:
         if self._haystack_text is None:
-            folder = self.haystack_dir or default_haystack_dir()
-            if not folder.is_dir():
-                raise KvbenchError(f"--haystack-dir: no such folder: {folder}")
-            files = sorted(folder.glob("*.txt"))
-            if not files:
-                raise KvbenchError(f"--haystack-dir: no .txt files in {folder}")
-            self._haystack_text = "".join(file.read_text(encoding="utf-8", errors="replace") for file in files)
-            if not self._haystack_text.strip():
-                raise KvbenchError(f"--haystack-dir: the .txt files in {folder} are empty")
+            self._haystack_text = read_haystack(self.haystack_dir)
         return self._haystack_text
 
     def _haystack_for(self, tokenizer, tokens_needed: int) -> _TokenizedHaystack:
