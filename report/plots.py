@@ -91,8 +91,11 @@ def capacity_figure(points: pd.DataFrame, title: str, path: Path) -> Path:
                 axes.fill_between(capacities, lows, highs, color=color, alpha=INTERVAL_ALPHA, linewidth=0)
                 # bars too: a band needs two points, and a lone capacity of a run in progress has one
                 bounded = ~np.isnan(lows)
-                axes.errorbar(capacities[bounded], scores[bounded],
-                              yerr=[scores[bounded] - lows[bounded], highs[bounded] - scores[bounded]],
+                # the score is the official one (rounded, or from scores.json) and the interval comes from the
+                # rows, so a score may sit a hair outside it: a bar never gets a negative length
+                below = np.clip(scores[bounded] - lows[bounded], 0, None)
+                above = np.clip(highs[bounded] - scores[bounded], 0, None)
+                axes.errorbar(capacities[bounded], scores[bounded], yerr=[below, above],
                               fmt="none", ecolor=color, elinewidth=1, capsize=3)
                 axes.scatter(capacities[complete], scores[complete], color=color, zorder=3)
                 axes.scatter(capacities[~complete], scores[~complete], facecolors="white", edgecolors=color, zorder=3)

@@ -818,17 +818,26 @@ class RulerTask(Task):
     def score_row(self, row: dict[str, Any]) -> dict[str, Any]:
         return {self.spec.metric: METRICS[self.spec.metric](row["pred"], row["answers"])}
 
+    def score_with_samples(self, rows: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, float]]]:
+        """`score`, and each row's metric as "score" and under its length's key (so a length's mean is over the
+        rows of that length alone)."""
+        metric = METRICS[self.spec.metric]
+        samples = []
+        for row in rows:
+            value = metric(row["pred"], row["answers"])
+            samples.append({"score": value, length_key(int(row["length"])): value})
+        if not samples:
+            return {"score": float("nan")}, []
+        lengths = sorted({int(row["length"]) for row in rows})
+        scores = {"score": float(np.mean([sample["score"] for sample in samples]))}
+        for length in lengths:
+            key = length_key(length)
+            scores[key] = float(np.mean([sample[key] for sample in samples if key in sample]))
+        return scores, samples
+
     def score(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         """The mean over the rows of the task's metric (0-100), and that mean at each length (key "4096", ...)."""
-        if not rows:
-            return {"score": float("nan")}
-        metric = METRICS[self.spec.metric]
-        by_length: dict[int, list[float]] = {}
-        for row in rows:
-            by_length.setdefault(int(row["length"]), []).append(metric(row["pred"], row["answers"]))
-        values = [value for scores in by_length.values() for value in scores]
-        return {"score": float(np.mean(values)),
-                **{length_key(length): float(np.mean(scores)) for length, scores in sorted(by_length.items())}}
+        return self.score_with_samples(rows)[0]
 
 
 def _parse_seed(seed: int | str) -> int:
