@@ -211,7 +211,8 @@ def synthetic_prefilled(model, cache_tokens: int, max_new_tokens: int, generator
     request = DecodeRequest([0] * cache_tokens, max_new_tokens, set())
     kv_bytes = sum(keys.nbytes + values.nbytes for keys, values in kept)
     return Prefilled(request, SampleCompression(FullKV()), kept, [cache_tokens] * config.num_hidden_layers,
-                     first_token=1, prefill_seconds=0.0, kv_cache_bytes=kv_bytes, peak_memory_bytes=None)
+                     first_token=1, prefill_seconds=0.0, prefill_cost_seconds=0.0, kv_cache_bytes=kv_bytes,
+                     peak_memory_bytes=None)
 
 
 def run_decode_step_bench(loaded: LoadedModel, batch_sizes: list[int], cache_tokens: int, steps: int, rounds: int,

@@ -1,5 +1,10 @@
 """`kvbench run`: one method, or a grid of methods x capacities, over one model loaded once.
 
+A grid runs as one stream (`kvbench.harness.run.execute_runs`): each sample is prefilled
+once for every configuration whose folder lacks it, and the configurations' caches decode
+side by side in one batch; each folder gets exactly the rows, run.json and scores.json a
+run of its configuration alone would write.
+
 Everything that can be refused is refused before the weights load: the methods and
 their options, the tasks and their options, the output folder, the model's config,
 each method against the model (`Method.prepare`), every planned sample and every run
@@ -27,7 +32,7 @@ from kvbench.harness.model import (
 )
 from kvbench.engine.generate import default_batch_size
 from kvbench.harness.parallel import current_world, device_for, finish, start
-from kvbench.harness.run import RunPlan, execute_run, open_run
+from kvbench.harness.run import RunPlan, execute_runs, open_run
 from kvbench.methods import build_method, check_options_exist, get_method_class
 from kvbench.methods.base import Method
 from kvbench.paths import default_output_dir
@@ -98,7 +103,8 @@ def run_grid(request: GridRequest, echo: Callable[[str], None] = print,
     source = resolve_model_source(request.model)
     config = load_model_config(source, request.trust_remote_code)
     description, info = describe_model(source, config, request.dtype, request.attn, device)
-    compressors = [method.prepare(info) for method in methods]
+    shared: dict = {}
+    compressors = [method.prepare(info, shared) for method in methods]
     plan = RunPlan(tasks=tasks, data_dir=request.data_dir, limit=request.limit, max_length=request.max_length,
                    output_dir=output_dir)
     if not world.is_main:
@@ -112,10 +118,9 @@ def run_grid(request: GridRequest, echo: Callable[[str], None] = print,
                             device_map=request.device_map, trust_remote_code=request.trust_remote_code)
         batch_size = request.batch_size or default_batch_size(loaded.model)
         started = time.perf_counter()
-        samples = 0
-        for run in runs:
-            summary = execute_run(run, loaded, report=progress, batch_size=batch_size)
-            samples += summary.samples_done
+        summaries = execute_runs(runs, loaded, report=progress, batch_size=batch_size)
+        samples = sum(summary.samples_done for summary in summaries)
+        for summary in summaries:
             if echo is not None:
                 echo(f"results: {summary.run_dir}")
                 for task_name, score in summary.scores.items():
