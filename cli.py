@@ -182,7 +182,8 @@ def _build_run_command():
     @click.option("--trust-remote-code", is_flag=True, help="allow model code from the hub")
     @CODE_SIM_OPTION
     @click.option("--batch-size", default="auto", show_default=True,
-                  help="samples decoded together (continuous batching); auto: 32 on CUDA, 4 on CPU")
+                  help="rows decoded together (continuous batching; a grid decodes its configurations' rows together); "
+                       "auto: on CUDA as many as free memory holds, up to the measured fastest per token; 4 on CPU")
     @click.option("--lengths", default=None, help="needle: context lengths, START:STOP:COUNT or a comma list [1000:8000:8]")
     @click.option("--depths", default=None, help="needle: depth percents, START:STOP:COUNT or a comma list [0:100:11]")
     @click.option("--needle", default=None, help="needle: the sentence hidden in the haystack")

@@ -25,19 +25,29 @@ import torch
 
 from kvbench.errors import KvbenchError
 from kvbench.engine.chunked import DEFAULT_CHUNK_TOKENS
-from kvbench.engine.decode import DecodeBatch, FinishedRow
+from kvbench.engine.decode import DecodeBatch, FinishedRow, round_up_slots
 from kvbench.engine.prefill import DecodeRequest, Prefilled, prefill_shared
 from kvbench.methods.base import Compressor, Method, ModelInfo
 
-#: free memory kept aside when growing the decode buffers, for the next prefill's activations
+#: free memory kept aside when growing the decode buffers, beyond the next prefill's measured needs
 GROWTH_MARGIN = 1.25
-#: samples decoded together by default: on CUDA a step costs nearly the same for 1 or 32 rows (it reads
-#: the weights once); on CPU more rows soon cost proportionally more (see the README's measurements)
-DEFAULT_BATCH_SIZE = {"cuda": 32, "cpu": 4}
+#: samples decoded together on CPU by default: more rows soon cost proportionally more (see the README)
+CPU_BATCH_SIZE = 4
+#: row counts ``auto`` times on CUDA, where a step costs nearly the same for 1 or 32 rows (it reads the
+#: weights once); the fastest per sample-token is the cap, free memory decides below it
+AUTO_BATCH_CANDIDATES = (32, 64, 128, 256, 512)
+#: cached tokens per row while timing the candidates: a compressed cache of the papers' budgets
+AUTO_PROBE_CACHE_TOKENS = 512
 
 
-def default_batch_size(model) -> int:
-    return DEFAULT_BATCH_SIZE.get(model.get_input_embeddings().weight.device.type, 1)
+def auto_batch_size(model) -> int:
+    """``--batch-size auto``: on CUDA the candidate row count whose decode step measures fastest per
+    sample-token (free memory may lower it while running, see `generate_stream`); on CPU 4."""
+    from kvbench.engine.decode import fastest_batch_size
+
+    if model.get_input_embeddings().weight.device.type != "cuda":
+        return CPU_BATCH_SIZE
+    return fastest_batch_size(model, AUTO_BATCH_CANDIDATES, AUTO_PROBE_CACHE_TOKENS)
 
 
 @dataclass
@@ -104,21 +114,27 @@ def _out_of_memory(error: BaseException) -> bool:
 
 
 def generate_stream(model, methods: Method | Compressor | Sequence[Method | Compressor],
-                    requests: Iterable[DecodeRequest], batch_size: int = 1,
+                    requests: Iterable[DecodeRequest], batch_size: int | None = 1,
                     say: Callable[[str], None] | None = None, use_cuda_graphs: bool = True,
                     chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> Iterator[Generation]:
     """Generate for every request and each configuration it names (``request.configurations``: indices into
-    ``methods``, a single method standing for a list of one), up to ``batch_size`` rows decoded together;
-    yields each row as it finishes. Prefills run their per-token modules in chunks of ``chunk_tokens`` positions."""
+    ``methods``, a single method standing for a list of one), up to ``batch_size`` rows decoded together
+    (None: `auto_batch_size`); yields each row as it finishes. Prefills run their per-token modules in chunks
+    of ``chunk_tokens`` positions.
+
+    On CUDA the rows are also bounded by memory: when a cache needs longer buffers than the batch has,
+    the batch keeps the rows that fit in free memory, less what the largest prefill so far needed beyond
+    the memory in use (the next prefill's room); it waits for rows to finish when the active ones do not fit."""
     single = isinstance(methods, (Method, Compressor))
     compressors = [as_compressor(method, model) for method in ([methods] if single else methods)]
-    batch = DecodeBatch(model, batch_size, use_cuda_graphs=use_cuda_graphs)
+    batch = DecodeBatch(model, batch_size or auto_batch_size(model), use_cuda_graphs=use_cuda_graphs)
+    prefill_room = 0
     source = iter(requests)
     redo: deque[DecodeRequest] = deque()
     #: caches of the last prefilled sample still waiting for a row
     waiting: deque[Prefilled] = deque()
     exhausted = False
-    halving_said = False
+    halving_said = sizing_said = False
 
     def next_request() -> DecodeRequest | None:
         nonlocal exhausted
@@ -152,6 +168,7 @@ def generate_stream(model, methods: Method | Compressor | Sequence[Method | Comp
                 request = next_request()
                 if request is None:
                     break
+                in_use = torch.cuda.memory_allocated(batch.device) if batch.device.type == "cuda" else 0
                 try:
                     prefilled = prefill_shared(model, compressors, request, chunk_tokens)
                 except Exception as error:
@@ -161,14 +178,24 @@ def generate_stream(model, methods: Method | Compressor | Sequence[Method | Comp
                         raise KvbenchError(f"out of GPU memory prefilling {_describe(request)} alone") from None
                     halve(request)
                     continue
+                if prefilled[0].peak_memory_bytes is not None:
+                    prefill_room = max(prefill_room, prefilled[0].peak_memory_bytes - in_use)
                 for one in prefilled:
                     if one.finished:
                         yield _generation(one, [one.first_token], 0.0, 0.0)
                     else:
                         waiting.append(one)
                 continue
-            if batch.active_rows and not _fits(batch, waiting[0]):
-                break  # wait for rows to finish before growing the buffers
+            rows = _rows_that_fit(batch, waiting[0], prefill_room)
+            if rows < len(batch.rows):
+                batch.compact()
+                if batch.active_rows and max(1, rows) <= max(batch.active_rows):
+                    break  # wait for rows to finish before growing the buffers
+                if not sizing_said and say is not None:
+                    say(f"decode batch of {max(1, rows)} rows: what free GPU memory holds "
+                        f"at {batch.slots_needed(waiting[0])} cache slots a row")
+                    sizing_said = True
+                batch.shrink(max(1, rows))
             try:
                 batch.admit(waiting[0])
                 waiting.popleft()
@@ -197,14 +224,18 @@ def generate_stream(model, methods: Method | Compressor | Sequence[Method | Comp
             batch.compact()  # draining: the remaining rows move down, so steps run on a smaller bucket
 
 
-def _fits(batch: DecodeBatch, prefilled: Prefilled) -> bool:
-    """Whether the GPU has room to grow the decode buffers for this sample (always, on CPU)."""
-    growth = batch.growth_bytes(prefilled)
-    if growth == 0 or batch.device.type != "cuda":
-        return True
+def _rows_that_fit(batch: DecodeBatch, prefilled: Prefilled, prefill_room: int) -> int:
+    """Rows the decode buffers can have once grown for this sample's cache: what free memory holds, less
+    ``prefill_room`` for the next prefill (the batch's rows when no growth is needed, and always on CPU)."""
+    needed = batch.slots_needed(prefilled)
+    if needed <= batch.slots or batch.device.type != "cuda":
+        return len(batch.rows)
     free, _ = torch.cuda.mem_get_info(batch.device)
     reusable = torch.cuda.memory_reserved(batch.device) - torch.cuda.memory_allocated(batch.device)
-    return (free + reusable) > growth * GROWTH_MARGIN
+    # the old buffers are released layer by layer while the new ones fill: one layer's worth coexists
+    available = (free + reusable + batch.buffer_bytes() - prefill_room) / GROWTH_MARGIN
+    per_row = round_up_slots(needed) * batch.bytes_per_slot_row() * (1 + 1 / batch.num_layers)
+    return min(len(batch.rows), int(available // per_row))
 
 
 def generate_greedy(model, prompt_ids, method: Method | Compressor, max_new_tokens: int, eos_token_ids: set[int],

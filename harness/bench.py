@@ -26,12 +26,10 @@ import pandas as pd
 import torch
 
 from kvbench.errors import KvbenchError, error_line
-from kvbench.engine.decode import DecodeBatch, kv_head_layout
+from kvbench.engine.decode import DecodeBatch, synthetic_cache, synthetic_prefilled
 from kvbench.engine.generate import Generation, generate_greedy, generate_stream
-from kvbench.engine.prefill import DecodeRequest, Prefilled, synchronize
+from kvbench.engine.prefill import DecodeRequest, synchronize
 from kvbench.harness.run import max_prompt_length, sample_request
-from kvbench.methods.base import SampleCompression
-from kvbench.methods.fullkv import FullKV
 from kvbench.tasks import build_tasks
 from kvbench.tasks.longbench_spec import LONGBENCH_TASKS
 from kvbench.harness.model import (
@@ -198,36 +196,19 @@ def load_bench_model(model: str | None, dtype: str, attn: str, device: str) -> L
 # -- the decode step at several batch sizes ------------------------------------------------------------
 
 
-def synthetic_prefilled(model, cache_tokens: int, max_new_tokens: int, generator: torch.Generator) -> Prefilled:
-    """A sample as if prefilled and compressed to ``cache_tokens`` per layer (random keys and values)."""
-    config = model.config
-    device = model.get_input_embeddings().weight.device
-    dtype = model.get_input_embeddings().weight.dtype
-    kv_heads, head_dim = kv_head_layout(config)
-    kept = []
-    for _ in range(config.num_hidden_layers):
-        keys = torch.randn(1, kv_heads, cache_tokens, head_dim, generator=generator).to(device, dtype)
-        kept.append((keys, torch.randn_like(keys)))
-    request = DecodeRequest([0] * cache_tokens, max_new_tokens, set())
-    kv_bytes = sum(keys.nbytes + values.nbytes for keys, values in kept)
-    return Prefilled(request, SampleCompression(FullKV()), kept, [cache_tokens] * config.num_hidden_layers,
-                     first_token=1, prefill_seconds=0.0, prefill_cost_seconds=0.0, kv_cache_bytes=kv_bytes,
-                     peak_memory_bytes=None)
-
-
 def run_decode_step_bench(loaded: LoadedModel, batch_sizes: list[int], cache_tokens: int, steps: int, rounds: int,
                           progress=print) -> pd.DataFrame:
     """Milliseconds per decode step of ``batch_sizes`` rows, each holding ``cache_tokens`` per layer, with the
     step captured as a CUDA graph and run eagerly, alternated within each round; the first round is discarded."""
     model = loaded.model
-    generator = torch.Generator().manual_seed(0)
+    kept = synthetic_cache(model, cache_tokens, torch.Generator().manual_seed(0))
     modes = [True, False] if model.device.type == "cuda" else [False]
     batches = {}
     for rows in batch_sizes:
         for graphs in modes:
             batch = DecodeBatch(model, rows, use_cuda_graphs=graphs)
             for _ in range(rows):
-                batch.admit(synthetic_prefilled(model, cache_tokens, steps * rounds + 2, generator))
+                batch.admit(synthetic_prefilled(kept, steps * rounds + 2))
             batches[rows, graphs] = batch
     timings: dict[tuple[int, bool], list[float]] = {key: [] for key in batches}
     for round_index in range(rounds):

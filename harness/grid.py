@@ -30,7 +30,6 @@ from kvbench.harness.model import (
     resolve_dtype,
     resolve_model_source,
 )
-from kvbench.engine.generate import default_batch_size
 from kvbench.harness.parallel import current_world, device_for, finish, start
 from kvbench.harness.run import RunPlan, execute_runs, open_run
 from kvbench.methods import build_method, check_options_exist, get_method_class
@@ -60,7 +59,7 @@ class GridRequest:
     device: str = "auto"
     device_map: str | None = None
     trust_remote_code: bool = False
-    #: samples decoded together; None: the default for the device (`default_batch_size`)
+    #: rows decoded together; None: auto (`kvbench.engine.generate.auto_batch_size`, memory permitting)
     batch_size: int | None = None
 
 
@@ -116,9 +115,8 @@ def run_grid(request: GridRequest, echo: Callable[[str], None] = print,
             runs.append(open_run(description, method, compressor, plan, world))
         loaded = load_model(source, dtype=request.dtype, attn=request.attn, device=device,
                             device_map=request.device_map, trust_remote_code=request.trust_remote_code)
-        batch_size = request.batch_size or default_batch_size(loaded.model)
         started = time.perf_counter()
-        summaries = execute_runs(runs, loaded, report=progress, batch_size=batch_size)
+        summaries = execute_runs(runs, loaded, report=progress, batch_size=request.batch_size)
         samples = sum(summary.samples_done for summary in summaries)
         for summary in summaries:
             if echo is not None:

@@ -266,10 +266,10 @@ def execute_run(run: OpenRun, loaded: LoadedModel, report: Callable[[str], None]
 
 
 def execute_runs(runs: list[OpenRun], loaded: LoadedModel, report: Callable[[str], None] | None = None,
-                 batch_size: int = 1) -> list[RunSummary]:
+                 batch_size: int | None = 1) -> list[RunSummary]:
     """Run every planned sample not already in each folder (this process's share of them in a data-parallel
     launch), each sample prefilled once for all the folders lacking it, up to ``batch_size`` rows decoded
-    together; write each run.json first, each row as it finishes, and each scores.json last.
+    together (None: auto); write each run.json first, each row as it finishes, and each scores.json last.
 
     The runs share one plan (a grid: the same tasks and samples, different methods)."""
     plan = runs[0].plan

@@ -187,3 +187,23 @@ def test_rows_of_several_configurations_decode_in_one_batch():
     for result in results:
         assert result.token_ids == alone[result.configuration][result.tag]
         assert result.prefill_cost_seconds == pytest.approx(result.prefill_seconds / 2)
+
+
+def test_rows_that_memory_cannot_hold_are_scheduled_not_refused(monkeypatch):
+    """Free memory holding 2 rows of the grown buffers (the CUDA check, simulated): a batch of 8 runs with 2,
+    says so once, and every configuration's tokens stay those it gives alone."""
+    model = tiny_model("llama", num_layers=2)
+    methods = [build_method("fullkv"), build_method("snapkv", capacity=32)]
+    lengths, new_tokens = [90, 30, 120, 64], [10, 3, 12, 6]
+    alone = [{r.tag: r.token_ids for r in generate_stream(model, method, requests_of(lengths, new_tokens), 1)}
+             for method in methods]
+    monkeypatch.setattr(generate_module, "_rows_that_fit", lambda batch, prefilled, room: 2
+                        if batch.slots_needed(prefilled) > batch.slots else len(batch.rows))
+    requests = requests_of(lengths, new_tokens)
+    for request in requests:
+        request.configurations = (0, 1)
+    said = []
+    results = list(generate_stream(model, methods, requests, 8, say=said.append))
+    assert {(r.configuration, r.tag): r.token_ids for r in results} == {
+        (configuration, tag): tokens for configuration, by_tag in enumerate(alone) for tag, tokens in by_tag.items()}
+    assert len(said) == 1 and said[0].startswith("decode batch of 2 rows: what free GPU memory holds")
