@@ -265,6 +265,7 @@ def bench_command(workload, model, method_specs, lengths, capacities, new_tokens
                   steps, data_dir, limit, alone_limit, batch_size, grid, alone_eager, max_length, tokenizer, dtype,
                   attn, device, out):
     """Speed and memory of the engine: prefill, decode and peak memory side by side, medians from one process."""
+    from kvbench.engine.prefill import prefill_attention_kernels
     from kvbench.harness import bench
     from kvbench.runfolder import check_writable_folder
 
@@ -296,7 +297,8 @@ def bench_command(workload, model, method_specs, lengths, capacities, new_tokens
     loaded = bench.load_bench_model(model, dtype, attn, device)
     say = lambda line: click.echo(line, err=True)  # noqa: E731
     precision = str(loaded.model.dtype).replace("torch.", "")
-    header = f"model {loaded.name}, {precision}, attention {attn}, device {bench.device_description(loaded.model)}"
+    header = (f"model {loaded.name}, {precision}, prefill attention {prefill_attention_kernels(loaded.model)}, "
+              f"device {bench.device_description(loaded.model)}")
     if workload == "prompts":
         table = bench.run_bench(loaded, specs, length_list, capacity, new_tokens, repeats, say)
         header += f", capacity {capacity}, {new_tokens} decoded tokens, median of {repeats}"

@@ -33,7 +33,7 @@ from typing import Any
 from kvbench.console import progress_bar
 from kvbench.errors import KvbenchError
 from kvbench.engine.generate import Generation, eos_token_ids, generate_stream
-from kvbench.engine.prefill import DecodeRequest
+from kvbench.engine.prefill import DecodeRequest, prefill_attention_kernels
 from kvbench.harness.model import LoadedModel, ModelDescription
 from kvbench.harness.parallel import World, barrier, main_decides, shard, total_over_processes
 from kvbench.methods.base import Compressor, Method
@@ -229,7 +229,7 @@ def _check_identity(run_dir: Path, previous: dict[str, Any], identity: dict[str,
                            "or move that folder away")
 
 
-def _write_run_file(run: OpenRun, model: ModelDescription, device: str) -> None:
+def _write_run_file(run: OpenRun, model: ModelDescription, device: str, prefill_attention: str) -> None:
     previous = run.previous
     planned = {name: len(samples) for name, samples in run.samples_by_task.items()}
     write_json(run.run_dir / RUN_FILE, {
@@ -240,6 +240,8 @@ def _write_run_file(run: OpenRun, model: ModelDescription, device: str) -> None:
         "max_length": run.plan.max_length,
         "dtype": model.dtype,
         "attention": model.attention,
+        # the kernels the prefill may use, fastest first (changes rounding only, like the device)
+        "prefill_attention": prefill_attention,
         "device": device,
         "data_dir": None if run.plan.data_dir is None else str(Path(run.plan.data_dir).resolve()),
         # A folder reused for more tasks keeps what earlier runs recorded for theirs.
@@ -276,7 +278,8 @@ def execute_runs(runs: list[OpenRun], loaded: LoadedModel, report: Callable[[str
     world = runs[0].world
     if world.is_main:
         for run in runs:
-            _write_run_file(run, ModelDescription.of(loaded), str(loaded.model.device))
+            _write_run_file(run, ModelDescription.of(loaded), str(loaded.model.device),
+                            prefill_attention_kernels(loaded.model))
             for task in plan.tasks:
                 read_rows_for_resume(result_path(run.run_dir, task.name))  # cut a line a crash left unfinished
     barrier(world)  # nobody appends before a cut line is gone
