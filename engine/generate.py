@@ -188,9 +188,9 @@ def generate_stream(model, methods: Method | Compressor | Sequence[Method | Comp
                 continue
             rows = _rows_that_fit(batch, waiting[0], prefill_room)
             if rows < len(batch.rows):
-                batch.compact()
-                if batch.active_rows and max(1, rows) <= max(batch.active_rows):
-                    break  # wait for rows to finish before growing the buffers
+                batch.compact()  # the active rows first, so that shrinking keeps them
+                if batch.active_rows and rows <= len(batch.active_rows):
+                    break  # no row would be left for this cache: wait for rows to finish
                 if not sizing_said and say is not None:
                     say(f"decode batch of {max(1, rows)} rows: what free GPU memory holds "
                         f"at {batch.slots_needed(waiting[0])} cache slots a row")

@@ -194,11 +194,12 @@ def test_rows_that_memory_cannot_hold_are_scheduled_not_refused(monkeypatch):
     says so once, and every configuration's tokens stay those it gives alone."""
     model = tiny_model("llama", num_layers=2)
     methods = [build_method("fullkv"), build_method("snapkv", capacity=32)]
-    lengths, new_tokens = [90, 30, 120, 64], [10, 3, 12, 6]
+    lengths, new_tokens = [30, 290, 120, 64], [10, 3, 12, 6]  # the second needs longer buffers
     alone = [{r.tag: r.token_ids for r in generate_stream(model, method, requests_of(lengths, new_tokens), 1)}
              for method in methods]
-    monkeypatch.setattr(generate_module, "_rows_that_fit", lambda batch, prefilled, room: 2
-                        if batch.slots_needed(prefilled) > batch.slots else len(batch.rows))
+    # the first cache fits 3 rows, the longer ones later only 2: rows wait for others to finish
+    monkeypatch.setattr(generate_module, "_rows_that_fit", lambda batch, prefilled, room:
+                        len(batch.rows) if batch.slots_needed(prefilled) <= batch.slots else 3 if batch.slots == 0 else 2)
     requests = requests_of(lengths, new_tokens)
     for request in requests:
         request.configurations = (0, 1)
@@ -206,4 +207,4 @@ def test_rows_that_memory_cannot_hold_are_scheduled_not_refused(monkeypatch):
     results = list(generate_stream(model, methods, requests, 8, say=said.append))
     assert {(r.configuration, r.tag): r.token_ids for r in results} == {
         (configuration, tag): tokens for configuration, by_tag in enumerate(alone) for tag, tokens in by_tag.items()}
-    assert len(said) == 1 and said[0].startswith("decode batch of 2 rows: what free GPU memory holds")
+    assert len(said) == 1 and said[0].startswith("decode batch of 3 rows: what free GPU memory holds")
