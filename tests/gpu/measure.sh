@@ -65,9 +65,11 @@ for phase in "${phases[@]}"; do
       --out "$OUT/exactness"
     ;;
   grid)  # the papers' LongBench table (29 configurations) sharing each prefill, beside one by one on a sample a task;
-          # decode batch auto; peak memory in the total row (WindowKV with --task-type qa: no classifier needed for speed)
+          # decode batch auto; peak memory in the total row (WindowKV with --task-type qa: no classifier needed for speed).
+          # GRID_LIMIT=K: the first K samples of each task only (the projection weighs each task by its own cost)
     offline_prefixkv_profile
     python3 -m kvbench bench --workload longbench --grid --model llama3-8b --tokenizer "$TOKENIZER" --data-dir "$MINI" \
+      ${GRID_LIMIT:+--limit "$GRID_LIMIT"} \
       --methods fullkv,streamingllm,h2o,snapkv,pyramidkv,windowkv:task_type=qa,prefixkv:prefix_config=/tmp/prefixkv-profile.json,elastic \
       --capacity 128,256,512,1024 --batch-size auto --alone-limit 1 --max-length 7950 --out "$OUT/grid"
     ;;
