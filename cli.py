@@ -200,7 +200,8 @@ def _build_run_command():
     @click.option("--trust-remote-code", is_flag=True, help="allow model code from the hub")
     @CODE_SIM_OPTION
     @click.option("--batch-size", default="auto", show_default=True,
-                  help="samples decoded together (continuous batching); auto: 32 on CUDA, 4 on CPU")
+                  help="rows decoded together (continuous batching; a grid decodes its configurations' rows together); "
+                       "auto: on CUDA as many as free memory holds, up to the measured fastest per token; 4 on CPU")
     @BATCH_INVARIANT_OPTION
     @click.option("--lengths", default=None, help="needle: context lengths, START:STOP:COUNT or a comma list "
                   "[1000:8000:8]; ruler: lengths, prompt plus answer, in the model's tokens [4096]")
@@ -250,13 +251,15 @@ def _build_run_command():
 @main.command("bench")
 @click.option("--workload", type=click.Choice(["prompts", "decode", "longbench"]), default="prompts", show_default=True,
               help="prompts: methods x prompt lengths, alone; decode: the decode step at several batch sizes; "
-                   "longbench: the run loop's engine over LongBench-shaped work, alone and batched")
+                   "longbench: the run loop's engine over LongBench-shaped work, alone and batched (--grid: a grid "
+                   "sharing prefills, beside its configurations one by one)")
 @click.option("--model", default=None,
               help="llama3-8b / mistral-7b / qwen2.5-7b (random weights of that shape), or a model as for `run`")
 @click.option("--methods", "method_specs", default="fullkv,snapkv,pyramidkv", show_default=True,
               help="comma list; options as name:option=value, e.g. windowkv:shared_layers=1:task_type=qa")
 @click.option("--lengths", default="16384,32768", show_default=True, help="prompts: prompt lengths in tokens")
-@click.option("--capacity", type=int, default=512, show_default=True)
+@click.option("--capacity", "capacities", default="512", show_default=True,
+              help="token budget of the methods that have one; a comma list with --workload longbench --grid")
 @click.option("--new-tokens", type=int, default=32, show_default=True, help="prompts: tokens decoded per run")
 @click.option("--repeats", type=int, default=3, show_default=True,
               help="prompts: timed runs per method and length (median); decode: rounds (the first is discarded)")
@@ -267,7 +270,11 @@ def _build_run_command():
 @click.option("--limit", type=int, default=None, help="longbench: first K samples of each task")
 @click.option("--alone-limit", type=int, default=1, show_default=True,
               help="longbench: samples of each task also run alone (batch 1)")
-@click.option("--batch-size", type=int, default=32, show_default=True, help="longbench: rows of the batched run")
+@click.option("--batch-size", default="32", show_default=True,
+              help="longbench: rows of the batched run, or auto (as `run --batch-size auto`)")
+@click.option("--grid", is_flag=True,
+              help="longbench: every method x capacity in one stream sharing each sample's prefill (as `run` runs a "
+                   "grid), beside the same configurations one by one on --alone-limit samples of each task")
 @click.option("--alone-eager", is_flag=True, help="longbench: also decode the batch-1 samples without CUDA graphs")
 @BATCH_INVARIANT_OPTION
 @click.option("--max-length", type=int, default=None, help="longbench: prompt tokens kept, as for `run`")
@@ -278,19 +285,29 @@ def _build_run_command():
 @click.option("--attn", default="sdpa", show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", type=click.Path(), default="results/bench", show_default=True, help="folder for bench.csv / bench.md")
-def bench_command(workload, model, method_specs, lengths, capacity, new_tokens, repeats, batch_sizes, cache_tokens,
-                  steps, data_dir, limit, alone_limit, batch_size, alone_eager, batch_invariant, max_length, tokenizer,
-                  dtype, attn, device, out):
+def bench_command(workload, model, method_specs, lengths, capacities, new_tokens, repeats, batch_sizes, cache_tokens,
+                  steps, data_dir, limit, alone_limit, batch_size, grid, alone_eager, batch_invariant, max_length,
+                  tokenizer, dtype, attn, device, out):
     """Speed and memory of the engine: prefill, decode and peak memory side by side, medians from one process."""
+    from kvbench.engine.prefill import prefill_attention_kernels
     from kvbench.harness import bench
     from kvbench.runfolder import check_writable_folder
 
     length_list = _comma_list(lengths, "--lengths", int)
     sizes = _comma_list(batch_sizes, "--batch-sizes", int)
+    capacity_list = _comma_list(capacities, "--capacity", int)
+    capacity = capacity_list[0]
+    rows = _batch_size(batch_size)
+    if grid and workload != "longbench":
+        raise KvbenchError("--grid is an option of --workload longbench")
+    if len(capacity_list) > 1 and not grid:
+        raise KvbenchError("several --capacity values make a grid: use --workload longbench --grid")
+    if rows is None and not grid:
+        raise KvbenchError("--batch-size auto is an option of --workload longbench --grid")
     if min(length_list) <= 0 or min(sizes) <= 0:
         raise KvbenchError("--lengths and --batch-sizes must be positive")
-    for name, value in (("--repeats", repeats), ("--new-tokens", new_tokens), ("--capacity", capacity),
-                        ("--cache-tokens", cache_tokens), ("--steps", steps), ("--batch-size", batch_size),
+    for name, value in (("--repeats", repeats), ("--new-tokens", new_tokens), ("--capacity", min(capacity_list)),
+                        ("--cache-tokens", cache_tokens), ("--steps", steps), ("--batch-size", rows or 1),
                         ("--alone-limit", alone_limit)):
         if value <= 0:
             raise KvbenchError(f"{name} must be > 0, got {value}")
@@ -299,13 +316,14 @@ def bench_command(workload, model, method_specs, lengths, capacity, new_tokens, 
     if workload == "longbench" and (data_dir is None or not Path(data_dir).is_dir()):
         raise KvbenchError("the longbench workload needs --data-dir with <task>.jsonl files (e.g. the mini set)")
     specs = method_specs.split(",")
-    bench.bench_methods(specs, capacity)  # refuse bad specs before the model loads
+    bench.grid_configurations(specs, capacity_list)  # refuse bad specs before the model loads
     check_writable_folder(Path(out), "--out")
     invariant = bench.bench_batch_invariant(batch_invariant, model, device)
     loaded = bench.load_bench_model(model, dtype, attn, device)
     say = lambda line: click.echo(line, err=True)  # noqa: E731
     precision = str(loaded.model.dtype).replace("torch.", "")
-    header = (f"model {loaded.name}, {precision}, attention {attn}, device {bench.device_description(loaded.model)}, "
+    header = (f"model {loaded.name}, {precision}, prefill attention {prefill_attention_kernels(loaded.model)}, "
+              f"device {bench.device_description(loaded.model)}, "
               f"{'batch-invariant' if invariant else 'plain'} decode kernels")
     if workload == "prompts":
         table = bench.run_bench(loaded, specs, length_list, capacity, new_tokens, repeats, say, invariant)
@@ -313,10 +331,18 @@ def bench_command(workload, model, method_specs, lengths, capacity, new_tokens, 
     elif workload == "decode":
         table = bench.run_decode_step_bench(loaded, sizes, cache_tokens, steps, repeats, say, (invariant,))
         header += f", {cache_tokens} cached tokens per row, median of {steps * (repeats - 1)} steps"
+    elif grid:
+        table, samples = bench.run_longbench_grid(loaded, bench.workload_tokenizer(loaded, tokenizer), specs,
+                                                  capacity_list, data_dir, rows, limit, alone_limit, max_length, say,
+                                                  invariant)
+        extra = {"bench_samples.csv": samples}
+        header += (f", capacities {','.join(map(str, capacity_list))}, LongBench prompts from {data_dir}, "
+                   "stop tokens ignored; one by one on the first "
+                   f"{alone_limit} sample(s) of each task")
     else:
         table, samples = bench.run_longbench_workload(
             loaded, bench.workload_tokenizer(loaded, tokenizer), specs, capacity, data_dir,
-            batch_size, limit, alone_limit, max_length, say, alone_eager, invariant)
+            rows, limit, alone_limit, max_length, say, alone_eager, invariant)
         extra = {"bench_samples.csv": samples}
         header += f", capacity {capacity}, LongBench prompts from {data_dir}, stop tokens ignored"
     bench.write_bench(table, Path(out), header, extra if workload == "longbench" else {})

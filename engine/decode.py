@@ -36,7 +36,8 @@ import torch
 from kvbench.errors import error_line
 from kvbench.engine.hook import DecodeSession, active, install_hook
 from kvbench.engine.invariant import check_invariance, invariant_forwards
-from kvbench.engine.prefill import Prefilled
+from kvbench.engine.prefill import DecodeRequest, Prefilled, synchronize
+from kvbench.methods.base import SampleCompression
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +175,10 @@ class DecodeBatch:
         for row in range(kept_rows, rows):
             self._clear_row(row)
 
+    def buffer_bytes(self) -> int:
+        """Bytes the key and value buffers hold now."""
+        return self.slots * len(self.rows) * self.bytes_per_slot_row()
+
     def bytes_per_slot_row(self) -> int:
         """Bytes one slot of one row costs over all layers (keys and values)."""
         element = torch.empty((), dtype=self.dtype).element_size()
@@ -181,16 +186,6 @@ class DecodeBatch:
 
     def slots_needed(self, prefilled: Prefilled) -> int:
         return max(prefilled.kept_per_layer) + prefilled.request.max_new_tokens - 1 + SPARE_SLOTS
-
-    def growth_bytes(self, prefilled: Prefilled) -> int:
-        """Bytes that growing the buffers for ``prefilled`` takes at its peak (0 when it fits): the growth, and
-        one layer's new buffers while the old ones are still there."""
-        needed = self.slots_needed(prefilled)
-        if needed <= self.slots:
-            return 0
-        new_slots = _round_up(needed)
-        one_layer = new_slots * len(self.rows) * self.bytes_per_slot_row() // self.num_layers
-        return (new_slots - self.slots) * len(self.rows) * self.bytes_per_slot_row() + one_layer
 
     # -- rows -------------------------------------------------------------------------------------------
 
@@ -210,7 +205,7 @@ class DecodeBatch:
         needed_steps = prefilled.request.max_new_tokens - 1 if prefilled.evictions is not None else 0
         if needed_slots > self.slots or needed_steps > self.steps_capacity:
             steps = max(self.steps_capacity, needed_steps)
-            self._allocate(len(self.rows), max(self.slots, _round_up(needed_slots)), steps)
+            self._allocate(len(self.rows), max(self.slots, round_up_slots(needed_slots)), steps)
         with torch.inference_mode():
             for layer, (keys, values) in enumerate(prefilled.kept):
                 kept = keys.shape[-2]
@@ -383,5 +378,62 @@ class DecodeBatch:
 _capture_failure_said = False
 
 
-def _round_up(slots: int) -> int:
+def synthetic_cache(model, cache_tokens: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Random keys and values of ``cache_tokens`` per layer (rows for timing decode steps), drawn on the model's
+    device: gigabytes of them would take the CPU minutes."""
+    embeddings = model.get_input_embeddings().weight
+    generator = torch.Generator(embeddings.device).manual_seed(seed)
+    kv_heads, head_dim = kv_head_layout(model.config)
+    kept = []
+    for _ in range(model.config.num_hidden_layers):
+        keys = torch.randn(1, kv_heads, cache_tokens, head_dim, generator=generator, device=embeddings.device,
+                           dtype=embeddings.dtype)
+        kept.append((keys, torch.randn_like(keys)))
+    return kept
+
+
+def synthetic_prefilled(kept: list[tuple[torch.Tensor, torch.Tensor]], max_new_tokens: int) -> Prefilled:
+    """A sample as if prefilled and compressed to ``kept`` (which admitting it copies, so rows may share it)."""
+    cache_tokens = kept[0][0].shape[-2]
+    request = DecodeRequest([0] * cache_tokens, max_new_tokens, set())
+    kv_bytes = sum(keys.nbytes + values.nbytes for keys, values in kept)
+    # no method: the rows are random, nothing is selected or evicted
+    return Prefilled(request, SampleCompression(None), kept, [cache_tokens] * len(kept), first_token=1,
+                     prefill_seconds=0.0, prefill_cost_seconds=0.0, kv_cache_bytes=kv_bytes, peak_memory_bytes=None)
+
+
+def fastest_batch_size(model, candidates: tuple[int, ...], cache_tokens: int, steps: int = 6,
+                       batch_invariant: bool = False) -> int:
+    """The candidate row count whose decode step (CUDA graph, by the kernels ``batch_invariant`` chooses) costs
+    least per sample-token, with rows holding ``cache_tokens`` each; candidates past the first that does not fit
+    in memory are not tried."""
+    kept = synthetic_cache(model, cache_tokens)
+    device = kept[0][0].device
+    best, best_cost = candidates[0], math.inf
+    for rows in candidates:
+        batch = None
+        try:
+            batch = DecodeBatch(model, rows, batch_invariant=batch_invariant)
+            for _ in range(rows):
+                batch.admit(synthetic_prefilled(kept, steps + 3))
+            batch.step()  # capture (and warm-up) outside the timing
+            synchronize(device)
+            started = time.perf_counter()
+            for _ in range(steps):
+                batch.step()
+            synchronize(device)
+            cost = (time.perf_counter() - started) / steps / rows
+        except torch.cuda.OutOfMemoryError:
+            break
+        finally:
+            del batch
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        if cost < best_cost:
+            best, best_cost = rows, cost
+    return best
+
+
+def round_up_slots(slots: int) -> int:
+    """Slots allocated for ``slots`` needed: the next multiple of SLOT_GRANULE."""
     return -(-slots // SLOT_GRANULE) * SLOT_GRANULE

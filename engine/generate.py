@@ -1,9 +1,13 @@
 """Greedy generation with compressed caches, many samples at once (continuous batching).
 
-Each sample is prefilled alone and compressed layer by layer (`kvbench.engine.prefill`);
-its cache then takes a free row of the decode batch (`kvbench.engine.decode`). A row that
-reaches a stop token or its generation length leaves at once, and the next prefilled sample
-takes its place, so no step is spent on finished rows. Results come out as samples finish.
+Each sample is prefilled alone and compressed layer by layer (`kvbench.engine.prefill`),
+once for every configuration of a grid that needs it; each configuration's cache then
+takes a free row of the decode batch (`kvbench.engine.decode`), so rows of different
+methods and capacities decode side by side. A row that reaches a stop token or its
+generation length leaves at once, and the next waiting cache takes its place, so no step
+is spent on finished rows. Results come out as rows finish. The next sample is prefilled
+only once every cache of the previous one holds a row, so at most one sample's caches
+wait outside the batch.
 
 Out of GPU memory with several rows, the batch is halved (said once) and the rows that no
 longer fit are redone later; nothing finished is lost and nothing is produced twice. Out of
@@ -13,27 +17,38 @@ memory with a sample alone is one error line naming the sample and its prompt le
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from kvbench.errors import KvbenchError
 from kvbench.engine.chunked import DEFAULT_CHUNK_TOKENS
-from kvbench.engine.decode import DecodeBatch, FinishedRow
-from kvbench.engine.prefill import DecodeRequest, Prefilled, prefill
+from kvbench.engine.decode import DecodeBatch, FinishedRow, round_up_slots
+from kvbench.engine.prefill import DecodeRequest, Prefilled, prefill_shared
 from kvbench.methods.base import Compressor, Method, ModelInfo
 
-#: free memory kept aside when growing the decode buffers, for the next prefill's activations
+#: free memory kept aside when growing the decode buffers, beyond the next prefill's measured needs
 GROWTH_MARGIN = 1.25
-#: samples decoded together by default: on CUDA a step costs nearly the same for 1 or 32 rows (it reads
-#: the weights once); on CPU more rows soon cost proportionally more (see the README's measurements)
-DEFAULT_BATCH_SIZE = {"cuda": 32, "cpu": 4}
+#: samples decoded together on CPU by default: more rows soon cost proportionally more (see the README)
+CPU_BATCH_SIZE = 4
+#: row counts ``auto`` times on CUDA, where a step costs nearly the same for 1 or 32 rows (it reads the
+#: weights once); the fastest per sample-token is the cap, free memory decides below it
+AUTO_BATCH_CANDIDATES = (32, 64, 128, 256, 512)
+#: cached tokens per row while timing the candidates: a compressed cache of the papers' budgets
+AUTO_PROBE_CACHE_TOKENS = 512
 
 
-def default_batch_size(model) -> int:
-    return DEFAULT_BATCH_SIZE.get(model.get_input_embeddings().weight.device.type, 1)
+def auto_batch_size(model, batch_invariant: bool = False) -> int:
+    """``--batch-size auto``: on CUDA the candidate row count whose decode step (by the kernels
+    ``batch_invariant`` chooses) measures fastest per sample-token (free memory may lower it while running, see
+    `generate_stream`); on CPU 4."""
+    from kvbench.engine.decode import fastest_batch_size
+
+    if model.get_input_embeddings().weight.device.type != "cuda":
+        return CPU_BATCH_SIZE
+    return fastest_batch_size(model, AUTO_BATCH_CANDIDATES, AUTO_PROBE_CACHE_TOKENS, batch_invariant=batch_invariant)
 
 
 @dataclass
@@ -42,7 +57,10 @@ class Generation:
     prompt_tokens: int
     #: cache length of each layer right after prefill (= prompt length where nothing was dropped)
     kept_per_layer: list[int]
+    #: the sample's prefill, shared by every configuration that needed it
     prefill_seconds: float
+    #: this configuration's share of the prefill (``prefill_seconds`` over the configurations sharing it)
+    prefill_cost_seconds: float
     #: from joining the decode batch to the last token (the sample's decoding latency)
     decode_seconds: float
     #: the sample's share of the decode steps it took part in (step time / rows in the step)
@@ -55,6 +73,8 @@ class Generation:
     method_record: dict
     #: the request's tag, given back
     tag: Any = None
+    #: index of the compressor (the grid's configuration) that made it
+    configuration: int = 0
 
 
 def model_info(model) -> ModelInfo:
@@ -79,8 +99,9 @@ def eos_token_ids(model, tokenizer=None) -> set[int]:
 
 def _generation(prefilled: Prefilled, tokens: list[int], decode_seconds: float, decode_cost: float) -> Generation:
     return Generation(tokens, len(prefilled.request.prompt_ids), prefilled.kept_per_layer, prefilled.prefill_seconds,
-                      decode_seconds, decode_cost, prefilled.kv_cache_bytes, prefilled.peak_memory_bytes,
-                      prefilled.state.record(), prefilled.request.tag)
+                      prefilled.prefill_cost_seconds, decode_seconds, decode_cost, prefilled.kv_cache_bytes,
+                      prefilled.peak_memory_bytes, prefilled.state.record(), prefilled.request.tag,
+                      prefilled.configuration)
 
 
 def _describe(request: DecodeRequest) -> str:
@@ -93,19 +114,30 @@ def _out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.cuda.OutOfMemoryError)
 
 
-def generate_stream(model, method: Method | Compressor, requests: Iterable[DecodeRequest], batch_size: int = 1,
+def generate_stream(model, methods: Method | Compressor | Sequence[Method | Compressor],
+                    requests: Iterable[DecodeRequest], batch_size: int | None = 1,
                     say: Callable[[str], None] | None = None, use_cuda_graphs: bool = True,
                     chunk_tokens: int = DEFAULT_CHUNK_TOKENS, batch_invariant: bool = False) -> Iterator[Generation]:
-    """Generate for every request, up to ``batch_size`` decoded together; yields each as it finishes.
-    Prefills run their per-token modules in chunks of ``chunk_tokens`` positions; with ``batch_invariant``
-    decode steps run the batch-invariant kernels (`kvbench.engine.invariant`)."""
-    compressor = as_compressor(method, model)
-    batch = DecodeBatch(model, batch_size, use_cuda_graphs=use_cuda_graphs, batch_invariant=batch_invariant)
+    """Generate for every request and each configuration it names (``request.configurations``: indices into
+    ``methods``, a single method standing for a list of one), up to ``batch_size`` rows decoded together
+    (None: `auto_batch_size`); yields each row as it finishes. Prefills run their per-token modules in chunks
+    of ``chunk_tokens`` positions; with ``batch_invariant`` decode steps run the batch-invariant kernels
+    (`kvbench.engine.invariant`), so a row's tokens do not depend on the other rows.
+
+    On CUDA the rows are also bounded by memory: when a cache needs longer buffers than the batch has,
+    the batch keeps the rows that fit in free memory, less what the largest prefill so far needed beyond
+    the memory in use (the next prefill's room); it waits for rows to finish when the active ones do not fit."""
+    single = isinstance(methods, (Method, Compressor))
+    compressors = [as_compressor(method, model) for method in ([methods] if single else methods)]
+    batch = DecodeBatch(model, batch_size or auto_batch_size(model, batch_invariant), use_cuda_graphs=use_cuda_graphs,
+                        batch_invariant=batch_invariant)
+    prefill_room = 0
     source = iter(requests)
     redo: deque[DecodeRequest] = deque()
-    held: Prefilled | None = None
+    #: caches of the last prefilled sample still waiting for a row
+    waiting: deque[Prefilled] = deque()
     exhausted = False
-    halving_said = False
+    halving_said = sizing_said = False
 
     def next_request() -> DecodeRequest | None:
         nonlocal exhausted
@@ -117,6 +149,10 @@ def generate_stream(model, method: Method | Compressor, requests: Iterable[Decod
         exhausted = request is None
         return request
 
+    def unfinished(prefilled: list[Prefilled]) -> DecodeRequest:
+        """A sample's request for the configurations of ``prefilled`` only (to be prefilled again)."""
+        return replace(prefilled[0].request, configurations=tuple(one.configuration for one in prefilled))
+
     def halve(request_in_hand: DecodeRequest | None) -> None:
         """Out of memory with several rows: keep half of them; the rest (and the request in hand) are redone."""
         nonlocal halving_said
@@ -124,19 +160,20 @@ def generate_stream(model, method: Method | Compressor, requests: Iterable[Decod
         if not halving_said and say is not None:
             say(f"out of GPU memory with {len(batch.rows)} decode rows: continuing with {rows}")
             halving_said = True
-        requeued = [prefilled.request for prefilled in batch.requeue_rows_from(rows)]
+        requeued = [unfinished([prefilled]) for prefilled in batch.requeue_rows_from(rows)]
         batch.shrink(rows)
         redo.extendleft(reversed(([request_in_hand] if request_in_hand is not None else []) + requeued))
         torch.cuda.empty_cache()
 
     while True:
         while batch.free_row() is not None:
-            if held is None:
+            if not waiting:
                 request = next_request()
                 if request is None:
                     break
+                in_use = torch.cuda.memory_allocated(batch.device) if batch.device.type == "cuda" else 0
                 try:
-                    held = prefill(model, compressor, request, chunk_tokens)
+                    prefilled = prefill_shared(model, compressors, request, chunk_tokens)
                 except Exception as error:
                     if not _out_of_memory(error):
                         raise
@@ -144,24 +181,37 @@ def generate_stream(model, method: Method | Compressor, requests: Iterable[Decod
                         raise KvbenchError(f"out of GPU memory prefilling {_describe(request)} alone") from None
                     halve(request)
                     continue
-                if held.finished:
-                    yield _generation(held, [held.first_token], 0.0, 0.0)
-                    held = None
-                    continue
-            if batch.active_rows and not _fits(batch, held):
-                break  # wait for rows to finish before growing the buffers
+                if prefilled[0].peak_memory_bytes is not None:
+                    prefill_room = max(prefill_room, prefilled[0].peak_memory_bytes - in_use)
+                for one in prefilled:
+                    if one.finished:
+                        yield _generation(one, [one.first_token], 0.0, 0.0)
+                    else:
+                        waiting.append(one)
+                continue
+            rows = _rows_that_fit(batch, waiting[0], prefill_room)
+            if rows < len(batch.rows):
+                batch.compact()  # the active rows first, so that shrinking keeps them
+                if batch.active_rows and rows <= len(batch.active_rows):
+                    break  # no row would be left for this cache: wait for rows to finish
+                if not sizing_said and say is not None:
+                    say(f"decode batch of {max(1, rows)} rows: what free GPU memory holds "
+                        f"at {batch.slots_needed(waiting[0])} cache slots a row")
+                    sizing_said = True
+                batch.shrink(max(1, rows))
             try:
-                batch.admit(held)
-                held = None
+                batch.admit(waiting[0])
+                waiting.popleft()
             except Exception as error:
                 if not _out_of_memory(error):
                     raise
                 if not batch.active_rows:
-                    raise KvbenchError(f"out of GPU memory decoding {_describe(held.request)} alone") from None
-                request, held = held.request, None
+                    raise KvbenchError(f"out of GPU memory decoding {_describe(waiting[0].request)} alone") from None
+                request = unfinished(list(waiting))
+                waiting.clear()
                 halve(request)
         if not batch.active_rows:
-            if held is None and exhausted and not redo:
+            if not waiting and exhausted and not redo:
                 return
             continue
         try:
@@ -173,18 +223,22 @@ def generate_stream(model, method: Method | Compressor, requests: Iterable[Decod
             continue
         for row in finished:
             yield _generation(row.prefilled, row.tokens, row.decode_seconds, row.decode_cost_seconds)
-        if held is None and exhausted and not redo:
+        if not waiting and exhausted and not redo:
             batch.compact()  # draining: the remaining rows move down, so steps run on a smaller bucket
 
 
-def _fits(batch: DecodeBatch, prefilled: Prefilled) -> bool:
-    """Whether the GPU has room to grow the decode buffers for this sample (always, on CPU)."""
-    growth = batch.growth_bytes(prefilled)
-    if growth == 0 or batch.device.type != "cuda":
-        return True
+def _rows_that_fit(batch: DecodeBatch, prefilled: Prefilled, prefill_room: int) -> int:
+    """Rows the decode buffers can have once grown for this sample's cache: what free memory holds, less
+    ``prefill_room`` for the next prefill (the batch's rows when no growth is needed, and always on CPU)."""
+    needed = batch.slots_needed(prefilled)
+    if needed <= batch.slots or batch.device.type != "cuda":
+        return len(batch.rows)
     free, _ = torch.cuda.mem_get_info(batch.device)
     reusable = torch.cuda.memory_reserved(batch.device) - torch.cuda.memory_allocated(batch.device)
-    return (free + reusable) > growth * GROWTH_MARGIN
+    # the old buffers are released layer by layer while the new ones fill: one layer's worth coexists
+    available = (free + reusable + batch.buffer_bytes() - prefill_room) / GROWTH_MARGIN
+    per_row = round_up_slots(needed) * batch.bytes_per_slot_row() * (1 + 1 / batch.num_layers)
+    return min(len(batch.rows), int(available // per_row))
 
 
 def generate_greedy(model, prompt_ids, method: Method | Compressor, max_new_tokens: int, eos_token_ids: set[int],

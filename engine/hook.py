@@ -6,9 +6,11 @@ Mistral, Qwen2, ... ) gets the hook without copying modeling code. What it does
 depends on the session active on the attention module:
 
 * a `PrefillSession` (one sample's prompt, batch 1): the real backend runs, then the
-  layer's post-RoPE queries and un-repeated keys/values go to the sample's compression
-  state, and only what it keeps is stored, before the next layer runs: the full cache
-  of all layers never coexists. In the scoring pre-pass the layer is only observed.
+  layer's post-RoPE queries and un-repeated keys/values go to each of the sample's
+  compression states (one per configuration of a grid: every method compresses a layer
+  after that layer's full attention, so they all see the same tensors), and only what
+  each keeps is stored, before the next layer runs: the full cache of all layers never
+  coexists. In the scoring pre-pass the layer is only observed.
 * a `DecodeSession` (one token for each row of a decode batch): the keys and values are
   the batch's preallocated buffers, where each layer and row holds its own number of
   valid slots; attention runs over the valid slots only (`masked_decode_attention`, or in a
@@ -38,32 +40,35 @@ HOOKED_PREFIX = "kvbench_"
 
 @dataclass
 class PrefillSession:
-    """One sample's prefill: each layer is shown to its compression state, and what it keeps is collected."""
+    """One sample's prefill: each layer is shown to every compression state, and what each keeps is collected."""
 
-    sample: SampleCompression
+    #: the sample's compression state of each configuration sharing the prefill
+    samples: list[SampleCompression]
     num_layers: int
-    #: scoring pre-pass: show each layer to ``sample.observe`` and keep nothing
+    #: scoring pre-pass: show each layer to ``observe`` of the states that need it and keep nothing
     observing: bool = False
-    #: per layer, the stored (keys, values), each (1, num_kv_heads, kept, head_dim)
-    kept: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
+    #: per configuration, per layer, the stored (keys, values), each (1, num_kv_heads, kept, head_dim)
+    kept: list[list[tuple[torch.Tensor, torch.Tensor] | None]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.kept = [None] * self.num_layers
+        self.kept = [[None] * self.num_layers for _ in self.samples]
 
     def on_prefill(self, module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> None:
         layer = LayerPrefill(module.layer_idx, self.num_layers, query, key, value, scaling)
-        if self.observing:
-            self.sample.observe(layer)
-            return
-        selection = self.sample.select(layer)
-        if selection is None:
-            kept_keys, kept_values = key, value
-        elif selection.keys is not None:
-            kept_keys, kept_values = selection.keys, selection.values
-        else:
-            gather_index = selection.indices.unsqueeze(-1).expand(-1, -1, -1, key.shape[-1])
-            kept_keys, kept_values = key.gather(2, gather_index), value.gather(2, gather_index)
-        self.kept[layer.layer_idx] = (kept_keys, kept_values)
+        for sample, kept in zip(self.samples, self.kept):
+            if self.observing:
+                if sample.needs_scoring_pass:
+                    sample.observe(layer)
+                continue
+            selection = sample.select(layer)
+            if selection is None:
+                kept_keys, kept_values = key, value
+            elif selection.keys is not None:
+                kept_keys, kept_values = selection.keys, selection.values
+            else:
+                gather_index = selection.indices.unsqueeze(-1).expand(-1, -1, -1, key.shape[-1])
+                kept_keys, kept_values = key.gather(2, gather_index), value.gather(2, gather_index)
+            kept[layer.layer_idx] = (kept_keys, kept_values)
 
 
 @dataclass

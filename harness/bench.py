@@ -13,7 +13,13 @@ default as for `kvbench run`); the decode and LongBench functions also take both
   as `kvbench run` builds them, each decoding its task's whole generation length), alone and
   batched: samples per hour, decode tokens per second, the prefill share, peak memory, the
   full LongBench v1 (4,750 samples) projected from each task's measured cost, and how often
-  the batched tokens equal the batch-1 tokens.
+  the batched tokens equal the batch-1 tokens. With ``--grid``, every (method, capacity)
+  configuration in one stream sharing each sample's prefill, beside the same configurations
+  run one by one (on the first samples of each task): samples per hour and projected hours
+  per configuration and for the whole grid.
+
+Prefill rows also give the model FLOP/s reached (weights' matmuls and causal attention,
+counted once) and, on a card of known peak, the model-FLOPs utilisation.
 
 The model is a real checkpoint, or random weights of a public shape (``llama3-8b``, ...),
 where weight values do not matter for timing.
@@ -23,19 +29,18 @@ from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
 import torch
 
 from kvbench.errors import KvbenchError, error_line
-from kvbench.engine.decode import DecodeBatch, kv_head_layout
-from kvbench.engine.generate import Generation, generate_greedy, generate_stream
+from kvbench.engine.decode import DecodeBatch, synthetic_cache, synthetic_prefilled
+from kvbench.engine.generate import Generation, auto_batch_size, generate_greedy, generate_stream
 from kvbench.engine.invariant import resolve_batch_invariant
-from kvbench.engine.prefill import DecodeRequest, Prefilled, synchronize
-from kvbench.harness.run import max_prompt_length, sample_request
-from kvbench.methods.base import SampleCompression
-from kvbench.methods.fullkv import FullKV
+from kvbench.engine.prefill import DecodeRequest, synchronize
+from kvbench.harness.run import max_prompt_length, method_label, sample_request
 from kvbench.tasks import build_tasks
 from kvbench.tasks.longbench_spec import LONGBENCH_TASKS
 from kvbench.harness.model import (
@@ -70,6 +75,28 @@ MODEL_SHAPES = {
 
 #: Peak memory bandwidth (bytes/s) by device name fragment, for the decode bound.
 MEMORY_BANDWIDTH = {"H100 80GB HBM3": 3.35e12, "H100": 3.35e12, "H200": 4.8e12, "A100-SXM4-80GB": 2.04e12}
+#: Dense bf16/fp16 tensor-core peak (FLOP/s) by device name fragment (datasheets, no sparsity), for the MFU.
+PEAK_HALF_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def prefill_flops(model, prompt_tokens: int) -> float:
+    """Model FLOPs of one prefill: every decoder weight's matmul over each token (2 per weight and token),
+    the causal attention's two products (half the square), and the last position's logits."""
+    config = model.config
+    layer_weights = sum(p.numel() for name, p in model.named_parameters() if ".layers." in name and p.dim() == 2)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    attention = 2 * 2 * config.num_attention_heads * head_dim * prompt_tokens * prompt_tokens / 2
+    return 2 * layer_weights * prompt_tokens + config.num_hidden_layers * attention + 2 * model.get_output_embeddings().weight.numel()
+
+
+def prefill_utilisation(model, prompt_tokens: list[int], seconds: float) -> tuple[float, float | None]:
+    """(model TFLOP/s, the fraction of the card's peak or None) of prefills of ``prompt_tokens`` in ``seconds``."""
+    achieved = sum(prefill_flops(model, tokens) for tokens in prompt_tokens) / seconds
+    peak = None
+    if model.device.type == "cuda" and model.dtype in (torch.bfloat16, torch.float16):
+        device_name = torch.cuda.get_device_name(model.device)
+        peak = next((value for key, value in PEAK_HALF_FLOPS.items() if key in device_name), None)
+    return achieved / 1e12, None if peak is None else achieved / peak
 
 
 def random_weight_model(shape: str, dtype: str, device: str, attn: str) -> LoadedModel:
@@ -148,11 +175,15 @@ def run_bench(loaded: LoadedModel, method_specs: list[str], lengths: list[int], 
             decode_ms = statistics.median(g.decode_seconds / max(len(g.token_ids) - 1, 1) for g in generations) * 1e3
             peak = [g.peak_memory_bytes for g in generations]
             bound = decode_bound_ms(model, kv_bytes)
+            prefill_s = statistics.median(g.prefill_seconds for g in generations)
+            tflops, mfu = prefill_utilisation(model, [length], prefill_s)
             rows.append({
                 "prompt_tokens": length,
                 "method": spec,
                 "capacity": methods[spec].method.budget,
-                "prefill_s": round(statistics.median(g.prefill_seconds for g in generations), 4),
+                "prefill_s": round(prefill_s, 4),
+                "prefill_tflops": round(tflops, 1),
+                "prefill_mfu": None if mfu is None else round(mfu, 3),
                 "decode_ms_per_token": round(decode_ms, 2),
                 "decode_bound_ms": None if bound is None else round(bound, 2),
                 "peak_memory_gib": None if peak[0] is None else round(statistics.median(peak) / 2**30, 2),
@@ -213,30 +244,13 @@ def load_bench_model(model: str | None, dtype: str, attn: str, device: str) -> L
 # -- the decode step at several batch sizes ------------------------------------------------------------
 
 
-def synthetic_prefilled(model, cache_tokens: int, max_new_tokens: int, generator: torch.Generator) -> Prefilled:
-    """A sample as if prefilled and compressed to ``cache_tokens`` per layer (random keys and values, drawn on the
-    model's device by ``generator``, which lives there: gigabytes of them would take the CPU minutes)."""
-    config = model.config
-    device = model.get_input_embeddings().weight.device
-    dtype = model.get_input_embeddings().weight.dtype
-    kv_heads, head_dim = kv_head_layout(config)
-    kept = []
-    for _ in range(config.num_hidden_layers):
-        keys = torch.randn(1, kv_heads, cache_tokens, head_dim, generator=generator, device=device, dtype=dtype)
-        kept.append((keys, torch.randn_like(keys)))
-    request = DecodeRequest([0] * cache_tokens, max_new_tokens, set())
-    kv_bytes = sum(keys.nbytes + values.nbytes for keys, values in kept)
-    return Prefilled(request, SampleCompression(FullKV()), kept, [cache_tokens] * config.num_hidden_layers,
-                     first_token=1, prefill_seconds=0.0, kv_cache_bytes=kv_bytes, peak_memory_bytes=None)
-
-
 def run_decode_step_bench(loaded: LoadedModel, batch_sizes: list[int], cache_tokens: int, steps: int, rounds: int,
                           progress=print, kernels: tuple[bool, ...] = (False,), eager: bool = True) -> pd.DataFrame:
     """Milliseconds per decode step of ``batch_sizes`` rows, each holding ``cache_tokens`` per layer, with the
     step captured as a CUDA graph and (with ``eager``) run eagerly, by each of ``kernels`` (batch-invariant or
     not), all alternated within each round; the first round is discarded."""
     model = loaded.model
-    generator = torch.Generator(model.device).manual_seed(0)
+    kept = synthetic_cache(model, cache_tokens)
     modes = ([True] + ([False] if eager else [])) if model.device.type == "cuda" else [False]
     batches = {}
     for rows in batch_sizes:
@@ -244,7 +258,7 @@ def run_decode_step_bench(loaded: LoadedModel, batch_sizes: list[int], cache_tok
             for invariant in kernels:
                 batch = DecodeBatch(model, rows, use_cuda_graphs=graphs, batch_invariant=invariant)
                 for _ in range(rows):
-                    batch.admit(synthetic_prefilled(model, cache_tokens, steps * rounds + 2, generator))
+                    batch.admit(synthetic_prefilled(kept, steps * rounds + 2))
                 batches[rows, graphs, invariant] = batch
     timings: dict[tuple[int, bool, bool], list[float]] = {key: [] for key in batches}
     for round_index in range(rounds):
@@ -298,13 +312,7 @@ def run_longbench_workload(loaded: LoadedModel, tokenizer, method_specs: list[st
     """
     model = loaded.model
     all_requests = longbench_requests(tokenizer, data_dir, limit, loaded.context_window, max_length)
-    first_of_task: dict[str, int] = {}
-    alone_requests = []
-    for request in all_requests:
-        task = request.tag[0]
-        if alone_limit is None or first_of_task.get(task, 0) < alone_limit:
-            first_of_task[task] = first_of_task.get(task, 0) + 1
-            alone_requests.append(request)
+    alone_requests = first_of_each_task(all_requests, alone_limit)
     methods = {spec: method.prepare(loaded.info) for spec, method in bench_methods(method_specs, capacity).items()}
     # Warm-up: kernels, allocator, autotuning and CUDA graphs of the common batch sizes before timing.
     for compressor in methods.values():
@@ -338,6 +346,111 @@ def run_longbench_workload(loaded: LoadedModel, tokenizer, method_specs: list[st
     return table, pd.DataFrame(samples)
 
 
+def first_of_each_task(requests: list[DecodeRequest], count: int | None) -> list[DecodeRequest]:
+    """The first ``count`` requests of each task (all of them for None), in order."""
+    taken: dict[str, int] = {}
+    chosen = []
+    for request in requests:
+        task = request.tag[0]
+        if count is None or taken.get(task, 0) < count:
+            taken[task] = taken.get(task, 0) + 1
+            chosen.append(request)
+    return chosen
+
+
+def grid_configurations(method_specs: list[str], capacities: list[int]) -> dict[str, object]:
+    """Run-folder label -> configured method, for every method spec at every capacity (once for a method
+    without one), in the order given."""
+    configurations = {}
+    for spec in method_specs:
+        for capacity in capacities:
+            method = bench_methods([spec], capacity)[spec]
+            configurations.setdefault(method_label(method), method)
+    return configurations
+
+
+def run_longbench_grid(loaded: LoadedModel, tokenizer, method_specs: list[str], capacities: list[int], data_dir: str,
+                       batch_size: int | None, limit: int | None = None, separate_limit: int | None = 1,
+                       max_length: int | None = None, progress=print,
+                       batch_invariant: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A grid of configurations over LongBench-shaped work, as `kvbench run` runs it (each sample prefilled once
+    for every configuration, their rows decoded together, by the kernels ``batch_invariant`` chooses), beside
+    the configurations run one by one on the first ``separate_limit`` samples of each task, in one process. Per configuration and for the grid:
+    samples per hour and the full LongBench v1 projected in hours. A configuration's share of the shared run
+    is its measured cost (prefill share plus decode share) over the run's.
+
+    Returns the summary table and, per configuration and sample run both ways, whether the tokens agree."""
+    model = loaded.model
+    rows = batch_size or auto_batch_size(model, batch_invariant)
+    shared: dict = {}
+    labels, compressors = [], []
+    for label, method in grid_configurations(method_specs, capacities).items():
+        labels.append(label)
+        compressors.append(method.prepare(loaded.info, shared))
+    everyone = tuple(range(len(compressors)))
+    all_requests = [replace(request, configurations=everyone)
+                    for request in longbench_requests(tokenizer, data_dir, limit, loaded.context_window, max_length)]
+    separate_requests = first_of_each_task(all_requests, separate_limit)
+    progress(f"{len(compressors)} configurations, {len(all_requests)} samples, decode batch {rows}")
+    # warm-up: kernels, allocator, graphs
+    list(generate_stream(model, compressors, all_requests[:2], rows, batch_invariant=batch_invariant))
+    summary = []
+    synchronize(model.device)
+    start = time.perf_counter()
+    generations = list(generate_stream(model, compressors, all_requests, rows, say=progress,
+                                       batch_invariant=batch_invariant))
+    seconds = time.perf_counter() - start
+    by_configuration = [[g for g in generations if g.configuration == index] for index in everyone]
+    costs = [sum(g.prefill_cost_seconds + g.decode_cost_seconds for g in gens) for gens in by_configuration]
+    for label, compressor, gens, cost in zip(labels, compressors, by_configuration, costs):
+        summary.append(workload_row(label, compressor, "shared prefill", rows, gens, seconds * cost / sum(costs)))
+    summary.append(_grid_total(model, "shared prefill", rows, summary[-len(compressors):], generations, seconds))
+    progress(", ".join(f"{key} {value}" for key, value in summary[-1].items()))
+    shared_tokens = {(g.configuration, g.tag): g.token_ids for g in generations}
+    agreement = []
+    separate_rows = []
+    for index, (label, compressor) in enumerate(zip(labels, compressors)):
+        requests = [replace(request, configurations=(0,)) for request in separate_requests]
+        synchronize(model.device)
+        start = time.perf_counter()
+        gens = list(generate_stream(model, compressor, requests, rows, batch_invariant=batch_invariant))
+        separate_rows.append(workload_row(label, compressor, "one by one", rows, gens, time.perf_counter() - start))
+        progress(", ".join(f"{key} {value}" for key, value in separate_rows[-1].items()))
+        agreement += [{"method": label, "task": g.tag[0], "_id": g.tag[1],
+                       "identical": g.token_ids == shared_tokens[index, g.tag],
+                       "first_difference": first_difference(g.token_ids, shared_tokens[index, g.tag])} for g in gens]
+    summary += separate_rows
+    summary.append(_grid_total(model, "one by one", rows, separate_rows, None, sum(row["seconds"] for row in separate_rows)))
+    table = pd.DataFrame(summary)
+    identical = pd.DataFrame(agreement).groupby("method")["identical"].mean().round(4)
+    table["identical_shared_vs_one_by_one"] = table["method"].map(identical)
+    return table, pd.DataFrame(agreement)
+
+
+def _grid_total(model, mode: str, rows: int, configuration_rows: list[dict], generations: list[Generation] | None,
+                seconds: float) -> dict:
+    """The whole grid's row: every configuration's samples over the time they took together; projected hours
+    summed over the configurations (each projected from its own tasks' costs)."""
+    samples = sum(row["samples"] for row in configuration_rows)
+    total = {"method": f"all {len(configuration_rows)} configurations", "capacity": None, "mode": mode,
+             "batch_size": rows, "samples": samples, "seconds": round(seconds, 1),
+             "samples_per_hour": round(samples / seconds * 3600),
+             "projected_longbench_v1_hours": round(sum(row["projected_longbench_v1_hours"] or 0
+                                                       for row in configuration_rows), 2)}
+    if generations is not None:
+        # each shared prefill counted once
+        prefills = {g.tag: (g.prompt_tokens, g.prefill_seconds) for g in generations}
+        prefill_seconds = sum(prefill for _, prefill in prefills.values())
+        tflops, mfu = prefill_utilisation(model, [tokens for tokens, _ in prefills.values()], prefill_seconds)
+        total.update({"prefill_share": round(prefill_seconds / seconds, 3), "prefill_tflops": round(tflops, 1),
+                      "prefill_mfu": None if mfu is None else round(mfu, 3),
+                      "decode_tokens_per_s": round(sum(len(g.token_ids) - 1 for g in generations)
+                                                   / max(seconds - prefill_seconds, 1e-9), 1)})
+        peaks = [g.peak_memory_bytes for g in generations if g.peak_memory_bytes is not None]
+        total["peak_memory_gib"] = round(max(peaks) / 2**30, 2) if peaks else None
+    return total
+
+
 def first_difference(first: list[int], second: list[int]) -> int | None:
     return next((index for index, (a, b) in enumerate(zip(first, second)) if a != b),
                 None if len(first) == len(second) else min(len(first), len(second)))
@@ -345,11 +458,11 @@ def first_difference(first: list[int], second: list[int]) -> int | None:
 
 def workload_row(spec: str, compressor, mode: str, rows: int, generations: list[Generation], seconds: float) -> dict:
     """Throughput figures of one mode, and the full LongBench v1 projected from each task's measured cost."""
-    prefill = sum(g.prefill_seconds for g in generations)
+    prefill = sum(g.prefill_cost_seconds for g in generations)
     decode_tokens = sum(len(g.token_ids) - 1 for g in generations)
     cost_by_task: dict[str, list[float]] = {}
     for g in generations:
-        cost_by_task.setdefault(g.tag[0], []).append(g.prefill_seconds + g.decode_cost_seconds)
+        cost_by_task.setdefault(g.tag[0], []).append(g.prefill_cost_seconds + g.decode_cost_seconds)
     measured_cost = sum(sum(costs) for costs in cost_by_task.values())
     full_cost = sum(LONGBENCH_V1_SAMPLES[task] * statistics.mean(costs) for task, costs in cost_by_task.items())
     # time not attributed to a sample (scheduling, tokenizing) scales with the work

@@ -1,5 +1,10 @@
 """`kvbench run`: one method, or a grid of methods x capacities, over one model loaded once.
 
+A grid runs as one stream (`kvbench.harness.run.execute_runs`): each sample is prefilled
+once for every configuration whose folder lacks it, and the configurations' caches decode
+side by side in one batch; each folder gets exactly the rows, run.json and scores.json a
+run of its configuration alone would write.
+
 Everything that can be refused is refused before the weights load: the methods and
 their options, the tasks and their options, the output folder, the model's config,
 each method against the model (`Method.prepare`), every planned sample and every run
@@ -25,10 +30,9 @@ from kvbench.harness.model import (
     resolve_dtype,
     resolve_model_source,
 )
-from kvbench.engine.generate import default_batch_size
 from kvbench.engine.invariant import check_invariance, resolve_batch_invariant
 from kvbench.harness.parallel import current_world, device_for, finish, start
-from kvbench.harness.run import RunPlan, execute_run, open_run
+from kvbench.harness.run import RunPlan, execute_runs, open_run
 from kvbench.methods import build_method, check_options_exist, get_method_class
 from kvbench.methods.base import Method
 from kvbench.paths import default_output_dir
@@ -57,7 +61,7 @@ class GridRequest:
     device: str = "auto"
     device_map: str | None = None
     trust_remote_code: bool = False
-    #: samples decoded together; None: the default for the device (`default_batch_size`)
+    #: rows decoded together; None: auto (`kvbench.engine.generate.auto_batch_size`, memory permitting)
     batch_size: int | None = None
     #: --batch-invariant / --no-batch-invariant; None: the default for the device (`resolve_batch_invariant`)
     batch_invariant: bool | None = None
@@ -124,7 +128,8 @@ def run_grid(request: GridRequest, echo: Callable[[str], None] = print,
     source = resolve_model_source(request.model)
     config = load_model_config(source, request.trust_remote_code)
     description, info = describe_model(source, config, request.dtype, request.attn, device)
-    compressors = [method.prepare(info) for method in methods]
+    shared: dict = {}
+    compressors = [method.prepare(info, shared) for method in methods]
     decode_device = "cpu" if request.device_map == "cpu" else resolve_device(device)
     batch_invariant = resolve_batch_invariant(request.batch_invariant, decode_device, getattr(config, "model_type", None))
     plan = RunPlan(tasks=tasks, data_dir=request.data_dir, limit=request.limit, max_length=request.max_length,
@@ -140,12 +145,10 @@ def run_grid(request: GridRequest, echo: Callable[[str], None] = print,
                             device_map=request.device_map, trust_remote_code=request.trust_remote_code)
         if batch_invariant:
             check_invariance(loaded.model)  # before run.json is written
-        batch_size = request.batch_size or default_batch_size(loaded.model)
         started = time.perf_counter()
-        samples = 0
-        for run in runs:
-            summary = execute_run(run, loaded, report=progress, batch_size=batch_size)
-            samples += summary.samples_done
+        summaries = execute_runs(runs, loaded, report=progress, batch_size=request.batch_size)
+        samples = sum(summary.samples_done for summary in summaries)
+        for summary in summaries:
             if echo is not None:
                 echo(f"results: {summary.run_dir}")
                 for task_name, score in summary.scores.items():

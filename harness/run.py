@@ -11,10 +11,14 @@ weights load):
    (every setting that can change a row, see `run_identity`), takes the folder's lock,
    and compares the identity with the folder's ``run.json``: a difference is refused in
    one line naming it, so rows made under different settings never mix.
-3. The weights load; ``run.json`` is written; `execute_run` appends a row per finished
+3. The weights load; ``run.json`` is written; `execute_runs` appends a row per finished
    sample (flushed and fsynced), skipping the ``_id``s already there, so a crash or a
    kill loses at most the samples in flight and a rerun resumes; ``scores.json`` is
    written at the end.
+
+A grid (several run folders over the same plan) runs as one stream: each sample is
+prefilled once for the folders that still lack it, and each folder's row lands in that
+folder as soon as its configuration finishes decoding (`kvbench.engine.generate`).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from typing import Any
 from kvbench.console import progress_bar
 from kvbench.errors import KvbenchError
 from kvbench.engine.generate import Generation, eos_token_ids, generate_stream
-from kvbench.engine.prefill import DecodeRequest
+from kvbench.engine.prefill import DecodeRequest, prefill_attention_kernels
 from kvbench.harness.model import LoadedModel, ModelDescription
 from kvbench.harness.parallel import World, barrier, main_decides, shard, total_over_processes
 from kvbench.methods.base import Compressor, Method
@@ -231,7 +235,7 @@ def _check_identity(run_dir: Path, previous: dict[str, Any], identity: dict[str,
                            "or move that folder away")
 
 
-def _write_run_file(run: OpenRun, model: ModelDescription, device: str) -> None:
+def _write_run_file(run: OpenRun, model: ModelDescription, device: str, prefill_attention: str) -> None:
     previous = run.previous
     planned = {name: len(samples) for name, samples in run.samples_by_task.items()}
     write_json(run.run_dir / RUN_FILE, {
@@ -242,6 +246,8 @@ def _write_run_file(run: OpenRun, model: ModelDescription, device: str) -> None:
         "max_length": run.plan.max_length,
         "dtype": model.dtype,
         "attention": model.attention,
+        # the kernels the prefill may use, fastest first (changes rounding only, like the device)
+        "prefill_attention": prefill_attention,
         "device": device,
         "batch_invariant": run.plan.batch_invariant,
         "data_dir": None if run.plan.data_dir is None else str(Path(run.plan.data_dir).resolve()),
@@ -264,57 +270,80 @@ class RunSummary:
 
 def execute_run(run: OpenRun, loaded: LoadedModel, report: Callable[[str], None] | None = None,
                 batch_size: int = 1) -> RunSummary:
-    """Run every planned sample not already in the folder (this process's share of them in a data-parallel
-    launch), up to ``batch_size`` decoded together; write run.json first, each row as its sample finishes,
-    and scores.json last."""
-    world = run.world
+    """`execute_runs` for one run folder."""
+    return execute_runs([run], loaded, report, batch_size)[0]
+
+
+def execute_runs(runs: list[OpenRun], loaded: LoadedModel, report: Callable[[str], None] | None = None,
+                 batch_size: int | None = 1) -> list[RunSummary]:
+    """Run every planned sample not already in each folder (this process's share of them in a data-parallel
+    launch), each sample prefilled once for all the folders lacking it, up to ``batch_size`` rows decoded
+    together (None: auto); write each run.json first, each row as it finishes, and each scores.json last.
+
+    The runs share one plan (a grid: the same tasks and samples, different methods)."""
+    plan = runs[0].plan
+    world = runs[0].world
     if world.is_main:
-        _write_run_file(run, ModelDescription.of(loaded), str(loaded.model.device))
-        for task in run.plan.tasks:
-            read_rows_for_resume(result_path(run.run_dir, task.name))  # cut a line a crash left unfinished
+        for run in runs:
+            _write_run_file(run, ModelDescription.of(loaded), str(loaded.model.device),
+                            prefill_attention_kernels(loaded.model))
+            for task in plan.tasks:
+                read_rows_for_resume(result_path(run.run_dir, task.name))  # cut a line a crash left unfinished
     barrier(world)  # nobody appends before a cut line is gone
     stop_ids = eos_token_ids(loaded.model, loaded.tokenizer)
-    work: list[tuple[Task, dict[str, Any]]] = []
-    planned_total = 0
-    for task in run.plan.tasks:
-        done = {row["_id"] for row in read_finished_rows(result_path(run.run_dir, task.name))}
-        mine = shard(run.samples_by_task[task.name], world)
-        planned_total += len(mine)
-        work += [(task, sample) for sample in mine if sample["_id"] not in done]
+    work: list[tuple[Task, dict[str, Any], tuple[int, ...]]] = []
+    planned_total = missing_total = 0
+    for task in plan.tasks:
+        done = [{row["_id"] for row in read_finished_rows(result_path(run.run_dir, task.name))} for run in runs]
+        mine = shard(runs[0].samples_by_task[task.name], world)
+        planned_total += len(mine) * len(runs)
+        for sample in mine:
+            lacking = tuple(index for index, ids in enumerate(done) if sample["_id"] not in ids)
+            if lacking:
+                work.append((task, sample, lacking))
+                missing_total += len(lacking)
 
     def requests():
-        limits = {task.name: max_prompt_length(loaded.context_window, task, run.plan.max_length)
-                  for task in run.plan.tasks}
-        task_stop_ids = {task.name: stop_ids | task.stop_token_ids(loaded.tokenizer) for task in run.plan.tasks}
-        for task, sample in work:
-            yield sample_request(task, sample, loaded.tokenizer, limits[task.name], task_stop_ids[task.name],
-                                 tag=(task, sample))
+        limits = {task.name: max_prompt_length(loaded.context_window, task, plan.max_length) for task in plan.tasks}
+        task_stop_ids = {task.name: stop_ids | task.stop_token_ids(loaded.tokenizer) for task in plan.tasks}
+        for task, sample, lacking in work:
+            request = sample_request(task, sample, loaded.tokenizer, limits[task.name], task_stop_ids[task.name],
+                                     tag=(task, sample))
+            request.configurations = lacking
+            yield request
 
     started = time.perf_counter()
-    samples_done = 0
-    bar = progress_bar(None, desc=run.run_dir.name, unit="sample", initial=planned_total - len(work),
-                       total=planned_total, disable=not world.is_main)
+    samples_done = [0] * len(runs)
+    bar = progress_bar(None, desc=runs[0].run_dir.name if len(runs) == 1 else f"{len(runs)} runs", unit="row",
+                       initial=planned_total - missing_total, total=planned_total, disable=not world.is_main)
+    compressors = [run.compressor for run in runs]
     with bar:
-        for generation in generate_stream(loaded.model, run.compressor, requests(), batch_size, say=report,
-                                          batch_invariant=run.plan.batch_invariant):
+        for generation in generate_stream(loaded.model, compressors, requests(), batch_size, say=report,
+                                          batch_invariant=plan.batch_invariant):
             task, sample = generation.tag
+            run = runs[generation.configuration]
             append_row(result_path(run.run_dir, task.name), _sample_row(loaded, task, sample, generation))
-            samples_done += 1
+            samples_done[generation.configuration] += 1
             bar.update(1)
     barrier(world)
-    samples_done = total_over_processes(world, samples_done)
-    scores = {}
-    if world.is_main:
-        scores_path = run.run_dir / SCORES_FILE
-        scores = read_json(scores_path) if scores_path.exists() else {}
-        for task in run.plan.tasks:
-            wanted = {sample["_id"] for sample in run.samples_by_task[task.name]}
-            rows = [row for row in read_finished_rows(result_path(run.run_dir, task.name)) if row["_id"] in wanted]
-            scores[task.name] = task.score(rows) if rows else {"score": None}
-            scores[task.name]["n"] = len(rows)
-        write_json(scores_path, scores)
-    return RunSummary(run.run_dir, {task.name: scores.get(task.name, {}) for task in run.plan.tasks}, samples_done,
-                      time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    return [RunSummary(run.run_dir, _write_scores(run), total_over_processes(world, done), seconds)
+            for run, done in zip(runs, samples_done)]
+
+
+def _write_scores(run: OpenRun) -> dict[str, dict[str, Any]]:
+    """Score the planned samples' rows of each task into scores.json (process 0); the planned tasks' scores."""
+    if not run.world.is_main:
+        return {task.name: {} for task in run.plan.tasks}
+    scores_path = run.run_dir / SCORES_FILE
+    scores = read_json(scores_path) if scores_path.exists() else {}
+    for task in run.plan.tasks:
+        wanted = {sample["_id"] for sample in run.samples_by_task[task.name]}
+        rows = [row for row in read_finished_rows(result_path(run.run_dir, task.name)) if row["_id"] in wanted]
+        scores[task.name] = task.score(rows) if rows else {"score": None}
+        scores[task.name]["n"] = len(rows)
+    write_json(scores_path, scores)
+    return {task.name: scores[task.name] for task in run.plan.tasks}
 
 
 def _sample_row(loaded: LoadedModel, task: Task, sample: dict[str, Any], generation: Generation) -> dict[str, Any]:

@@ -7,7 +7,7 @@ Three objects, each with one job:
   values. `kvbench run` turns every declared field into a flag and refuses a flag
   the chosen method does not declare; the fields set away from their defaults name
   the run folder, and all of them go into ``run.json``.
-* ``Method.prepare(model)`` gives a **Compressor**: the method bound to one model
+* ``Method.prepare(model, shared)`` gives a **Compressor**: the method bound to one model
   for one run. It loads what the run needs (a classifier, a profile), checks
   settings that depend on the model (its layer count), and reports the content
   digest of what it loaded (``identity``), so that results made with other files
@@ -229,8 +229,11 @@ class Method:
         """The token budget (``--capacity``), when the method has one and it is set."""
         return getattr(self, "capacity", None)
 
-    def prepare(self, model: ModelInfo) -> Compressor:
-        """The method bound to ``model`` for one run (methods with resources or model checks override)."""
+    def prepare(self, model: ModelInfo, shared: dict[Any, Any] | None = None) -> Compressor:
+        """The method bound to ``model`` for one run (methods with resources or model checks override).
+
+        ``shared``: one dict handed to every configuration of a grid, where a method keeps what its
+        configurations can share (WindowKV's classifier, loaded once and asked once per sample)."""
         return Compressor(self, model)
 
     def select(self, layer: LayerPrefill) -> Selection | None:

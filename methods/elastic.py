@@ -40,6 +40,7 @@ point (so R = 0.3 of 10 tokens drops 2, as there, not 3).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -92,7 +93,7 @@ class ElasticCache(FixedPointMethod):
         # The reference's forget_num = int(seq_len - num_of_token * (1 - ratio)), seq_len = num_of_token at prefill.
         return int(prompt_length - prompt_length * (1 - self.ratio))
 
-    def prepare(self, model: ModelInfo) -> Compressor:
+    def prepare(self, model: ModelInfo, shared: dict[Any, Any] | None = None) -> Compressor:
         return ElasticCompressor(self, model)
 
 

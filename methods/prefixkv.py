@@ -292,7 +292,7 @@ class PrefixKV(FixedPointMethod):
         "or unset for the profile of this model and ratio under KVBENCH_HOME/prefixkv",
     )
 
-    def prepare(self, model: ModelInfo) -> PrefixKVCompressor:
+    def prepare(self, model: ModelInfo, shared: dict[Any, Any] | None = None) -> PrefixKVCompressor:
         return PrefixKVCompressor(self, model)
 
 

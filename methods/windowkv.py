@@ -214,8 +214,23 @@ class WindowKV(Method):
         if self.classifier is not None and self.task_type != "auto":
             raise KvbenchError(f"--classifier is read only with --task-type auto, not with --task-type {self.task_type}")
 
-    def prepare(self, model: ModelInfo) -> WindowKVCompressor:
-        return WindowKVCompressor(self, model)
+    def prepare(self, model: ModelInfo, shared: dict[Any, Any] | None = None) -> WindowKVCompressor:
+        return WindowKVCompressor(self, model, {} if shared is None else shared)
+
+
+class SampleClassifier:
+    """A task classifier shared by a grid's WindowKV configurations: the grid prefills a sample once for
+    all of them, one after another, so the last answer is kept and each sample is classified once."""
+
+    def __init__(self, classifier):
+        self.classifier = classifier
+        self.digest = classifier.digest
+        self._last: tuple[str, str] | None = None
+
+    def predict(self, text: str) -> str:
+        if self._last is None or self._last[0] != text:
+            self._last = (text, self.classifier.predict(text))
+        return self._last[1]
 
 
 class WindowKVCompressor(Compressor):
@@ -223,7 +238,7 @@ class WindowKVCompressor(Compressor):
 
     method: WindowKV
 
-    def __init__(self, method: WindowKV, model: ModelInfo):
+    def __init__(self, method: WindowKV, model: ModelInfo, shared: dict[Any, Any]):
         super().__init__(method, model)
         self.budgets = group_budgets(method.capacity, method.shared_layers, method.beta, model.num_layers)
         self.task_classifier = None
@@ -231,7 +246,10 @@ class WindowKVCompressor(Compressor):
             # Loaded now, so that a missing checkpoint fails before any model work.
             from kvbench.classifier import load_classifier
 
-            self.task_classifier = load_classifier(method.classifier)
+            key = ("windowkv classifier", method.classifier)
+            if key not in shared:
+                shared[key] = SampleClassifier(load_classifier(method.classifier))
+            self.task_classifier = shared[key]
 
     def identity(self) -> dict[str, Any]:
         # the digest of the very bytes loaded, so the run records the classifier it used

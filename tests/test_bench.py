@@ -1,6 +1,8 @@
 """`kvbench bench`: one table, every method at every length, ratios against the full cache."""
 
+import pandas as pd
 import pytest
+import torch
 
 from kvbench.harness.bench import parse_method_spec, run_bench, write_bench
 from kvbench.harness.model import LoadedModel
@@ -51,3 +53,44 @@ def test_longbench_workload_runs_every_task_alone_and_batched(longbench_mini):
     assert (alone.samples, batched.samples) == (21, 21) and batched.tasks_covered == 21
     assert batched.projected_longbench_v1_hours > 0 and 0 < batched.prefill_share < 1
     assert len(samples) == 21 and samples.identical.all()  # fp32 on the CPU: batched tokens equal batch 1
+
+
+@pytest.mark.slow
+def test_longbench_grid_shares_prefills_and_compares_with_one_by_one(longbench_mini):
+    from kvbench.harness.bench import run_longbench_grid
+    from tests.tiny_models import tiny_loaded_model
+
+    loaded = tiny_loaded_model("llama", num_layers=2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        table, agreement = run_longbench_grid(loaded, loaded.tokenizer, ["fullkv", "snapkv"], [24, 48],
+                                              str(longbench_mini), batch_size=8, limit=1, separate_limit=1,
+                                              max_length=120, progress=lambda line: None)
+    finally:
+        torch.set_num_threads(threads)
+    shared = table[table["mode"] == "shared prefill"].set_index("method")
+    separate = table[table["mode"] == "one by one"].set_index("method")
+    configurations = ["fullkv", "snapkv-24", "snapkv-48"]
+    assert list(shared.index) == list(separate.index) == configurations + ["all 3 configurations"]
+    assert (shared.loc[configurations, "samples"] == 21).all()
+    assert shared.loc["all 3 configurations", "samples"] == 63
+    # the shared run's time is split over its configurations by their measured costs
+    assert shared.loc[configurations, "seconds"].sum() == pytest.approx(shared.loc["all 3 configurations", "seconds"],
+                                                                        abs=0.2)
+    assert shared.loc["all 3 configurations", "projected_longbench_v1_hours"] == pytest.approx(
+        shared.loc[configurations, "projected_longbench_v1_hours"].sum(), abs=0.02)
+    assert shared.loc["all 3 configurations", "prefill_tflops"] >= 0
+    assert pd.isna(shared.loc["all 3 configurations", "prefill_mfu"])  # no peak known on the CPU
+    assert len(agreement) == 3 * 21 and agreement.identical.all()  # fp32 on the CPU: the same tokens both ways
+
+
+def test_prefill_flops_count_weights_per_token_and_half_the_attention_square():
+    from kvbench.harness.bench import prefill_flops
+
+    model = tiny_model("llama", num_layers=2, vocab_size=258)
+    # per layer: q and o 64x64, k and v 64x32 (2 KV heads of 16), gate, up and down 64x128
+    weights = 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128)
+    # per layer: QK^T and AV over the causal half of 10x10 positions, 4 heads of 16
+    attention = 2 * (2 * 2 * 4 * 16 * 10 * 10 / 2)
+    assert prefill_flops(model, 10) == 2 * weights * 10 + attention + 2 * 258 * 64

@@ -129,7 +129,7 @@ def test_out_of_memory_alone_names_the_sample(monkeypatch):
     def prefill_out_of_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(generate_module, "prefill", prefill_out_of_memory)
+    monkeypatch.setattr(generate_module, "prefill_shared", prefill_out_of_memory)
     model = tiny_model("llama", num_layers=2)
     request = DecodeRequest(random_prompt(70), 4, set(), sample={"task": "qasper", "_id": "abc"})
     with pytest.raises(KvbenchError, match=r"out of GPU memory prefilling qasper sample abc \(70 prompt tokens\) alone"):

@@ -207,16 +207,16 @@ def test_gguf_without_the_gguf_package_is_one_line(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_two_processes_fill_one_folder_with_the_rows_of_one(tmp_path, longbench_mini):
-    """torchrun with 2 CPU processes: each takes half the samples; the folder ends with the rows a single
-    process makes, each once, and scores.json over all of them."""
+def test_two_processes_fill_each_folder_of_a_grid_with_the_rows_of_one(tmp_path, longbench_mini):
+    """torchrun with 2 CPU processes over a grid: each takes half the samples and shares their prefills across
+    the grid; each folder ends with the rows a single process makes, each once, and scores.json over all of them."""
     from tests.tiny_models import tiny_loaded_model
 
     loaded = tiny_loaded_model("llama", num_layers=2)
     model_dir = tmp_path / "tiny-model"
     loaded.model.save_pretrained(model_dir)
     loaded.tokenizer.save_pretrained(model_dir)
-    args = ["run", "--model", str(model_dir), "--method", "snapkv", "--capacity", "32", "--tasks", "trec,lcc",
+    args = ["run", "--model", str(model_dir), "--method", "snapkv,h2o", "--capacity", "32", "--tasks", "trec,lcc",
             "--data-dir", str(longbench_mini), "--limit", "5", "--max-length", "160", "--batch-size", "2"]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     single = kvbench(*args, "--output", str(tmp_path / "single"), env=environment)
@@ -227,17 +227,18 @@ def test_two_processes_fill_one_folder_with_the_rows_of_one(tmp_path, longbench_
     assert launch.returncode == 0, launch.stderr[-3000:]
     assert "over 2 processes" in launch.stdout
     timing = ("prefill_seconds", "decode_seconds", "peak_memory_mb")
-    for task in ("trec", "lcc"):
-        rows = {}
-        for kind in ("single", "parallel"):
-            lines = (tmp_path / kind / "tiny-model" / "snapkv-32" / f"{task}.jsonl").read_text().splitlines()
-            parsed = [json.loads(line) for line in lines]
-            rows[kind] = {row["_id"]: {k: v for k, v in row.items() if k not in timing} for row in parsed}
-            assert len(rows[kind]) == len(parsed) == 5  # each sample exactly once
-        assert rows["parallel"] == rows["single"]
-    scores = [json.loads((tmp_path / kind / "tiny-model" / "snapkv-32" / "scores.json").read_text())
-              for kind in ("single", "parallel")]
-    assert scores[0] == scores[1]
+    for folder in ("snapkv-32", "h2o-32"):
+        for task in ("trec", "lcc"):
+            rows = {}
+            for kind in ("single", "parallel"):
+                lines = (tmp_path / kind / "tiny-model" / folder / f"{task}.jsonl").read_text().splitlines()
+                parsed = [json.loads(line) for line in lines]
+                rows[kind] = {row["_id"]: {k: v for k, v in row.items() if k not in timing} for row in parsed}
+                assert len(rows[kind]) == len(parsed) == 5  # each sample exactly once
+            assert rows["parallel"] == rows["single"]
+        scores = [json.loads((tmp_path / kind / "tiny-model" / folder / "scores.json").read_text())
+                  for kind in ("single", "parallel")]
+        assert scores[0] == scores[1]
 
 
 @pytest.mark.parametrize("line, message", [

@@ -29,7 +29,8 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from kvbench.engine.generate import default_batch_size, generate_stream
+from kvbench.engine.decode import kv_head_layout
+from kvbench.engine.generate import auto_batch_size, generate_stream
 from kvbench.engine.invariant_kernels import LINEAR_TILES, LinearTiles, invariant_linear
 from kvbench.engine.prefill import synchronize
 from kvbench.harness import bench
@@ -66,8 +67,14 @@ def milliseconds(run, repeats: int, device: torch.device) -> float:
 
 def decode_steps(loaded, batch_sizes: list[int], cache_sizes: list[int], steps: int) -> pd.DataFrame:
     tables = []
+    model = loaded.model
+    kv_heads, head_dim = kv_head_layout(model.config)
+    free, _ = torch.cuda.mem_get_info(model.device) if model.device.type == "cuda" else (2**40, None)
     for cache_tokens in cache_sizes:
-        tables.append(bench.run_decode_step_bench(loaded, batch_sizes, cache_tokens, steps, 3, say,
+        # both kernels' batches are held at once: the sizes whose caches fit in half the free memory
+        row_bytes = 2 * model.config.num_hidden_layers * kv_heads * head_dim * cache_tokens * model.dtype.itemsize
+        fitting = [rows for rows in batch_sizes if 2 * rows * row_bytes <= free / 2]
+        tables.append(bench.run_decode_step_bench(loaded, fitting, cache_tokens, steps, 3, say,
                                                   kernels=(False, True), eager=False))
     table = pd.concat(tables, ignore_index=True)
     plain = table[~table.batch_invariant].set_index(["batch", "cache_tokens"]).step_ms
@@ -165,7 +172,7 @@ def main() -> None:
     arguments = parser.parse_args()
     loaded = bench.random_weight_model(arguments.model, "bf16", arguments.device, "sdpa")
     model = loaded.model
-    auto = default_batch_size(model)
+    auto = auto_batch_size(model, batch_invariant=True)
     batch_sizes = sorted({BATCH, auto})
     header = (f"{bench.device_description(model)}, {loaded.name}, bf16, sdpa, torch {torch.__version__}; "
               f"--batch-size auto = {auto}")

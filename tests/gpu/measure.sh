@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU figure of the README in one call, tables under $OUT (a folder per phase).
 #
-#   tests/gpu/measure.sh PHASE...     PHASE: smoke, kernel, sweep, decode, prefill, long, workload, exactness, invariance (or all)
+#   tests/gpu/measure.sh PHASE...     PHASE: smoke, kernel, sweep, decode, prefill, long, workload, exactness,
+#                                     invariance, grid, grid-alone (or all)
 #
 # Runs on a CUDA machine where `python3` has torch; packages it lacks come as wheels in .whl/
 # (click, tqdm, tabulate, rouge, pytest and its needs, and the transformers kvbench is tested with),
@@ -16,7 +17,15 @@ export PYTHONPATH=/tmp/site:/tmp/pkg PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 MINI=.dev-assets/longbench-mini
 TOKENIZER=.dev-assets/tokenizer
 phases=("$@")
-[[ " ${phases[*]} " == *" all "* ]] && phases=(smoke kernel decode prefill long workload exactness invariance)
+[[ " ${phases[*]} " == *" all "* ]] && phases=(smoke kernel decode prefill long workload exactness invariance grid grid-alone)
+
+offline_prefixkv_profile() {  # an offline PrefixKV profile for the random model (uniform per-layer ratios)
+  python3 - <<'PY'
+from kvbench.methods.prefixkv import write_config
+write_config({"model": "llama3-8b-random", "num_layers": 32, "ratio": 0.97, "layer_ratios": [0.97] * 32,
+              "samples": 0}, "/tmp/prefixkv-profile.json")
+PY
+}
 
 for phase in "${phases[@]}"; do
   mkdir -p "$OUT/$phase"
@@ -37,11 +46,7 @@ for phase in "${phases[@]}"; do
       --steps 40 --repeats 3 --out "$OUT/decode"
     ;;
   prefill)  # prefill time and peak memory by method at 16k and 32k
-    python3 - <<'PY'  # an offline PrefixKV profile for the random model (uniform per-layer ratios)
-from kvbench.methods.prefixkv import write_config
-write_config({"model": "llama3-8b-random", "num_layers": 32, "ratio": 0.97, "layer_ratios": [0.97] * 32,
-              "samples": 0}, "/tmp/prefixkv-profile.json")
-PY
+    offline_prefixkv_profile
     python3 -m kvbench bench --model llama3-8b --lengths 16384,32768 --capacity 512 --new-tokens 16 --repeats 2 \
       --methods fullkv,snapkv,h2o,elastic,prefixkv:prefix_config=/tmp/prefixkv-profile.json,prefixkv:prefix_config=online \
       --out "$OUT/prefill"
@@ -64,6 +69,21 @@ PY
   invariance)  # batch-invariant decoding against the plain kernels: step cost, samples/h, batched = alone, repeatable
     python3 tests/gpu/invariance.py --data-dir "$MINI" --tokenizer "$TOKENIZER" --limit 2 --out "$OUT/invariance" \
       2>&1 | tee "$OUT/invariance/log.txt"
+    ;;
+  grid)  # the papers' LongBench table (29 configurations) sharing each prefill, beside one by one on a sample a task;
+          # decode batch auto; peak memory in the total row (WindowKV with --task-type qa: no classifier needed for speed).
+          # GRID_LIMIT=K: the first K samples of each task only (the projection weighs each task by its own cost)
+    offline_prefixkv_profile
+    python3 -m kvbench bench --workload longbench --grid --model llama3-8b --tokenizer "$TOKENIZER" --data-dir "$MINI" \
+      ${GRID_LIMIT:+--limit "$GRID_LIMIT"} \
+      --methods fullkv,streamingllm,h2o,snapkv,pyramidkv,windowkv:task_type=qa,prefixkv:prefix_config=/tmp/prefixkv-profile.json,elastic \
+      --capacity 128,256,512,1024 --batch-size auto --alone-limit 1 --max-length 7950 --out "$OUT/grid"
+    ;;
+  grid-alone)  # snapkv-512 alone at batch auto (decode tokens/s at the batch auto picks), and prefill MFU at 6.5k and 32k
+    python3 -m kvbench bench --workload longbench --grid --model llama3-8b --tokenizer "$TOKENIZER" --data-dir "$MINI" \
+      --methods snapkv --capacity 512 --batch-size auto --alone-limit 1 --max-length 7950 --out "$OUT/grid-alone/snapkv-512"
+    python3 -m kvbench bench --model llama3-8b --lengths 6554,32768 --methods fullkv,snapkv --capacity 512 \
+      --new-tokens 4 --repeats 3 --out "$OUT/grid-alone/prefill"
     ;;
   *) echo "unknown phase $phase" >&2; exit 2 ;;
   esac

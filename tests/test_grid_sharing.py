@@ -1,0 +1,210 @@
+"""A grid shares one prefill per sample: each folder gets, token for token, what a run of its configuration alone writes.
+
+Every method at two capacities (PrefixKV online and from an offline profile, Elastic Cache evicting
+while decoding, WindowKV with its task classifier), in fp32 on tiny random Llama, Mistral and Qwen2
+models; also after a crash mid-grid and a resume, and with some folders complete before the grid.
+"""
+
+import json
+
+import pytest
+import torch
+
+import kvbench.classifier
+from kvbench.engine import generate as generate_module
+from kvbench.engine.generate import generate_stream
+from kvbench.harness import run as run_module
+from kvbench.harness.model import ModelDescription
+from kvbench.harness.run import RunPlan, execute_runs, open_run, run_benchmark
+from kvbench.methods import build_method
+from kvbench.methods.prefixkv import write_config
+from kvbench.runfolder import RUN_FILE, SCORES_FILE, parse_result_file
+from kvbench.tasks import build_tasks
+from tests.test_decode import requests_of
+from tests.tiny_models import FAMILIES, tiny_loaded_model, tiny_model
+
+TASKS = ("hotpotqa", "passage_count")  # 32 generated tokens each
+CAPACITIES = (24, 48)
+NUM_LAYERS = 2
+#: what differs between two runs of the same rows: the clock
+TIMING_FIELDS = {"prefill_seconds", "decode_seconds"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices: one thread is fastest, and spares the cores other work shares."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class CountingClassifier:
+    """WindowKV's task classifier, faked: QA prompts by a word of theirs, each question counted."""
+
+    digest = "sha256:counting"
+
+    def __init__(self):
+        self.asked = []
+
+    def predict(self, text):
+        self.asked.append(text)
+        return "qa" if "Question" in text else "other"
+
+
+@pytest.fixture
+def classifier(monkeypatch):
+    fake = CountingClassifier()
+    monkeypatch.setattr(kvbench.classifier, "load_classifier", lambda path=None: fake, raising=False)
+    return fake
+
+
+def grid_of(family, tmp_path):
+    """fullkv, and every other method at each capacity; PrefixKV twice (online, and an offline profile)."""
+    profile = write_config({"model": f"tiny-{family}", "num_layers": NUM_LAYERS, "ratio": 0.6,
+                            "layer_ratios": [0.4, 0.8], "samples": 0}, tmp_path / "profile.json")
+    methods = [build_method("fullkv")]
+    for capacity in CAPACITIES:
+        methods += [
+            build_method("streamingllm", capacity=capacity),
+            build_method("h2o", capacity=capacity),
+            build_method("snapkv", capacity=capacity),
+            build_method("pyramidkv", capacity=capacity),
+            build_method("windowkv", capacity=capacity, shared_layers=2, review_window_size=4, suffix_max=8,
+                         suffix_avg=4, classifier="fake"),
+            build_method("prefixkv", capacity=capacity, prefix_config="online"),
+            build_method("prefixkv", capacity=capacity, prefix_config=str(profile)),
+            build_method("elastic", capacity=capacity),
+        ]
+    return methods
+
+
+def plan(out, data_dir, limit=2):
+    return RunPlan(tasks=build_tasks(",".join(TASKS)), data_dir=str(data_dir), limit=limit, max_length=150,
+                   output_dir=out)
+
+
+def run_grid_in_process(loaded, methods, plan, batch_size=16):
+    shared = {}
+    runs = [open_run(ModelDescription.of(loaded), method, method.prepare(loaded.info, shared), plan)
+            for method in methods]
+    try:
+        return execute_runs(runs, loaded, batch_size=batch_size)
+    finally:
+        for run in runs:
+            run.close()
+
+
+def folder_contents(run_dir):
+    """A folder as a comparison sees it: each task's rows by _id without their timings, run.json, scores.json."""
+    rows = {}
+    for task in TASKS:
+        parsed = parse_result_file(run_dir / f"{task}.jsonl")[0]
+        assert len({row["_id"] for row in parsed}) == len(parsed)  # nothing written twice
+        rows[task] = {row["_id"]: {k: v for k, v in row.items() if k not in TIMING_FIELDS} for row in parsed}
+    return rows, json.loads((run_dir / RUN_FILE).read_text()), json.loads((run_dir / SCORES_FILE).read_text())
+
+
+def separate_runs(loaded, methods, out, data_dir):
+    return {summary.run_dir.name: folder_contents(summary.run_dir)
+            for summary in (run_benchmark(loaded, method, plan(out, data_dir), batch_size=4) for method in methods)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_grid_writes_what_separate_runs_write(family, tmp_path, longbench_mini, classifier):
+    loaded = tiny_loaded_model(family, num_layers=NUM_LAYERS)
+    methods = grid_of(family, tmp_path)
+    expected = separate_runs(loaded, methods, tmp_path / "separate", longbench_mini)
+    asked_alone = len(classifier.asked)
+    summaries = run_grid_in_process(loaded, methods, plan(tmp_path / "grid", longbench_mini))
+    assert len(expected) == len(methods) == 17
+    assert {summary.run_dir.name: folder_contents(summary.run_dir) for summary in summaries} == expected
+    assert [summary.samples_done for summary in summaries] == [len(TASKS) * 2] * len(methods)
+    # separately each WindowKV run classifies each sample; the grid once per sample for both capacities
+    assert asked_alone == 2 * len(TASKS) * 2
+    assert len(classifier.asked) - asked_alone == len(TASKS) * 2
+    # the budgets really differ: not every folder holds the same predictions
+    predictions = {json.dumps(rows, sort_keys=True) for rows, _, _ in expected.values()}
+    assert len(predictions) > len(methods) // 2
+
+
+@pytest.mark.slow
+def test_a_grid_killed_midway_resumes_each_folder_and_skips_complete_ones(tmp_path, longbench_mini, classifier,
+                                                                          monkeypatch):
+    loaded = tiny_loaded_model("llama", num_layers=NUM_LAYERS)
+    methods = grid_of("llama", tmp_path)
+    expected = separate_runs(loaded, methods, tmp_path / "separate", longbench_mini)
+    out = tmp_path / "grid"
+    # two folders complete before the grid starts, one holding a single row
+    for method in methods[3:5]:
+        run_benchmark(loaded, method, plan(out, longbench_mini), batch_size=4)
+    run_benchmark(loaded, methods[7], plan(out, longbench_mini, limit=1), batch_size=4)
+
+    real_row = run_module._sample_row
+    written = []
+
+    def crash_after_some_rows(*args, **kwargs):
+        if len(written) == 20:
+            raise RuntimeError("simulated crash")
+        written.append(1)
+        return real_row(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "_sample_row", crash_after_some_rows)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_grid_in_process(loaded, methods, plan(out, longbench_mini))
+    monkeypatch.setattr(run_module, "_sample_row", real_row)
+
+    prefilled = []
+    real_prefill = generate_module.prefill_shared
+
+    def counting_prefill(model, compressors, request, *args):
+        prefilled.append(request.configurations)
+        return real_prefill(model, compressors, request, *args)
+
+    monkeypatch.setattr(generate_module, "prefill_shared", counting_prefill)
+    summaries = run_grid_in_process(loaded, methods, plan(out, longbench_mini))
+    rows_before = 2 * 4 + 2 + 20  # two complete folders, one row of each task in a third, the crash's rows
+    assert sum(summary.samples_done for summary in summaries) == len(methods) * 4 - rows_before
+    assert len(prefilled) <= 4  # each sample once at most, for exactly the folders lacking it
+    assert all(3 not in configurations and 4 not in configurations for configurations in prefilled)
+    assert {summary.run_dir.name: folder_contents(summary.run_dir) for summary in summaries} == expected
+
+
+def test_rows_of_several_configurations_decode_in_one_batch():
+    """The engine alone: two configurations named by each request, a batch smaller than their rows; each
+    configuration's tokens are those it gives decoding alone."""
+    model = tiny_model("llama", num_layers=2)
+    methods = [build_method("snapkv", capacity=32), build_method("elastic", capacity=40)]
+    lengths, new_tokens = [90, 30, 120, 64], [10, 3, 12, 6]
+    alone = [{r.tag: r.token_ids for r in generate_stream(model, method, requests_of(lengths, new_tokens), 1)}
+             for method in methods]
+    requests = requests_of(lengths, new_tokens)
+    for request in requests:
+        request.configurations = (0, 1)
+    results = list(generate_stream(model, methods, requests, 3))
+    assert sorted((r.configuration, r.tag) for r in results) == [(c, t) for c in (0, 1) for t in range(4)]
+    for result in results:
+        assert result.token_ids == alone[result.configuration][result.tag]
+        assert result.prefill_cost_seconds == pytest.approx(result.prefill_seconds / 2)
+
+
+def test_rows_that_memory_cannot_hold_are_scheduled_not_refused(monkeypatch):
+    """Free memory holding 2 rows of the grown buffers (the CUDA check, simulated): a batch of 8 runs with 2,
+    says so once, and every configuration's tokens stay those it gives alone."""
+    model = tiny_model("llama", num_layers=2)
+    methods = [build_method("fullkv"), build_method("snapkv", capacity=32)]
+    lengths, new_tokens = [30, 290, 120, 64], [10, 3, 12, 6]  # the second needs longer buffers
+    alone = [{r.tag: r.token_ids for r in generate_stream(model, method, requests_of(lengths, new_tokens), 1)}
+             for method in methods]
+    # the first cache fits 3 rows, the longer ones later only 2: rows wait for others to finish
+    monkeypatch.setattr(generate_module, "_rows_that_fit", lambda batch, prefilled, room:
+                        len(batch.rows) if batch.slots_needed(prefilled) <= batch.slots else 3 if batch.slots == 0 else 2)
+    requests = requests_of(lengths, new_tokens)
+    for request in requests:
+        request.configurations = (0, 1)
+    said = []
+    results = list(generate_stream(model, methods, requests, 8, say=said.append))
+    assert {(r.configuration, r.tag): r.token_ids for r in results} == {
+        (configuration, tag): tokens for configuration, by_tag in enumerate(alone) for tag, tokens in by_tag.items()}
+    assert len(said) == 1 and said[0].startswith("decode batch of 3 rows: what free GPU memory holds")
