@@ -183,6 +183,9 @@ def _build_run_command():
     @CODE_SIM_OPTION
     @click.option("--batch-size", default="auto", show_default=True,
                   help="samples decoded together (continuous batching); auto: 32 on CUDA, 4 on CPU")
+    @click.option("--question-agnostic", is_flag=True,
+                  help="compress each prompt's context before its question is seen; the question then extends the "
+                       "compressed cache whole (its own run folder, <method>-<capacity>-question-agnostic)")
     @click.option("--lengths", default=None, help="needle: context lengths, START:STOP:COUNT or a comma list [1000:8000:8]")
     @click.option("--depths", default=None, help="needle: depth percents, START:STOP:COUNT or a comma list [0:100:11]")
     @click.option("--needle", default=None, help="needle: the sentence hidden in the haystack")
@@ -191,8 +194,8 @@ def _build_run_command():
     @click.option("--haystack-dir", type=click.Path(), default=None, help="needle: folder of .txt files [Paul Graham essays]")
     @_method_option_flags
     def run_command(method_names, capacities, task_spec, data_dir, limit, max_length, output, model, dtype, attn, device,
-                    device_map, trust_remote_code, code_sim_matcher, batch_size, lengths, depths, needle, question,
-                    answer, haystack_dir, **method_options):
+                    device_map, trust_remote_code, code_sim_matcher, batch_size, question_agnostic, lengths, depths,
+                    needle, question, answer, haystack_dir, **method_options):
         """Run methods over LongBench / the needle test; rows land in OUTPUT/<model>/<method>-<capacity>/.
 
         Comma lists in --method and --capacity make a grid: the model loads once and each (method, capacity)
@@ -216,7 +219,7 @@ def _build_run_command():
                               haystack_dir=haystack_dir),
             data_dir=data_dir, limit=limit, max_length=max_length, output=output, model=model, dtype=dtype, attn=attn,
             device=device, device_map=device_map, trust_remote_code=trust_remote_code,
-            batch_size=_batch_size(batch_size),
+            batch_size=_batch_size(batch_size), question_agnostic=question_agnostic,
         )
         with using_code_sim_matcher(code_sim_matcher):
             run_grid(request, echo=click.echo, progress=lambda line: click.echo(line, err=True))

@@ -20,7 +20,6 @@ on CPU it runs eagerly. If capture fails the batch says so once and runs eagerly
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import time
@@ -29,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvbench.errors import error_line
-from kvbench.engine.hook import DecodeSession, active, install_hook
+from kvbench.engine.hook import DecodeSession, active, cache_keyword, install_hook
 from kvbench.engine.prefill import Prefilled
 
 log = logging.getLogger(__name__)
@@ -109,8 +108,7 @@ class DecodeBatch:
         # A 4-D mask makes transformers skip building one (it would be sized for a single cache length);
         # the hook reads each layer's own valid slots instead.
         self._short_circuit_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)
-        # transformers renamed ``past_key_values`` to ``cache`` within the 5.x series; accept both
-        self._cache_keyword = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        self._cache_keyword = cache_keyword(self.model)
         self._graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []

@@ -3,6 +3,10 @@
 Prompts differ in length and prefill is compute-bound, so each sample is prefilled alone;
 its compressed cache then joins a decode batch (`kvbench.engine.decode`). Logits are
 computed for the last prompt position only.
+
+A request with a ``question_start`` (question-agnostic runs) is compressed without its
+question: the prompt's tokens before it are prefilled and compressed, then the question's
+tokens run over the compressed cache (`kvbench.engine.extend`) and stay in it whole.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from typing import Any
 import torch
 
 from kvbench.engine.chunked import DEFAULT_CHUNK_TOKENS, install_chunking
+from kvbench.engine.extend import extend
 from kvbench.engine.hook import PrefillSession, active, install_hook
 from kvbench.methods.base import Compressor, SampleCompression
 
@@ -29,6 +34,9 @@ class DecodeRequest:
     sample: dict | None = None
     #: anything the caller needs back with the result (its task and sample, say)
     tag: Any = None
+    #: index of the question's first prompt token: the method compresses only the tokens before it, and the
+    #: question joins the compressed cache whole (question-agnostic); None: the whole prompt is compressed
+    question_start: int | None = None
 
 
 @dataclass
@@ -91,16 +99,20 @@ def eviction_schedule(state: SampleCompression, kept_per_layer: list[int], promp
 @torch.inference_mode()
 def prefill(model, compressor: Compressor, request: DecodeRequest,
             chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> Prefilled:
-    """Prefill one prompt through the hook; the method keeps what it chooses of each layer. The
-    per-token modules run in chunks of ``chunk_tokens`` positions (`kvbench.engine.chunked`)."""
+    """Prefill one prompt through the hook; the method keeps what it chooses of each layer (of the tokens
+    before ``request.question_start``, the question then extending the compressed cache). The per-token
+    modules run in chunks of ``chunk_tokens`` positions (`kvbench.engine.chunked`)."""
     install_hook(model)
     install_chunking(model, chunk_tokens)
     device = model.get_input_embeddings().weight.device
-    input_ids = torch.as_tensor(request.prompt_ids, dtype=torch.long, device=device).view(1, -1)
-    prompt_length = input_ids.shape[1]
+    prompt_length = len(request.prompt_ids)
+    compressed_length = prompt_length if request.question_start is None else request.question_start
+    if not 0 < compressed_length <= prompt_length:
+        raise ValueError(f"question_start must be inside the prompt (1 to {prompt_length}), got {compressed_length}")
+    input_ids = torch.as_tensor(request.prompt_ids[:compressed_length], dtype=torch.long, device=device).view(1, -1)
     num_layers = model.config.num_hidden_layers
-    state = compressor.start_sample(prompt_length, request.sample)
-    positions = torch.arange(prompt_length, device=device).view(1, -1)
+    state = compressor.start_sample(compressed_length, request.sample)
+    positions = torch.arange(compressed_length, device=device).view(1, -1)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     synchronize(device)
@@ -112,12 +124,15 @@ def prefill(model, compressor: Compressor, request: DecodeRequest,
             model(input_ids=input_ids, position_ids=positions, use_cache=False, logits_to_keep=1)
     session = PrefillSession(state, num_layers)
     with active(model, session):
-        logits = model(input_ids=input_ids, position_ids=positions, use_cache=False, logits_to_keep=1).logits
-    first_token = int(logits[0, -1].argmax())  # synchronizes
-    prefill_seconds = time.perf_counter() - start
+        logits = model(input_ids=input_ids, position_ids=positions, use_cache=False, logits_to_keep=1).logits[0, -1]
     kept = session.kept
     if any(layer is None for layer in kept):
         raise RuntimeError(f"the hook saw {sum(layer is not None for layer in kept)} of {num_layers} attention layers")
+    if compressed_length < prompt_length:
+        kept, logits = extend(model, kept, request.prompt_ids[compressed_length:], compressed_length)
+        state.prompt_extended(prompt_length - compressed_length)
+    first_token = int(logits.argmax())  # synchronizes
+    prefill_seconds = time.perf_counter() - start
     kept_per_layer = [keys.shape[-2] for keys, _ in kept]
     kv_bytes = sum(keys.nbytes + values.nbytes for keys, values in kept)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None

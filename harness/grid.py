@@ -57,6 +57,8 @@ class GridRequest:
     trust_remote_code: bool = False
     #: samples decoded together; None: the default for the device (`default_batch_size`)
     batch_size: int | None = None
+    #: compress each prompt's context without its question (`RunPlan.question_agnostic`)
+    question_agnostic: bool = False
 
 
 def grid_methods(method_names: list[str], capacities: list[int], options: dict[str, Any]) -> list[Method]:
@@ -100,7 +102,7 @@ def run_grid(request: GridRequest, echo: Callable[[str], None] = print,
     description, info = describe_model(source, config, request.dtype, request.attn, device)
     compressors = [method.prepare(info) for method in methods]
     plan = RunPlan(tasks=tasks, data_dir=request.data_dir, limit=request.limit, max_length=request.max_length,
-                   output_dir=output_dir)
+                   output_dir=output_dir, question_agnostic=request.question_agnostic)
     if not world.is_main:
         echo = progress = None
     start(world)

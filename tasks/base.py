@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from kvbench.errors import KvbenchError
+
 
 class Task:
     """Base class of a benchmark task; subclasses fill in every method."""
@@ -41,6 +43,12 @@ class Task:
         """Token ids of the final prompt (truncated to max_length, chat template applied where due)."""
         raise NotImplementedError
 
+    def question_part(self, sample: dict[str, Any]) -> str:
+        """The end of ``prompt_text(sample)`` from where the question begins: what a question-agnostic run
+        (`kvbench run --question-agnostic`) keeps out of compression, to extend the compressed context with.
+        A task without this boundary cannot run question-agnostic (`declares_question_part`)."""
+        raise KvbenchError(f"task {self.name} declares no context/question boundary; it cannot run --question-agnostic")
+
     def stop_token_ids(self, tokenizer) -> set[int]:
         """Token ids that end generation for this task besides the model's EOS."""
         return set()
@@ -68,3 +76,43 @@ class Task:
     def score(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         """Scores of finished result rows: at least {"score": float}, 0-100."""
         raise NotImplementedError
+
+
+def declares_question_part(task: Task) -> bool:
+    """Whether ``task`` says where its prompts' question begins (so it can run question-agnostic)."""
+    return type(task).question_part is not Task.question_part
+
+
+def _without_whitespace(text: str) -> str:
+    return "".join(text.split())
+
+
+def question_token_start(tokenizer, prompt_ids: list[int], question_text: str) -> int:
+    """Index of the first prompt token of the question part: the last ``k`` such that the tokens from ``k`` on
+    still hold all of ``question_text`` (so a token that straddles the boundary goes with the question).
+
+    Found on the final ids (after truncation and chat template) by bisection over decoded suffixes, which
+    hold the question for every ``k`` up to the answer and for none beyond; compared without whitespace,
+    since decoding may tidy the spaces around punctuation. Refused in one line when the prompt lacks the
+    question (truncation cut into it) or it is the whole prompt (no context left to compress).
+    """
+    wanted = _without_whitespace(question_text)
+    if not wanted:
+        raise KvbenchError("the question part of a prompt is empty")
+
+    def holds_question(start: int) -> bool:
+        return wanted in _without_whitespace(tokenizer.decode(prompt_ids[start:], skip_special_tokens=False))
+
+    if not holds_question(0):
+        raise KvbenchError(f"the prompt ({len(prompt_ids)} tokens) does not hold its question part whole "
+                           f"({question_text[:60]!r}...): truncation cut into it; raise --max-length")
+    low, high = 0, len(prompt_ids) - 1  # holds_question(low); the answer is at most the last token
+    while low < high:
+        middle = (low + high + 1) // 2
+        if holds_question(middle):
+            low = middle
+        else:
+            high = middle - 1
+    if low == 0:
+        raise KvbenchError(f"the question part is the whole prompt ({len(prompt_ids)} tokens): no context to compress")
+    return low
