@@ -25,6 +25,7 @@ class _ExtendCache:
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         kept_keys, kept_values = self.kept[layer_idx]
+        self.kept[layer_idx] = None  # released as soon as copied: a full cache is never held twice whole
         keys = torch.cat([kept_keys, key_states], dim=2)
         values = torch.cat([kept_values, value_states], dim=2)
         self.extended[layer_idx] = (keys, values)
@@ -36,7 +37,8 @@ def extend(model, kept: list[tuple[torch.Tensor, torch.Tensor]], new_ids: list[i
            first_position: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
     """Run ``new_ids`` (at positions ``first_position``...) over the per-layer ``kept`` (keys, values), each
     (1, kv_heads, kept, head_dim) post-RoPE: every layer's cache with the new tokens appended, and the
-    logits of the last new token (vocab,)."""
+    logits of the last new token (vocab,). ``kept`` is consumed: each layer's entry is released (set to
+    None) once that layer's extended cache is made."""
     install_hook(model)
     device = model.get_input_embeddings().weight.device
     input_ids = torch.as_tensor(new_ids, dtype=torch.long, device=device).view(1, -1)

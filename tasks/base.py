@@ -83,8 +83,10 @@ def declares_question_part(task: Task) -> bool:
     return type(task).question_part is not Task.question_part
 
 
-def _without_whitespace(text: str) -> str:
-    return "".join(text.split())
+def _comparable(text: str) -> str:
+    """Text as decoded ids are compared with: no whitespace (decoding may tidy the spaces around punctuation)
+    and case-folded (uncased tokenizers decode in lower case)."""
+    return "".join(text.split()).casefold()
 
 
 def question_token_start(tokenizer, prompt_ids: list[int], question_text: str) -> int:
@@ -92,16 +94,16 @@ def question_token_start(tokenizer, prompt_ids: list[int], question_text: str) -
     still hold all of ``question_text`` (so a token that straddles the boundary goes with the question).
 
     Found on the final ids (after truncation and chat template) by bisection over decoded suffixes, which
-    hold the question for every ``k`` up to the answer and for none beyond; compared without whitespace,
-    since decoding may tidy the spaces around punctuation. Refused in one line when the prompt lacks the
+    hold the question for every ``k`` up to the answer and for none beyond (compared as `_comparable`
+    text). Refused in one line when the prompt lacks the
     question (truncation cut into it) or it is the whole prompt (no context left to compress).
     """
-    wanted = _without_whitespace(question_text)
+    wanted = _comparable(question_text)
     if not wanted:
         raise KvbenchError("the question part of a prompt is empty")
 
     def holds_question(start: int) -> bool:
-        return wanted in _without_whitespace(tokenizer.decode(prompt_ids[start:], skip_special_tokens=False))
+        return wanted in _comparable(tokenizer.decode(prompt_ids[start:], skip_special_tokens=False))
 
     if not holds_question(0):
         raise KvbenchError(f"the prompt ({len(prompt_ids)} tokens) does not hold its question part whole "
@@ -113,6 +115,6 @@ def question_token_start(tokenizer, prompt_ids: list[int], question_text: str) -
             low = middle
         else:
             high = middle - 1
-    if low == 0:
+    if low < 2:  # a prefill of one token has nothing to compress (the hook compresses prompts of 2 or more)
         raise KvbenchError(f"the question part is the whole prompt ({len(prompt_ids)} tokens): no context to compress")
     return low

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU figure of the README in one call, tables under $OUT (a folder per phase).
 #
-#   tests/gpu/measure.sh PHASE...     PHASE: smoke, kernel, sweep, decode, prefill, long, workload, exactness (or all)
+#   tests/gpu/measure.sh PHASE...     PHASE: smoke, kernel, sweep, decode, prefill, long, workload, exactness,
+#                                            agnostic (or all)
 #
 # Runs on a CUDA machine where `python3` has torch; packages it lacks come as wheels in .whl/
 # (click, tqdm, tabulate, rouge, pytest and its needs, and the transformers kvbench is tested with),
@@ -16,7 +17,7 @@ export PYTHONPATH=/tmp/site:/tmp/pkg PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 MINI=.dev-assets/longbench-mini
 TOKENIZER=.dev-assets/tokenizer
 phases=("$@")
-[[ " ${phases[*]} " == *" all "* ]] && phases=(smoke kernel decode prefill long workload exactness)
+[[ " ${phases[*]} " == *" all "* ]] && phases=(smoke kernel decode prefill long workload exactness agnostic)
 
 for phase in "${phases[@]}"; do
   mkdir -p "$OUT/$phase"
@@ -58,6 +59,10 @@ PY
     python3 -m kvbench bench --workload longbench --model llama3-8b --dtype fp32 --tokenizer "$TOKENIZER" \
       --data-dir "$MINI" --methods snapkv --capacity 512 --batch-size 32 --limit 1 --alone-limit 1 --max-length 7950 \
       --out "$OUT/exactness"
+    ;;
+  agnostic)  # the question-agnostic prefill (context prefill + extend) against the question-aware one at 32k
+    python3 tests/gpu/question_agnostic.py --lengths 32768 --question-tokens 64 --capacity 512 --repeats 5 \
+      --methods fullkv,snapkv,pyramidkv,streamingllm --out "$OUT/agnostic" 2>&1 | tee "$OUT/agnostic/log.txt"
     ;;
   *) echo "unknown phase $phase" >&2; exit 2 ;;
   esac
