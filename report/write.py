@@ -40,6 +40,7 @@ from kvbench.report.tables import (
     longbench_e_table,
     needle_table,
     paper_table,
+    question_table,
     runs_table,
     same_run,
     to_html,
@@ -243,7 +244,8 @@ def write_report(paths: Iterable[str | Path] = (), out: str | Path | None = None
         check_writable_folder(out, "the report folder")
     out.mkdir(parents=True, exist_ok=True)
 
-    tables = [table for table in (leaderboard(frame), paper_table(frame), longbench_e_table(frame), needle_table(frame))
+    tables = [table for table in (leaderboard(frame), paper_table(frame), longbench_e_table(frame), needle_table(frame),
+                                  question_table(frame))
               if table]
     runs = runs_table(frame)
     cells = needle_cells(frame)  # every needle cell, scored once for the CSV and the heatmaps

@@ -25,9 +25,13 @@ from kvbench.tasks.base import Task, declares_question_part, question_token_star
 from kvbench.tasks.longbench import LongBenchTask, fill_template
 from kvbench.tasks.longbench_spec import LONGBENCH_TASKS, TASK_TABLE
 from kvbench.tasks.needle import NeedleTask
+from kvbench.report.load import load_runs
+from kvbench.report.tables import question_table, to_markdown
+from kvbench.report.write import write_report
 from kvbench.runfolder import parse_result_file
 from tests.method_helpers import sample_state
 from tests.test_method_contract import CONTRACT, build
+from tests.test_report import finished_run
 from tests.tiny_models import FAMILIES, byte_tokenizer, random_prompt, tiny_loaded_model, tiny_model
 
 CHAT_TEMPLATE = (
@@ -351,3 +355,46 @@ def test_a_task_without_a_question_part_is_refused_before_any_work(loaded, tmp_p
     with pytest.raises(KvbenchError, match="declares no context/question boundary"):
         run_benchmark(loaded, build_method("snapkv", capacity=32), plain)
     assert not (tmp_path / "out").exists()
+
+
+# -- the report ------------------------------------------------------------------------------------
+
+
+def question_agnostic_twin(root, method, capacity, scores, **options):
+    """A finished run as `kvbench run --question-agnostic` writes it, beside its question-aware twin."""
+    folder = f"{method}-{capacity}-question-agnostic"
+    run_dir = finished_run(root, method, capacity, scores, folder=folder, **options)
+    recorded = json.loads((run_dir / "run.json").read_text())
+    (run_dir / "run.json").write_text(json.dumps({**recorded, "question_agnostic": True}))
+    return run_dir
+
+
+def test_report_shows_question_aware_and_agnostic_side_by_side(tmp_path):
+    finished_run(tmp_path, "snapkv", 128, {"qasper": 30.0, "hotpotqa": 40.0})
+    question_agnostic_twin(tmp_path, "snapkv", 128, {"qasper": 20.0, "hotpotqa": 45.0})
+    finished_run(tmp_path, "fullkv", None, {"qasper": 50.0})  # made one way only: not in the pairs table
+    question_agnostic_twin(tmp_path, "pyramidkv", 64, {"qasper": 10.0})  # no question-aware twin either
+    frame = load_runs(tmp_path)
+    runs = frame.drop_duplicates("run_dir").set_index("run_dir")
+    agnostic = runs[runs["question"] == "agnostic"]
+    assert sorted(agnostic["settings"]) == ["question-agnostic"] * 2
+    assert set(runs[runs["question"] == "aware"]["settings"]) == {""}
+
+    table = question_table(frame)
+    assert table.runs[["method", "capacity", "task"]].values.tolist() == [
+        ["snapkv", 128, "qasper"], ["snapkv", 128, "hotpotqa"], ["snapkv", 128, "Task avg"]]
+    values = [[cell.value for cell in row] for row in table.cells]
+    assert values == [[30.0, 20.0, -10.0], [40.0, 45.0, 5.0], [35.0, 32.5, -2.5]]
+    assert "| snapkv | 128 | qasper | 30.00 | 20.00 | -10.00 |" in to_markdown(table)
+
+    written = write_report([tmp_path], tmp_path / "report", ["md", "csv"])
+    assert tmp_path / "report" / "question.csv" in written
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert "## Question-aware vs question-agnostic" in markdown
+    assert "| tiny-model | snapkv | 128 | question-agnostic |" in markdown  # its own leaderboard row
+
+
+def test_no_pairs_no_question_table(tmp_path):
+    finished_run(tmp_path, "snapkv", 128, {"qasper": 30.0})
+    question_agnostic_twin(tmp_path, "snapkv", 256, {"qasper": 20.0})
+    assert question_table(load_runs(tmp_path)) is None
