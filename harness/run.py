@@ -100,7 +100,7 @@ def sample_request(task: Task, sample: dict[str, Any], tokenizer, prompt_budget:
     generation length, and what the method may read of the sample (its fields, task and prompt text).
 
     Question-agnostic, the request also says where the question's tokens begin, and the method's prompt
-    text is the context alone (WindowKV's classifier reads it): the method sees nothing of the question.
+    text is the context alone (WindowKV's classifier reads it; no method reads the sample's other fields).
     """
     prompt_ids = task.prompt_ids(sample, tokenizer, prompt_budget)
     prompt_text = task.prompt_text(sample)

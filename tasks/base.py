@@ -94,9 +94,9 @@ def question_token_start(tokenizer, prompt_ids: list[int], question_text: str) -
     still hold all of ``question_text`` (so a token that straddles the boundary goes with the question).
 
     Found on the final ids (after truncation and chat template) by bisection over decoded suffixes, which
-    hold the question for every ``k`` up to the answer and for none beyond (compared as `_comparable`
-    text). Refused in one line when the prompt lacks the
-    question (truncation cut into it) or it is the whole prompt (no context left to compress).
+    hold the question for every ``k`` up to the answer and for none beyond (compared as `_comparable` text).
+    Refused in one line when the prompt lacks the question (truncation cut into it) or the question is the
+    whole prompt (no context left to compress).
     """
     wanted = _comparable(question_text)
     if not wanted:
@@ -105,10 +105,17 @@ def question_token_start(tokenizer, prompt_ids: list[int], question_text: str) -
     def holds_question(start: int) -> bool:
         return wanted in _comparable(tokenizer.decode(prompt_ids[start:], skip_special_tokens=False))
 
-    if not holds_question(0):
-        raise KvbenchError(f"the prompt ({len(prompt_ids)} tokens) does not hold its question part whole "
+    # The question ends the prompt: look back over doubling spans, then bisect inside the first that holds it,
+    # so a long prompt costs a few short decodes rather than decodes of the whole prompt.
+    length = len(prompt_ids)
+    span = 64
+    while span < length and not holds_question(length - span):
+        span *= 2
+    low = max(length - span, 0)  # holds_question(low), once checked below for the whole prompt
+    if low == 0 and not holds_question(0):
+        raise KvbenchError(f"the prompt ({length} tokens) does not hold its question part whole "
                            f"({question_text[:60]!r}...): truncation cut into it; raise --max-length")
-    low, high = 0, len(prompt_ids) - 1  # holds_question(low); the answer is at most the last token
+    high = length - 1  # the answer is at most the last token
     while low < high:
         middle = (low + high + 1) // 2
         if holds_question(middle):
