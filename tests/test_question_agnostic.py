@@ -398,3 +398,18 @@ def test_no_pairs_no_question_table(tmp_path):
     finished_run(tmp_path, "snapkv", 128, {"qasper": 30.0})
     question_agnostic_twin(tmp_path, "snapkv", 256, {"qasper": 20.0})
     assert question_table(load_runs(tmp_path)) is None
+
+
+def test_the_run_command_passes_question_agnostic_to_the_grid(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    from kvbench.cli import main
+    from kvbench.harness import grid
+
+    requests = []
+    monkeypatch.setattr(grid, "run_grid", lambda request, **kwargs: requests.append(request))
+    for flags in ([], ["--question-agnostic"]):
+        result = CliRunner().invoke(main, ["run", "--method", "snapkv", "--capacity", "64", "--tasks", "trec",
+                                           "--output", str(tmp_path), *flags])
+        assert result.exit_code == 0, result.output
+    assert [request.question_agnostic for request in requests] == [False, True]
