@@ -188,7 +188,7 @@ def reference_extend(model, kept, new_ids, first_position):
 TOLERANCE = 1e-4
 
 
-@pytest.mark.parametrize("family", ["llama", pytest.param("qwen2", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
 @pytest.mark.parametrize("method_name", sorted(CONTRACT))
 def test_extend_equals_the_decoder_written_out_over_the_kept_cache(family, method_name):
     model = tiny_model(family)
