@@ -341,7 +341,7 @@ class NeedleTask(Task):
         return ids
 
     def question_part(self, sample: dict[str, Any]) -> str:
-        """The question and the answer prefix ("Question: ...\nAnswer:"), the end of the prompt text."""
+        """The question and the answer prefix ("Question: ...\\nAnswer:"), the end of the prompt text."""
         return QUESTION_TEMPLATE.format(question=sample["question"])
 
     def prompt_text(self, sample: dict[str, Any]) -> str:
