@@ -203,6 +203,9 @@ def _build_run_command():
                   help="rows decoded together (continuous batching; a grid decodes its configurations' rows together); "
                        "auto: on CUDA as many as free memory holds, up to the measured fastest per token; 4 on CPU")
     @BATCH_INVARIANT_OPTION
+    @click.option("--question-agnostic", is_flag=True,
+                  help="compress each prompt's context before its question is seen; the question then extends the "
+                       "compressed cache whole (its own run folder, <method>-<capacity>-question-agnostic)")
     @click.option("--lengths", default=None, help="needle: context lengths, START:STOP:COUNT or a comma list "
                   "[1000:8000:8]; ruler: lengths, prompt plus answer, in the model's tokens [4096]")
     @click.option("--depths", default=None, help="needle: depth percents, START:STOP:COUNT or a comma list [0:100:11]")
@@ -215,8 +218,8 @@ def _build_run_command():
     @click.option("--num-samples", type=int, default=None, help="ruler: samples per task and length [500]")
     @_method_option_flags
     def run_command(method_names, capacities, task_spec, data_dir, limit, max_length, output, model, dtype, attn, device,
-                    device_map, trust_remote_code, code_sim_matcher, batch_size, batch_invariant, lengths, depths, needle,
-                    question, answer, haystack_dir, seed, num_samples, **method_options):
+                    device_map, trust_remote_code, code_sim_matcher, batch_size, batch_invariant, question_agnostic, lengths,
+                    depths, needle, question, answer, haystack_dir, seed, num_samples, **method_options):
         """Run methods over LongBench / the needle test / RULER; rows land in OUTPUT/<model>/<method>-<capacity>/.
 
         Comma lists in --method and --capacity make a grid: the model loads once and each (method, capacity)
@@ -240,7 +243,7 @@ def _build_run_command():
                               haystack_dir=haystack_dir, seed=seed, num_samples=num_samples),
             data_dir=data_dir, limit=limit, max_length=max_length, output=output, model=model, dtype=dtype, attn=attn,
             device=device, device_map=device_map, trust_remote_code=trust_remote_code,
-            batch_size=_batch_size(batch_size), batch_invariant=batch_invariant,
+            batch_size=_batch_size(batch_size), batch_invariant=batch_invariant, question_agnostic=question_agnostic,
         )
         with using_code_sim_matcher(code_sim_matcher):
             run_grid(request, echo=click.echo, progress=lambda line: click.echo(line, err=True))

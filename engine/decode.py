@@ -25,7 +25,6 @@ other samples, and whatever the buffers' capacity; the step is captured the same
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import math
 import time
@@ -34,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvbench.errors import error_line
-from kvbench.engine.hook import DecodeSession, active, install_hook
+from kvbench.engine.hook import DecodeSession, active, cache_keyword, install_hook
 from kvbench.engine.invariant import check_invariance, invariant_forwards
 from kvbench.engine.prefill import DecodeRequest, Prefilled, synchronize
 from kvbench.methods.base import SampleCompression
@@ -120,8 +119,7 @@ class DecodeBatch:
         # A 4-D mask makes transformers skip building one (it would be sized for a single cache length);
         # the hook reads each layer's own valid slots instead.
         self._short_circuit_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)
-        # transformers renamed ``past_key_values`` to ``cache`` within the 5.x series; accept both
-        self._cache_keyword = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        self._cache_keyword = cache_keyword(self.model)
         self._graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []

@@ -59,7 +59,8 @@ class Generation:
     kept_per_layer: list[int]
     #: the sample's prefill, shared by every configuration that needed it
     prefill_seconds: float
-    #: this configuration's share of the prefill (``prefill_seconds`` over the configurations sharing it)
+    #: this configuration's share of the prefill (the shared forward pass over the configurations sharing it,
+    #: plus its own extend when question-agnostic)
     prefill_cost_seconds: float
     #: from joining the decode batch to the last token (the sample's decoding latency)
     decode_seconds: float

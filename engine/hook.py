@@ -15,11 +15,16 @@ depends on the session active on the attention module:
   the batch's preallocated buffers, where each layer and row holds its own number of
   valid slots; attention runs over the valid slots only (`masked_decode_attention`, or in a
   batch-invariant step the Triton kernel `kvbench.engine.invariant_kernels.decode_attention`).
+* an `ExtendSession` (several new tokens over one sample's compressed cache, batch 1: the
+  question of a question-agnostic run, `kvbench.engine.extend`): the keys and values are
+  the layer's kept entries followed by the new tokens' own; each new token attends to all
+  the kept entries and causally to the new tokens (`extend_attention`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -102,6 +107,27 @@ def masked_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch
     return output.reshape(batch, num_heads, 1, head_dim).transpose(1, 2)
 
 
+class ExtendSession:
+    """New tokens prefilled over a compressed cache: each layer's last keys (as many as the queries) are theirs."""
+
+
+def extend_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
+    """The last ``n`` keys are the queries' own tokens: each query attends to every earlier key and causally to
+    those ``n``. query (1, Hq, n, d); key/value (1, Hkv, kept + n, d) un-repeated; returns (1, n, Hq, d).
+
+    Each KV head's query heads are laid out as ``groups * n`` queries of that head, so no key is repeated.
+    """
+    _, num_heads, new_tokens, head_dim = query.shape
+    num_kv_heads, key_length = key.shape[1], key.shape[2]
+    groups = num_heads // num_kv_heads
+    grouped = query.reshape(1, num_kv_heads, groups * new_tokens, head_dim)
+    query_position = torch.arange(new_tokens, device=query.device) + (key_length - new_tokens)
+    mask = torch.arange(key_length, device=query.device) <= query_position[:, None]
+    mask = mask.repeat(groups, 1)
+    output = F.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, scale=scaling)
+    return output.reshape(1, num_heads, new_tokens, head_dim).transpose(1, 2)
+
+
 def _hooked(backend_name: str):
     def attention(module, query, key, value, attention_mask, **kwargs):
         session = getattr(module, "kvbench_session", None)
@@ -114,6 +140,8 @@ def _hooked(backend_name: str):
                 write_pos = session.write_pos[module.layer_idx, : session.rows]
                 return decode_attention(query, key, value, valid, write_pos, scaling), None
             return masked_decode_attention(query, key, value, valid, scaling), None
+        if isinstance(session, ExtendSession):
+            return extend_attention(query, key, value, scaling), None
         backend = eager_attention_forward if backend_name == "eager" else ALL_ATTENTION_FUNCTIONS[backend_name]
         output = backend(module, query, key, value, attention_mask, **kwargs)
         if isinstance(session, PrefillSession) and query.shape[2] == key.shape[2] > 1:
@@ -139,6 +167,12 @@ def install_hook(model) -> None:
     model.set_attn_implementation(f"{HOOKED_PREFIX}{backend}")
 
 
+def cache_keyword(model) -> str:
+    """The keyword the model's forward takes a cache object by: transformers renamed ``past_key_values`` to
+    ``cache`` within the 5.x series; accept both."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def attention_modules(model) -> list[torch.nn.Module]:
     """The modules that call the attention interface: those with a ``layer_idx`` and a ``scaling`` (found once)."""
     found = getattr(model, "_kvbench_attention_modules", None)
@@ -149,7 +183,7 @@ def attention_modules(model) -> list[torch.nn.Module]:
 
 
 @contextlib.contextmanager
-def active(model, session: PrefillSession | DecodeSession):
+def active(model, session: PrefillSession | DecodeSession | ExtendSession):
     """Make ``session`` active on every attention module for the duration of a forward pass."""
     modules = attention_modules(model)
     for module in modules:

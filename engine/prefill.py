@@ -5,12 +5,19 @@ its compressed cache then joins a decode batch (`kvbench.engine.decode`). Logits
 computed for the last prompt position only.
 
 One prefill serves every configuration (method, capacity, options) of a grid that needs
-the sample: the forward pass and the first generated token do not depend on the method,
-since each method compresses a layer only after that layer's full attention ran. Each
+the sample: the forward pass (and, question-aware, the first generated token) does not
+depend on the method, since each method compresses a layer only after that layer's full
+attention ran. Each
 configuration's state sees the same layers and keeps its own selection; the scoring
 pre-pass runs once, for the configurations that need it. The caches of all of them
 exist together until they join the decode batch: at most the prompt (a full cache) plus
 the sum of the compressed budgets, per layer.
+
+A request with a ``question_start`` (question-agnostic runs) is compressed without its
+question: the prompt's tokens before it are prefilled (once for all configurations) and
+compressed, then the question's tokens run over each configuration's compressed cache
+(`kvbench.engine.extend`) and stay in it whole. The first token comes from that extend, so
+it may differ by configuration.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from typing import Any
 import torch
 
 from kvbench.engine.chunked import DEFAULT_CHUNK_TOKENS, install_chunking
+from kvbench.engine.extend import extend
 from kvbench.engine.hook import HOOKED_PREFIX, PrefillSession, active, install_hook
 from kvbench.methods.base import Compressor, SampleCompression
 
@@ -42,6 +50,9 @@ class DecodeRequest:
     tag: Any = None
     #: the configurations (indices into the generation's compressors) that need this sample, all from one prefill
     configurations: tuple[int, ...] = (0,)
+    #: index of the question's first prompt token: the method compresses only the tokens before it, and the
+    #: question joins the compressed cache whole (question-agnostic); None: the whole prompt is compressed
+    question_start: int | None = None
 
 
 @dataclass
@@ -55,7 +66,8 @@ class Prefilled:
     kept_per_layer: list[int]
     first_token: int
     prefill_seconds: float
-    #: the configuration's share of the prefill (``prefill_seconds`` over the configurations that shared it)
+    #: the configuration's share of the prefill: the shared forward pass over the configurations that shared it,
+    #: plus its own extend (question-agnostic)
     prefill_cost_seconds: float
     kv_cache_bytes: int
     #: peak accelerator memory of the prefill (None on CPU)
@@ -140,16 +152,21 @@ def prefill(model, compressor: Compressor, request: DecodeRequest,
 def prefill_shared(model, compressors: Sequence[Compressor], request: DecodeRequest,
                    chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> list[Prefilled]:
     """Prefill one prompt through the hook once for the configurations ``request.configurations`` names
-    (indices into ``compressors``); each keeps what it chooses of each layer. The per-token modules run
-    in chunks of ``chunk_tokens`` positions (`kvbench.engine.chunked`)."""
+    (indices into ``compressors``); each keeps what it chooses of each layer (of the tokens before
+    ``request.question_start``, the question then extending each configuration's compressed cache, and
+    giving each its own first token). The per-token modules run in chunks of ``chunk_tokens`` positions
+    (`kvbench.engine.chunked`)."""
     install_hook(model)
     install_chunking(model, chunk_tokens)
     device = model.get_input_embeddings().weight.device
-    input_ids = torch.as_tensor(request.prompt_ids, dtype=torch.long, device=device).view(1, -1)
-    prompt_length = input_ids.shape[1]
+    prompt_length = len(request.prompt_ids)
+    compressed_length = prompt_length if request.question_start is None else request.question_start
+    if not 0 < compressed_length <= prompt_length:
+        raise ValueError(f"question_start must be inside the prompt (1 to {prompt_length}), got {compressed_length}")
+    input_ids = torch.as_tensor(request.prompt_ids[:compressed_length], dtype=torch.long, device=device).view(1, -1)
     num_layers = model.config.num_hidden_layers
-    states = [compressors[index].start_sample(prompt_length, request.sample) for index in request.configurations]
-    positions = torch.arange(prompt_length, device=device).view(1, -1)
+    states = [compressors[index].start_sample(compressed_length, request.sample) for index in request.configurations]
+    positions = torch.arange(compressed_length, device=device).view(1, -1)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     synchronize(device)
@@ -162,18 +179,37 @@ def prefill_shared(model, compressors: Sequence[Compressor], request: DecodeRequ
                 model(input_ids=input_ids, position_ids=positions, use_cache=False, logits_to_keep=1)
         session = PrefillSession(states, num_layers)
         with active(model, session):
-            logits = model(input_ids=input_ids, position_ids=positions, use_cache=False, logits_to_keep=1).logits
-    first_token = int(logits[0, -1].argmax())  # synchronizes
-    prefill_seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    prefilled = []
-    for configuration, state, kept in zip(request.configurations, states, session.kept):
+            logits = model(input_ids=input_ids, position_ids=positions, use_cache=False, logits_to_keep=1).logits[0, -1]
+    for kept in session.kept:
         if any(layer is None for layer in kept):
             raise RuntimeError(f"the hook saw {sum(layer is not None for layer in kept)} of {num_layers} attention layers")
+    # per configuration: its cache, its first token, and the seconds spent on it alone (its extend)
+    caches: list[tuple[list[tuple[torch.Tensor, torch.Tensor]], int, float]]
+    if compressed_length == prompt_length:
+        first_token = int(logits.argmax())  # synchronizes
+        shared_seconds = prefill_seconds = time.perf_counter() - start
+        caches = [(kept, first_token, 0.0) for kept in session.kept]
+    else:
+        # The question extends each configuration's own compressed cache: what it attends to differs by
+        # configuration, and so may the first token.
+        synchronize(device)
+        shared_seconds = time.perf_counter() - start
+        question_ids = request.prompt_ids[compressed_length:]
+        caches = []
+        for state, kept in zip(states, session.kept):
+            extend_start = time.perf_counter()
+            extended, question_logits = extend(model, kept, question_ids, compressed_length)
+            state.prompt_extended(len(question_ids))
+            first_token = int(question_logits.argmax())  # synchronizes
+            caches.append((extended, first_token, time.perf_counter() - extend_start))
+        prefill_seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    prefilled = []
+    for configuration, state, (kept, first_token, own_seconds) in zip(request.configurations, states, caches):
         kept_per_layer = [keys.shape[-2] for keys, _ in kept]
         kv_bytes = sum(keys.nbytes + values.nbytes for keys, values in kept)
         one = Prefilled(request, state, kept, kept_per_layer, first_token, prefill_seconds,
-                        prefill_seconds / len(states), kv_bytes, peak, configuration)
+                        shared_seconds / len(states) + own_seconds, kv_bytes, peak, configuration)
         if not one.finished:
             one.evictions = eviction_schedule(state, kept_per_layer, prompt_length, request.max_new_tokens - 1)
         prefilled.append(one)

@@ -65,6 +65,8 @@ class GridRequest:
     batch_size: int | None = None
     #: --batch-invariant / --no-batch-invariant; None: the default for the device (`resolve_batch_invariant`)
     batch_invariant: bool | None = None
+    #: compress each prompt's context without its question (`RunPlan.question_agnostic`)
+    question_agnostic: bool = False
 
 
 def grid_methods(method_names: list[str], capacities: list[int], options: dict[str, Any]) -> list[Method]:
@@ -133,7 +135,8 @@ def run_grid(request: GridRequest, echo: Callable[[str], None] = print,
     decode_device = "cpu" if request.device_map == "cpu" else resolve_device(device)
     batch_invariant = resolve_batch_invariant(request.batch_invariant, decode_device, getattr(config, "model_type", None))
     plan = RunPlan(tasks=tasks, data_dir=request.data_dir, limit=request.limit, max_length=request.max_length,
-                   output_dir=output_dir, batch_invariant=batch_invariant)
+                   output_dir=output_dir, batch_invariant=batch_invariant,
+                   question_agnostic=request.question_agnostic)
     if not world.is_main:
         echo = progress = None
     start(world)

@@ -53,7 +53,7 @@ from kvbench.runfolder import (
     run_label,
     write_json,
 )
-from kvbench.tasks.base import Task
+from kvbench.tasks.base import Task, declares_question_part
 from kvbench.tasks.metrics import scorer_settings
 
 #: version of what run.json records; a folder written under another version is refused, never mixed
@@ -69,12 +69,21 @@ class RunPlan:
     output_dir: Path = field(default_factory=default_output_dir)
     #: decode with the batch-invariant kernels (`kvbench.engine.invariant`), resolved for the device
     batch_invariant: bool = False
+    #: compress each prompt's context without its question, which then extends the compressed cache whole
+    question_agnostic: bool = False
 
 
-def method_label(method: Method) -> str:
-    """Folder name of a run: the method, its budget, and every option set away from its default."""
+#: the folder name's last part for a question-agnostic run
+QUESTION_AGNOSTIC_LABEL = "question-agnostic"
+
+
+def method_label(method: Method, question_agnostic: bool = False) -> str:
+    """Folder name of a run: the method, its budget, every option set away from its default, and whether the
+    context was compressed without the question."""
     budget = method.budget
-    return run_label([method.name] + ([str(budget)] if budget is not None else []), method.non_default_options())
+    parts = [method.name] + ([str(budget)] if budget is not None else []) + (
+        [QUESTION_AGNOSTIC_LABEL] if question_agnostic else [])
+    return run_label(parts, method.non_default_options())
 
 
 def max_prompt_length(context_window: int, task: Task, requested: int | None) -> int:
@@ -92,12 +101,26 @@ def max_prompt_length(context_window: int, task: Task, requested: int | None) ->
 
 
 def sample_request(task: Task, sample: dict[str, Any], tokenizer, prompt_budget: int, stop_ids: set[int],
-                   tag: Any = None) -> DecodeRequest:
+                   tag: Any = None, question_agnostic: bool = False) -> DecodeRequest:
     """A sample as the engine generates it: the task's prompt within ``prompt_budget`` tokens, the task's
-    generation length, and what the method may read of the sample (its fields, task and prompt text)."""
-    prompt_ids = task.prompt_ids(sample, tokenizer, prompt_budget)
-    method_view = {**sample, "task": task.name, "prompt_text": task.prompt_text(sample)}
-    return DecodeRequest(prompt_ids, task.max_new_tokens, stop_ids, method_view, tag=tag)
+    generation length, and what the method may read of the sample (its fields, task and prompt text).
+
+    Question-agnostic, the request also says where the question's tokens begin, and the method's prompt
+    text is the context alone (WindowKV's classifier reads it; no method reads the sample's other fields).
+    """
+    question_start = None
+    if question_agnostic:
+        prompt_ids, question_start = task.split_prompt_ids(sample, tokenizer, prompt_budget)
+    else:
+        prompt_ids = task.prompt_ids(sample, tokenizer, prompt_budget)
+    prompt_text = task.prompt_text(sample)  # after the ids: a task may build its text with them (the needle, RULER)
+    if question_agnostic:
+        question = task.question_part(sample)
+        if not prompt_text.endswith(question):
+            raise KvbenchError(f"{task.name} sample {sample['_id']}: its question part does not end its prompt text")
+        prompt_text = prompt_text[: len(prompt_text) - len(question)]
+    method_view = {**sample, "task": task.name, "prompt_text": prompt_text}
+    return DecodeRequest(prompt_ids, task.max_new_tokens, stop_ids, method_view, tag=tag, question_start=question_start)
 
 
 def context_limit(context_window: int, task: Task, requested_max_length: int | None) -> int:
@@ -122,6 +145,8 @@ def run_identity(model: ModelDescription, method: Method, compressor: Compressor
     is what counts). Batch-invariant decoding rounds otherwise than the plain kernels, so it is
     part of it, as ``"batch_invariant": true``; the plain path adds nothing, so folders written
     before the mode existed (all CPU runs, CUDA runs with --no-batch-invariant) keep matching.
+    ``question_agnostic`` is recorded only when set, so folders of question-aware runs
+    written before it existed still resume.
     """
     return {
         "format": RUN_FORMAT,
@@ -133,6 +158,7 @@ def run_identity(model: ModelDescription, method: Method, compressor: Compressor
         "method_files": compressor.identity(),
         "scorer": scorer_settings(),
         **({"batch_invariant": True} if plan.batch_invariant else {}),
+        **({"question_agnostic": True} if plan.question_agnostic else {}),
     }
 
 
@@ -173,6 +199,10 @@ def open_run(model: ModelDescription, method: Method, compressor: Compressor, pl
     """
     samples_by_task = {}
     task_identity = {}
+    if plan.question_agnostic:
+        without = [task.name for task in plan.tasks if not declares_question_part(task)]
+        if without:
+            raise KvbenchError(f"--question-agnostic: {', '.join(without)} declares no context/question boundary")
     for task in plan.tasks:
         task.validate_for_model(context_limit(model.context_window, task, plan.max_length))
         prompt_budget = max_prompt_length(model.context_window, task, plan.max_length)
@@ -183,7 +213,7 @@ def open_run(model: ModelDescription, method: Method, compressor: Compressor, pl
             # the budget as resolved (--max-length, or the window minus the generation length)
             task_identity[task.name]["max_prompt_tokens"] = prompt_budget
     identity = run_identity(model, method, compressor, plan)
-    run_dir = run_dir_for(plan.output_dir, model.name, method_label(method))
+    run_dir = run_dir_for(plan.output_dir, model.name, method_label(method, plan.question_agnostic))
     lock: RunLock | None = None
 
     def lock_and_check() -> dict[str, Any]:
@@ -244,6 +274,7 @@ def _write_run_file(run: OpenRun, model: ModelDescription, device: str, prefill_
         "capacity": run.method.budget,
         "settings": run.method.options(),
         "max_length": run.plan.max_length,
+        "question_agnostic": run.plan.question_agnostic,
         "dtype": model.dtype,
         "attention": model.attention,
         # the kernels the prefill may use, fastest first (changes rounding only, like the device)
@@ -308,7 +339,7 @@ def execute_runs(runs: list[OpenRun], loaded: LoadedModel, report: Callable[[str
         task_stop_ids = {task.name: stop_ids | task.stop_token_ids(loaded.tokenizer) for task in plan.tasks}
         for task, sample, lacking in work:
             request = sample_request(task, sample, loaded.tokenizer, limits[task.name], task_stop_ids[task.name],
-                                     tag=(task, sample))
+                                     tag=(task, sample), question_agnostic=plan.question_agnostic)
             request.configurations = lacking
             yield request
 

@@ -31,6 +31,10 @@ Three objects, each with one job:
   - ``decode_eviction(layer_idx, cache_length, tokens_seen)`` before each decoding
     step appends a token; methods that hold the cache at a fixed size while
     decoding (PrefixKV, Elastic Cache) return the cache index to drop.
+  - ``prompt_extended(tokens)``, in question-agnostic runs only: ``prompt_length``
+    was the context before the question, and the question's ``tokens`` have just
+    joined every layer's compressed cache whole; decode-time rules count them as
+    kept prompt tokens (`kvbench.methods.fixed_point`).
 
   ``record()`` gives the sample's extra fields for its result row.
 
@@ -275,6 +279,9 @@ class SampleCompression:
     def decode_eviction(self, layer_idx: int, cache_length: int, tokens_seen: int) -> int | None:
         """Cache index to drop before appending a decoded token, or None to just append."""
         return None
+
+    def prompt_extended(self, tokens: int) -> None:
+        """The question's ``tokens`` joined every layer's cache uncompressed after ``select`` (question-agnostic)."""
 
     def record(self) -> dict[str, Any]:
         """Extra fields for the sample's result row (e.g. the task type used)."""

@@ -32,6 +32,13 @@ The size the cache is held at:
   with ``--capacity``: at ``kept_l`` (C per layer on average): every decoded
       token evicts one entry and the cache size is constant.
 ``--no-decode-evict`` appends instead, as every other method does.
+
+Question-agnostic runs (`kvbench run --question-agnostic`): the context is compressed,
+then the question's tokens join every layer's cache whole. Decoding counts them as kept
+prompt tokens: ``kept_l`` and ``L`` above both include them, so the cache is held at the
+size it has after the question (``--capacity``), the fixed index is that size plus
+``distance``, and the window of the newest entries slides over the question's end as it
+slides over the protected end of a prompt compressed with its question.
 """
 
 from __future__ import annotations
@@ -123,16 +130,21 @@ class FixedPointSample(SampleCompression):
         self.num_layers = num_layers
         #: prompt tokens each layer keeps; None until the budgets are known (PrefixKV online: after the pre-pass)
         self.kept: list[int] | None = None
+        #: question tokens appended whole after compression (question-agnostic runs)
+        self.question_tokens = 0
+
+    def prompt_extended(self, tokens: int) -> None:
+        self.question_tokens = tokens
 
     def decode_eviction(self, layer_idx: int, cache_length: int, tokens_seen: int) -> int | None:
         method = self.method
         if not method.decode_evict or self.kept is None or not method.compresses(self.prompt_length):
             return None  # no eviction: uncompressed samples grow like the full cache
-        kept = self.kept[layer_idx]
+        kept = self.kept[layer_idx] + self.question_tokens
         if method.capacity is not None:
             over = cache_length >= kept
         else:
-            over = cache_length * self.prompt_length >= (tokens_seen + 1) * kept
+            over = cache_length * (self.prompt_length + self.question_tokens) >= (tokens_seen + 1) * kept
         return method.eviction_index(kept) if over else None
 
     def record(self) -> dict[str, Any]:

@@ -25,8 +25,12 @@ from kvbench.paths import default_output_dir
 from kvbench.runfolder import RUN_FILE, SCORES_FILE, option_text, read_finished_rows, read_json, result_path
 from kvbench.tasks.metrics import using_code_sim_matcher
 
-#: columns that name a run; `settings` holds only the options that tell runs of one method apart
+#: columns that name a run; `settings` holds only the options that tell runs of one method apart, and
+#: QUESTION_AGNOSTIC for a run that compressed its contexts without the question
 RUN_KEY = ["model", "method", "capacity", "settings"]
+#: how `settings` names a question-agnostic run (`kvbench run --question-agnostic`); the ``question`` column
+#: says "agnostic" or "aware"
+QUESTION_AGNOSTIC = "question-agnostic"
 #: keys of a task's score dict that count samples rather than score them
 _COUNT_KEYS = {"score", "n", "cells"}
 #: hex digits of a content digest worth showing: enough to tell two files apart at a glance
@@ -75,11 +79,14 @@ def _label_settings(runs: list[dict[str, Any]]) -> None:
         varying = [key for key in keys if len({option_text(run["all_settings"].get(key)) for run in group}) > 1]
         for run in group:
             # An unset option (null) is the method's default and needs no mention.
-            run["settings"] = ", ".join(
-                f"{key}={option_text(run['all_settings'][key])}"
-                for key in varying
-                if run["all_settings"].get(key) is not None
-            )
+            options = [f"{key}={option_text(run['all_settings'][key])}" for key in varying
+                       if run["all_settings"].get(key) is not None]
+            run["settings"] = ", ".join(options + ([QUESTION_AGNOSTIC] if run["question"] == "agnostic" else []))
+
+
+def settings_without_question(settings: str) -> str:
+    """A run's ``settings`` as its question-aware twin's: without the question-agnostic mark."""
+    return ", ".join(part for part in settings.split(", ") if part and part != QUESTION_AGNOSTIC)
 
 
 class _Scorers:
@@ -170,6 +177,7 @@ def _task_record(run: dict[str, Any], task_name: str, scores: dict[str, Any], sc
         "method": run["method"],
         "capacity": run["capacity"],
         "settings": run["settings"],
+        "question": run["question"],
         "task": task_name,
         "category": task.category,
         "max_length": run["max_length"],
@@ -192,7 +200,8 @@ def _task_record(run: dict[str, Any], task_name: str, scores: dict[str, Any], sc
 def load_runs(*paths: str | Path) -> pd.DataFrame:
     """Every run under ``paths`` (default: `kvbench run`'s output folder) as one DataFrame.
 
-    Columns: run_dir, model, method, capacity (nullable int), settings, task, category,
+    Columns: run_dir, model, method, capacity (nullable int), settings (ending in "question-agnostic" for
+    such runs), question ("aware" or "agnostic": whether the method saw the question), task, category,
     max_length (nullable int: none given, each task's from the model's window), dtype,
     decoding ("batch-invariant" or "plain", see `kvbench.engine.invariant`),
     method_files (``name=digest`` of the files the method read, digests shortened),
@@ -242,6 +251,7 @@ def _load(paths: tuple[str | Path, ...], with_samples: bool) -> tuple[pd.DataFra
             "tasks": info["tasks"],
             "task_identity": info["task_identity"] if isinstance(info.get("task_identity"), dict) else {},
             "all_settings": settings if isinstance(settings, dict) else {},
+            "question": "agnostic" if info.get("question_agnostic") is True else "aware",
         })
     _label_settings(runs)
     scorers = _Scorers()

@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 from kvbench.intervals import LEVEL, RESAMPLES, average_draws, bounds
-from kvbench.report.load import RUN_KEY
+from kvbench.report.load import RUN_KEY, settings_without_question
 from kvbench.report.uncertainty import Draws
 from kvbench.tasks.longbench_spec import LENGTH_BUCKETS, LONGBENCH_E_TASKS, LONGBENCH_TASKS, TASK_TABLE
 from kvbench.tasks.ruler import CATEGORY as RULER, RULER_TASKS, length_key
@@ -51,6 +51,7 @@ NEEDLE_SCORE_COLUMN = "Needle score (ROUGE-1 recall)"
 INDEX_NAMES = {
     "model": "Model", "method": "Method", "max_length": "Max length", "capacity": "Capacity", "settings": "Settings",
     "kept_tokens": "Kept tok.", "kv_cache_mb": "KV MiB", "shared_samples": "Shared",
+    "task": "Task",
 }
 #: per-run measurements: numbers, shown only when some run has one
 MEASUREMENT_INDEX = {"kept_tokens", "kv_cache_mb"}
@@ -463,6 +464,53 @@ def needle_table(frame: pd.DataFrame, draws: Draws | None = None, seed: int | No
             *measurement_notes(runs),
         ],
     )
+
+
+def question_table(frame: pd.DataFrame) -> Table | None:
+    """Question-aware beside question-agnostic: for each run made both ways (same model, method, capacity and
+    options), each task's score both ways and the change, then the mean over the tasks both have."""
+    both = frame.assign(settings=frame["settings"].map(settings_without_question))
+    pairs = []
+    for _, group in both.groupby(RUN_KEY, dropna=False, sort=False):
+        aware, agnostic = (_lookup(group[group["question"] == side], ["question"]) for side in ("aware", "agnostic"))
+        tasks = _ordered_tasks({task for (_, task) in aware} & {task for (_, task) in agnostic})
+        if tasks:
+            pairs.append((group.iloc[0], tasks, aware, agnostic))
+    if not pairs:
+        return None
+    runs, cells = [], []
+    for run, tasks, aware, agnostic in sorted(pairs, key=lambda pair: _sort_key(pair[0])):
+        task_pairs = [(task_cell(aware[("aware", task)]), task_cell(agnostic[("agnostic", task)])) for task in tasks]
+        if len(tasks) > 1:
+            task_pairs.append(tuple(average_cell([pair[side] for pair in task_pairs]) for side in (0, 1)))
+        for task, (aware_cell, agnostic_cell) in zip(tasks + ["Task avg"], task_pairs):
+            runs.append({**{key: run[key] for key in RUN_KEY}, "task": task})
+            cells.append([aware_cell, agnostic_cell, _change_cell(aware_cell, agnostic_cell)])
+    return Table(
+        name="question",
+        title="Question-aware vs question-agnostic",
+        runs=pd.DataFrame(runs).astype({"capacity": "Int64"}),
+        columns=["Question-aware", "Question-agnostic", "Change"],
+        cells=cells,
+        notes=[
+            "Question-aware: the method compressed the whole prompt, question included (as the LongBench papers "
+            "run it); question-agnostic (kvbench run --question-agnostic): it compressed the context alone, and "
+            "the question then joined the compressed cache whole. Change: agnostic minus aware. "
+            f"Task avg: over the tasks run both ways; {PARTIAL_MARK}: over unfinished tasks.",
+        ],
+    )
+
+
+def _sort_key(run: pd.Series) -> tuple:
+    return tuple((1, "") if pd.isna(run[key]) else (0, run[key]) for key in RUN_KEY)
+
+
+def _change_cell(aware: Cell, agnostic: Cell) -> Cell:
+    if math.isnan(aware.value) or math.isnan(agnostic.value):
+        return Cell()
+    change = agnostic.value - aware.value
+    complete = aware.complete and agnostic.complete
+    return Cell(change, complete, f"{change:+.2f}" + ("" if complete else PARTIAL_MARK))
 
 
 def paper_table(frame: pd.DataFrame, draws: Draws | None = None, seed: int | None = None) -> Table | None:

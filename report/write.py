@@ -46,6 +46,7 @@ from kvbench.report.tables import (
     longbench_e_table,
     needle_table,
     paper_table,
+    question_table,
     ruler_table,
     ruler_tasks_table,
     runs_table,
@@ -274,7 +275,8 @@ def write_report(paths: Iterable[str | Path] = (), out: str | Path | None = None
     differences, difference_draws = paired_differences(frame, samples, seed)
     tables = [table for table in (leaderboard(frame, draws, seed), ruler_table(frame), ruler_tasks_table(frame),
                                   paper_table(frame, draws, seed), longbench_e_table(frame, draws, seed),
-                                  needle_table(frame, draws, seed))
+                                  needle_table(frame, draws, seed),
+                                  question_table(frame))
               if table]
     tables += difference_tables(differences, difference_draws, seed)
     runs = runs_table(frame)

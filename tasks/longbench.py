@@ -150,6 +150,11 @@ def fill_template(info: TaskInfo, sample: dict[str, Any]) -> str:
         raise KvbenchError(f"{info.name} sample {sample.get('_id', '?')!r} has no field {error.args[0]!r}") from None
 
 
+def fill_question(info: TaskInfo, sample: dict[str, Any]) -> str:
+    """The question part of the filled prompt (`TaskInfo.question_template`): a suffix of `fill_template`."""
+    return info.question_template.format(input=sample["input"])
+
+
 def truncate_middle(tokenizer, text: str, max_length: int) -> str:
     """``text`` cut to its first and last ``max_length // 2`` tokens, as official pred.py does.
 
@@ -204,6 +209,9 @@ class LongBenchTask(Task):
 
     def prompt_ids(self, sample: dict[str, Any], tokenizer, max_length: int) -> list[int]:
         return build_prompt_ids(self.info, sample, tokenizer, max_length)
+
+    def question_part(self, sample: dict[str, Any]) -> str:
+        return fill_question(self.info, sample)
 
     def stop_token_ids(self, tokenizer) -> set[int]:
         # Official pred.py ends samsum generation at the first newline token as well as at EOS.

@@ -42,6 +42,20 @@ class TaskInfo:
     #: the task also exists as a LongBench-E dataset ``<name>_e``
     in_longbench_e: bool
 
+    @property
+    def question_template(self) -> str:
+        """The end of the prompt template a question-agnostic run keeps out of compression: from the start of
+        the line holding the question field ``{input}`` (its label, "Question: ", goes with it; never before
+        the end of ``{context}``) to the end, answer prefix included. Templates without a question field
+        (summaries, passage_count, lcc) end with a request after the document ("Now, write a one-page
+        summary...", "Next line of code:"): that request is their question part."""
+        template = self.prompt_template
+        context_end = template.index("{context}") + len("{context}")
+        if "{input}" not in template:
+            return template[context_end:]
+        line_start = template.rfind("\n", 0, template.index("{input}")) + 1
+        return template[max(context_end, line_start):]
+
 
 # The official prompts, character for character (including their typos, e.g. "asconcisely").
 PROMPT_TEMPLATES = {

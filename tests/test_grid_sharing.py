@@ -2,17 +2,21 @@
 
 Every method at two capacities (PrefixKV online and from an offline profile, Elastic Cache evicting
 while decoding, WindowKV with its task classifier), in fp32 on tiny random Llama, Mistral and Qwen2
-models; also after a crash mid-grid and a resume, and with some folders complete before the grid.
+models; also after a crash mid-grid and a resume, with some folders complete before the grid, and
+question-agnostic (the context prefilled once, the question extending each configuration's own cache).
 """
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 
 import kvbench.classifier
 from kvbench.engine import generate as generate_module
-from kvbench.engine.generate import generate_stream
+from kvbench.engine import prefill as prefill_module
+from kvbench.engine.generate import as_compressor, generate_stream
+from kvbench.engine.prefill import DecodeRequest, prefill, prefill_shared
 from kvbench.harness import run as run_module
 from kvbench.harness.model import ModelDescription
 from kvbench.harness.run import RunPlan, execute_runs, open_run, run_benchmark
@@ -21,7 +25,7 @@ from kvbench.methods.prefixkv import write_config
 from kvbench.runfolder import RUN_FILE, SCORES_FILE, parse_result_file
 from kvbench.tasks import build_tasks
 from tests.test_decode import requests_of
-from tests.tiny_models import FAMILIES, tiny_loaded_model, tiny_model
+from tests.tiny_models import FAMILIES, random_prompt, tiny_loaded_model, tiny_model
 
 TASKS = ("hotpotqa", "passage_count")  # 32 generated tokens each
 CAPACITIES = (24, 48)
@@ -79,9 +83,9 @@ def grid_of(family, tmp_path):
     return methods
 
 
-def plan(out, data_dir, limit=2):
-    return RunPlan(tasks=build_tasks(",".join(TASKS)), data_dir=str(data_dir), limit=limit, max_length=150,
-                   output_dir=out)
+def plan(out, data_dir, limit=2, max_length=150, question_agnostic=False):
+    return RunPlan(tasks=build_tasks(",".join(TASKS)), data_dir=str(data_dir), limit=limit, max_length=max_length,
+                   output_dir=out, question_agnostic=question_agnostic)
 
 
 def run_grid_in_process(loaded, methods, plan, batch_size=16):
@@ -95,19 +99,20 @@ def run_grid_in_process(loaded, methods, plan, batch_size=16):
             run.close()
 
 
-def folder_contents(run_dir):
+def folder_contents(run_dir, tasks=TASKS):
     """A folder as a comparison sees it: each task's rows by _id without their timings, run.json, scores.json."""
     rows = {}
-    for task in TASKS:
+    for task in tasks:
         parsed = parse_result_file(run_dir / f"{task}.jsonl")[0]
         assert len({row["_id"] for row in parsed}) == len(parsed)  # nothing written twice
         rows[task] = {row["_id"]: {k: v for k, v in row.items() if k not in TIMING_FIELDS} for row in parsed}
     return rows, json.loads((run_dir / RUN_FILE).read_text()), json.loads((run_dir / SCORES_FILE).read_text())
 
 
-def separate_runs(loaded, methods, out, data_dir):
+def separate_runs(loaded, methods, out, data_dir, **plan_options):
     return {summary.run_dir.name: folder_contents(summary.run_dir)
-            for summary in (run_benchmark(loaded, method, plan(out, data_dir), batch_size=4) for method in methods)}
+            for summary in (run_benchmark(loaded, method, plan(out, data_dir, **plan_options), batch_size=4)
+                            for method in methods)}
 
 
 @pytest.mark.slow
@@ -169,6 +174,84 @@ def test_a_grid_killed_midway_resumes_each_folder_and_skips_complete_ones(tmp_pa
     assert len(prefilled) <= 4  # each sample once at most, for exactly the folders lacking it
     assert all(3 not in configurations and 4 not in configurations for configurations in prefilled)
     assert {summary.run_dir.name: folder_contents(summary.run_dir) for summary in summaries} == expected
+
+
+def test_a_question_agnostic_grid_writes_what_separate_question_agnostic_runs_write(tmp_path, longbench_mini,
+                                                                                    monkeypatch):
+    """Each sample's context is prefilled once for the three configurations, its question extended over each
+    one's cache: every folder holds, token for token, what its configuration's question-agnostic run writes."""
+    loaded = tiny_loaded_model("llama", num_layers=NUM_LAYERS)
+    methods = [build_method("snapkv", capacity=24), build_method("snapkv", capacity=48), build_method("fullkv")]
+    options = dict(max_length=400, question_agnostic=True)  # room for passage_count's long question part
+    expected = separate_runs(loaded, methods, tmp_path / "separate", longbench_mini, **options)
+    assert sorted(expected) == ["fullkv-question-agnostic", "snapkv-24-question-agnostic",
+                                "snapkv-48-question-agnostic"]
+    prefilled, extended = [], []
+    real_prefill, real_extend = generate_module.prefill_shared, prefill_module.extend
+
+    def counting_prefill(model, compressors, request, *args):
+        prefilled.append((request.configurations, request.question_start))
+        return real_prefill(model, compressors, request, *args)
+
+    def counting_extend(model, kept, new_ids, first_position):
+        extended.append(first_position)
+        return real_extend(model, kept, new_ids, first_position)
+
+    monkeypatch.setattr(generate_module, "prefill_shared", counting_prefill)
+    monkeypatch.setattr(prefill_module, "extend", counting_extend)
+    summaries = run_grid_in_process(loaded, methods, plan(tmp_path / "grid", longbench_mini, **options))
+    assert {summary.run_dir.name: folder_contents(summary.run_dir) for summary in summaries} == expected
+    samples = len(TASKS) * 2
+    assert len(prefilled) == samples and all(
+        configurations == (0, 1, 2) and question_start is not None for configurations, question_start in prefilled)
+    assert len(extended) == samples * len(methods)
+    assert all(run_json["question_agnostic"] is True for _, run_json, _ in expected.values())
+    # the budgets really differ: the snapkv folders and fullkv's hold different caches
+    kept = {name: [row["kept_tokens"] for rows in contents[0].values() for row in rows.values()]
+            for name, contents in expected.items()}
+    assert len({json.dumps(value) for value in kept.values()}) == len(methods)
+
+
+def test_a_question_agnostic_ruler_grid_writes_what_separate_runs_write(tmp_path):
+    """RULER too: split where its prompt_parts splits, and each configuration's row gets the sample's answers."""
+    loaded = tiny_loaded_model("llama", num_layers=NUM_LAYERS)
+    methods = [build_method("snapkv", capacity=24), build_method("fullkv")]
+
+    def ruler_plan(out):
+        return RunPlan(tasks=build_tasks("niah_single_1", lengths="1024", num_samples=2), output_dir=out,
+                       question_agnostic=True)
+
+    expected = {summary.run_dir.name: folder_contents(summary.run_dir, ["niah_single_1"])
+                for summary in (run_benchmark(loaded, method, ruler_plan(tmp_path / "separate"), batch_size=4)
+                                for method in methods)}
+    summaries = run_grid_in_process(loaded, methods, ruler_plan(tmp_path / "grid"))
+    assert {summary.run_dir.name: folder_contents(summary.run_dir, ["niah_single_1"])
+            for summary in summaries} == expected
+    assert [summary.samples_done for summary in summaries] == [2, 2]
+    assert all(row["answers"] for rows, _, _ in expected.values() for row in rows["niah_single_1"].values())
+
+
+def test_a_shared_question_agnostic_prefill_gives_each_configuration_its_own_cache_and_first_token():
+    """The engine alone: the question extends each configuration's compressed cache, so the first token comes
+    from each configuration's own extend (they differ by configuration) and equals a prefill of it alone."""
+    model = tiny_model("llama", num_layers=2)
+    compressors = [as_compressor(build_method("snapkv", capacity=16), model),
+                   as_compressor(build_method("streamingllm", capacity=16), model),
+                   as_compressor(build_method("fullkv"), model)]
+    first_tokens = []
+    for seed in range(8):
+        request = DecodeRequest(random_prompt(90, seed=seed), 4, set(), question_start=70, configurations=(0, 1, 2))
+        shared = prefill_shared(model, compressors, request)
+        assert [one.configuration for one in shared] == [0, 1, 2]
+        for one in shared:
+            alone = prefill(model, compressors[one.configuration], replace(request, configurations=(0,)))
+            assert one.first_token == alone.first_token
+            assert one.kept_per_layer == alone.kept_per_layer == [
+                (16 if one.configuration < 2 else 70) + 20] * 2  # the question's 20 tokens kept whole
+            assert all(torch.equal(shared_keys, alone_keys) and torch.equal(shared_values, alone_values)
+                       for (shared_keys, shared_values), (alone_keys, alone_values) in zip(one.kept, alone.kept))
+        first_tokens.append([one.first_token for one in shared])
+    assert any(len(set(tokens)) > 1 for tokens in first_tokens)
 
 
 def test_rows_of_several_configurations_decode_in_one_batch():

@@ -1,5 +1,6 @@
 """RULER: prompts of exact length in a real tokenizer, answers in the context, seeded generation, RULER's scorers,
-the context/question split, the offline QA note, the report's tables, and the refusals."""
+the context/question split (and question-agnostic requests split there), the offline QA note, the report's tables,
+and the refusals."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from click.testing import CliRunner
 from kvbench.cli import main
 from kvbench.errors import KvbenchError, TaskDataUnavailable
 from kvbench.harness.grid import tasks_with_data
+from kvbench.harness.run import sample_request
 from kvbench.report import load_runs
 from kvbench.report.tables import leaderboard, ruler_table, ruler_tasks_table
 from kvbench.tasks import build_tasks, get_task, resolve_task_names
@@ -143,6 +145,28 @@ def test_qa_tasks_from_ruler_files(tmp_path, tokenizer):
         assert fields["answers"][0] == answer and answer in tokenizer.decode(context_ids)
         assert "Question: " in tokenizer.decode(question_ids)
         assert task.identity(data_dir)["qa_data"]
+
+
+@pytest.mark.parametrize("name", list(RULER_TASKS))
+def test_question_agnostic_requests_split_where_prompt_parts_does(name, tokenizer, tmp_path):
+    """The context (the answers with it) is compressed; the question part, the template's question, the chat
+    template's turn switch and the answer prefix, extends the compressed cache; the method reads the context."""
+    spec = RULER_TASKS[name]
+    data_dir = str(write_qa_data(tmp_path))
+    task = get_task(name, lengths=str(max(1024, spec.min_length)), num_samples=1)
+    sample = task.load_samples(data_dir)[0]
+    request = sample_request(task, sample, tokenizer, 10**6, set(), question_agnostic=True)
+    context_ids, question_ids = task.prompt_parts(sample, tokenizer, 10**6)
+    assert request.prompt_ids == context_ids + question_ids and request.question_start == len(context_ids)
+    question = task.question_part(sample)
+    assert question.strip() and request.sample["prompt_text"] + question == task.prompt_text(sample)
+    context, question_part = tokenizer.decode(context_ids), tokenizer.decode(question_ids)
+    assert context.endswith(request.sample["prompt_text"][-40:])  # the ids split where the text does
+    assert question_part.startswith(question)
+    turn_switch = "<|im_end|>\n<|im_start|>assistant\n"
+    assert question_part[len(question):].startswith(turn_switch)
+    assert question_part[len(question) + len(turn_switch):].startswith(spec.answer_prefix[:9])
+    assert all(answer.lower() in context.lower() for answer in task.row_fields(sample)["answers"])
 
 
 # -- scoring ------------------------------------------------------------------------------------------------

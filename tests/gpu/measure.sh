@@ -2,7 +2,7 @@
 # Every GPU figure of the README in one call, tables under $OUT (a folder per phase).
 #
 #   tests/gpu/measure.sh PHASE...     PHASE: smoke, kernel, sweep, decode, prefill, long, workload, exactness,
-#                                     invariance, grid, grid-alone (or all)
+#                                     invariance, grid, grid-alone, agnostic (or all)
 #
 # Runs on a CUDA machine where `python3` has torch; packages it lacks come as wheels in .whl/
 # (click, tqdm, tabulate, rouge, pytest and its needs, and the transformers kvbench is tested with),
@@ -17,7 +17,7 @@ export PYTHONPATH=/tmp/site:/tmp/pkg PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 MINI=.dev-assets/longbench-mini
 TOKENIZER=.dev-assets/tokenizer
 phases=("$@")
-[[ " ${phases[*]} " == *" all "* ]] && phases=(smoke kernel decode prefill long workload exactness invariance grid grid-alone)
+[[ " ${phases[*]} " == *" all "* ]] && phases=(smoke kernel decode prefill long workload exactness invariance grid grid-alone agnostic)
 
 offline_prefixkv_profile() {  # an offline PrefixKV profile for the random model (uniform per-layer ratios)
   python3 - <<'PY'
@@ -84,6 +84,10 @@ for phase in "${phases[@]}"; do
       --methods snapkv --capacity 512 --batch-size auto --alone-limit 1 --max-length 7950 --out "$OUT/grid-alone/snapkv-512"
     python3 -m kvbench bench --model llama3-8b --lengths 6554,32768 --methods fullkv,snapkv --capacity 512 \
       --new-tokens 4 --repeats 3 --out "$OUT/grid-alone/prefill"
+    ;;
+  agnostic)  # the question-agnostic prefill (context prefill + extend) against the question-aware one at 32k
+    python3 tests/gpu/question_agnostic.py --lengths 32768 --question-tokens 64 --capacity 512 --repeats 5 \
+      --methods fullkv,snapkv,pyramidkv,streamingllm --out "$OUT/agnostic" 2>&1 | tee "$OUT/agnostic/log.txt"
     ;;
   *) echo "unknown phase $phase" >&2; exit 2 ;;
   esac
