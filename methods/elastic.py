@@ -39,6 +39,7 @@ point (so R = 0.3 of 10 tokens drops 2, as there, not 3).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,13 +70,28 @@ def merge_into_anchors(
     targets = nearest_anchor(dropped, anchors)
     slot = torch.searchsorted(anchors, targets)  # index of the target within `anchors`
     counts = torch.ones(anchors.shape[0], dtype=torch.float32, device=keys.device)
-    counts.index_add_(0, slot, torch.ones_like(slot, dtype=torch.float32))
     merged = []
-    for tensor in (keys, values):
-        total = tensor[:, :, anchors].float()
-        total.index_add_(2, slot, tensor[:, :, dropped].float())
-        merged.append((total / counts.view(1, 1, -1, 1)).to(tensor.dtype))
+    # On CUDA index_add_ adds by atomics in whatever order threads arrive, so a merged value could round
+    # differently from run to run (and a grid's rows differ from a separate run's); its deterministic
+    # variant sums in a fixed order.
+    with deterministic_algorithms():
+        counts.index_add_(0, slot, torch.ones_like(slot, dtype=torch.float32))
+        for tensor in (keys, values):
+            total = tensor[:, :, anchors].float()
+            total.index_add_(2, slot, tensor[:, :, dropped].float())
+            merged.append((total / counts.view(1, 1, -1, 1)).to(tensor.dtype))
     return merged[0], merged[1]
+
+
+@contextlib.contextmanager
+def deterministic_algorithms():
+    """torch's deterministic algorithms for the block (then the caller's setting again)."""
+    enabled, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
 
 
 @register

@@ -7,7 +7,7 @@ from kvbench.engine.generate import generate_greedy
 from kvbench.methods import build_method
 from kvbench.methods import elastic as elastic_module
 from kvbench.methods.base import LayerPrefill
-from kvbench.methods.elastic import nearest_anchor
+from kvbench.methods.elastic import merge_into_anchors, nearest_anchor
 from tests.method_helpers import recording, sample_state
 from tests.tiny_models import random_prompt, tiny_model
 
@@ -147,3 +147,18 @@ def test_merge_changes_the_output_of_a_tiny_model():
     evicted = generate_greedy(model, prompt, build_method("elastic", ratio=0.9, merge=False), 10, set())
     assert merged.kept_per_layer == evicted.kept_per_layer == [20] * 3
     assert merged.token_ids != evicted.token_ids
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (CPU index_add_ is sequential)")
+def test_cuda_merging_is_deterministic():
+    # Thousands of dropped tokens onto few anchors: CUDA atomics would add them in a varying order.
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    keys = torch.randn(1, 8, 8192, 128, generator=generator, device="cuda", dtype=torch.bfloat16)
+    values = torch.randn(1, 8, 8192, 128, generator=generator, device="cuda", dtype=torch.bfloat16)
+    positions = torch.randperm(8192, generator=generator, device="cuda")
+    anchors, dropped = positions[:64].sort().values, positions[64:].sort().values
+    first = merge_into_anchors(keys, values, anchors, dropped)
+    for _ in range(5):
+        again = merge_into_anchors(keys, values, anchors, dropped)
+        assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])
+    assert not torch.are_deterministic_algorithms_enabled()  # the caller's setting is back
