@@ -1,5 +1,7 @@
 """Driving a method by hand as the engine does: bind it to a model, start a sample, watch what it keeps and evicts."""
 
+import contextlib
+
 from kvbench.methods.base import Compressor, LayerPrefill, Method, ModelInfo, SampleCompression, Selection
 
 
@@ -51,3 +53,22 @@ class RecordingCompressor(Compressor):
 
 def recording(method: Method, num_layers: int) -> RecordingCompressor:
     return RecordingCompressor(method.prepare(ModelInfo("tiny", num_layers)))
+
+
+@contextlib.contextmanager
+def recording_graph_captures():
+    """The row counts of every CUDA graph the decode batch captures inside the block (a list, filled as it goes)."""
+    from kvbench.engine import decode as decode_module
+
+    captured = []
+    real_capture = decode_module.DecodeBatch._capture
+
+    def counting_capture(batch, rows):
+        captured.append(rows)
+        return real_capture(batch, rows)
+
+    decode_module.DecodeBatch._capture = counting_capture
+    try:
+        yield captured
+    finally:
+        decode_module.DecodeBatch._capture = real_capture

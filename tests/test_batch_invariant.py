@@ -90,21 +90,11 @@ def test_cuda_kernels_match_pytorch_and_are_batch_invariant():
 @cuda_only
 @pytest.mark.parametrize("use_cuda_graphs", [False, True], ids=["eager", "cuda-graph"])
 def test_cuda_decoding_gives_each_sample_the_same_tokens_in_any_batch(use_cuda_graphs):
-    from kvbench.engine import decode as decode_module
     from tests.batch_invariant_checks import engine_checks
+    from tests.method_helpers import recording_graph_captures
 
-    captured = []
-    real_capture = decode_module.DecodeBatch._capture
-
-    def counting_capture(batch, rows):
-        captured.append(rows)
-        return real_capture(batch, rows)
-
-    decode_module.DecodeBatch._capture = counting_capture
-    try:
+    with recording_graph_captures() as captured:
         outcome = engine_checks("cuda", use_cuda_graphs)
-    finally:
-        decode_module.DecodeBatch._capture = real_capture
     # replayed graphs do not call decode_logits, so logits are recorded eagerly only
     assert_engine_invariant(outcome, logits_recorded=not use_cuda_graphs)
     assert bool(captured) == use_cuda_graphs

@@ -8,6 +8,7 @@ from kvbench.engine.generate import generate_greedy, generate_stream
 from kvbench.engine.hook import masked_decode_attention
 from kvbench.engine.prefill import DecodeRequest
 from kvbench.methods import build_method
+from tests.method_helpers import recording_graph_captures
 from tests.test_method_contract import CONTRACT
 from tests.tiny_models import FAMILIES, random_prompt, tiny_model
 
@@ -146,19 +147,7 @@ def test_cuda_graph_steps_equal_eager_steps(name):
     lengths, new_tokens = [90, 30, 120, 64, 45, 100, 75, 140, 52], [10, 3, 12, 1, 9, 6, 11, 14, 7]
     eager = {r.tag: r.token_ids for r in generate_stream(model, method, requests_of(lengths, new_tokens), 1,
                                                           use_cuda_graphs=False)}
-    from kvbench.engine import decode as decode_module
-
-    captured = []
-    real_capture = decode_module.DecodeBatch._capture
-
-    def counting_capture(batch, rows):
-        captured.append(rows)
-        return real_capture(batch, rows)
-
-    decode_module.DecodeBatch._capture = counting_capture
-    try:
+    with recording_graph_captures() as captured:
         graphed = {r.tag: r.token_ids for r in generate_stream(model, method, requests_of(lengths, new_tokens), 4)}
-    finally:
-        decode_module.DecodeBatch._capture = real_capture
     assert captured, "no CUDA graph was captured"
     assert graphed == eager
