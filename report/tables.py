@@ -608,8 +608,8 @@ def difference_tables(differences: pd.DataFrame, draws: Draws, seed: int) -> lis
             "planned.",
             f"+1.20 ± 0.8: the difference and half the width of its {LEVEL:.0%} bootstrap interval ({RESAMPLES} "
             f"resamples of the shared samples, seed {seed}; averages resample within each task). Bold: the interval "
-            "leaves out 0, a difference beyond what resampling the samples explains. "
-            f"{PARTIAL_MARK}: over unfinished or missing tasks.",
+            "leaves out 0, a difference beyond what resampling the samples explains (too readily with a few "
+            f"samples a task: the bootstrap needs about 10). {PARTIAL_MARK}: over unfinished or missing tasks.",
         ]
         tables.append(table)
     return tables
