@@ -145,7 +145,7 @@ CODE_SIM_OPTION = click.option(
 
 
 SEED_OPTION = click.option(
-    "--seed", type=int, default=DEFAULT_SEED, show_default=True,
+    "--seed", type=click.IntRange(min=0), default=DEFAULT_SEED, show_default=True,  # numpy's seeds are >= 0
     help=f"seed of the {RESAMPLES} bootstrap resamples behind each 95% interval (the same seed, the same intervals)")
 
 

@@ -25,7 +25,7 @@ import torch
 
 from kvbench.errors import KvbenchError
 from kvbench.engine.chunked import DEFAULT_CHUNK_TOKENS
-from kvbench.engine.decode import DecodeBatch, FinishedRow, round_up_slots
+from kvbench.engine.decode import DecodeBatch, FinishedRow, fastest_batch_size, round_up_slots
 from kvbench.engine.prefill import DecodeRequest, Prefilled, prefill_shared
 from kvbench.methods.base import Compressor, Method, ModelInfo
 
@@ -44,8 +44,6 @@ def auto_batch_size(model, batch_invariant: bool = False) -> int:
     """``--batch-size auto``: on CUDA the candidate row count whose decode step (by the kernels
     ``batch_invariant`` chooses) measures fastest per sample-token (free memory may lower it while running, see
     `generate_stream`); on CPU 4."""
-    from kvbench.engine.decode import fastest_batch_size
-
     if model.get_input_embeddings().weight.device.type != "cuda":
         return CPU_BATCH_SIZE
     return fastest_batch_size(model, AUTO_BATCH_CANDIDATES, AUTO_PROBE_CACHE_TOKENS, batch_invariant=batch_invariant)

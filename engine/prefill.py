@@ -89,20 +89,25 @@ class Prefilled:
 CUDA_PREFILL_SDPA_KERNELS = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
 
 
-def prefill_attention_kernels(model) -> str:
-    """The prefill's attention as run.json records it: the backend, and on CUDA with sdpa the kernel order."""
+def _orders_sdpa_kernels(model) -> bool:
+    """Whether the prefill picks SDPA's kernel by `CUDA_PREFILL_SDPA_KERNELS`: sdpa on CUDA, torch >= 2.6."""
     from torch.nn.attention import sdpa_kernel
 
     backend = model.config._attn_implementation.removeprefix(HOOKED_PREFIX)
-    orderable = "set_priority" in inspect.signature(sdpa_kernel).parameters  # torch >= 2.6
-    if backend != "sdpa" or model.get_input_embeddings().weight.device.type != "cuda" or not orderable:
-        return backend
+    return (backend == "sdpa" and model.get_input_embeddings().weight.device.type == "cuda"
+            and "set_priority" in inspect.signature(sdpa_kernel).parameters)
+
+
+def prefill_attention_kernels(model) -> str:
+    """The prefill's attention as run.json records it: the backend, and on CUDA with sdpa the kernel order."""
+    if not _orders_sdpa_kernels(model):
+        return model.config._attn_implementation.removeprefix(HOOKED_PREFIX)
     return f"sdpa: {' > '.join(kernel.removesuffix('_ATTENTION').lower() for kernel in CUDA_PREFILL_SDPA_KERNELS)}"
 
 
 def _prefill_attention(model):
     """The context choosing the prefill's SDPA kernels (`prefill_attention_kernels`); none elsewhere."""
-    if " > " not in prefill_attention_kernels(model):
+    if not _orders_sdpa_kernels(model):
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 

@@ -36,7 +36,7 @@ import pandas as pd
 import torch
 
 from kvbench.errors import KvbenchError, error_line
-from kvbench.engine.decode import DecodeBatch, synthetic_cache, synthetic_prefilled
+from kvbench.engine.decode import DecodeBatch, kv_head_layout, synthetic_cache, synthetic_prefilled
 from kvbench.engine.generate import Generation, auto_batch_size, generate_greedy, generate_stream
 from kvbench.engine.invariant import resolve_batch_invariant
 from kvbench.engine.prefill import DecodeRequest, synchronize
@@ -79,19 +79,22 @@ MEMORY_BANDWIDTH = {"H100 80GB HBM3": 3.35e12, "H100": 3.35e12, "H200": 4.8e12, 
 PEAK_HALF_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
-def prefill_flops(model, prompt_tokens: int) -> float:
-    """Model FLOPs of one prefill: every decoder weight's matmul over each token (2 per weight and token),
-    the causal attention's two products (half the square), and the last position's logits."""
+def prefill_flops(model, prompt_tokens: int | list[int]) -> float:
+    """Model FLOPs of prefills of ``prompt_tokens`` (one length or several): every decoder weight's matmul over
+    each token (2 per weight and token), the causal attention's two products (half the square), and the last
+    position's logits."""
+    lengths = [prompt_tokens] if isinstance(prompt_tokens, int) else prompt_tokens
     config = model.config
     layer_weights = sum(p.numel() for name, p in model.named_parameters() if ".layers." in name and p.dim() == 2)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    attention = 2 * 2 * config.num_attention_heads * head_dim * prompt_tokens * prompt_tokens / 2
-    return 2 * layer_weights * prompt_tokens + config.num_hidden_layers * attention + 2 * model.get_output_embeddings().weight.numel()
+    _, head_dim = kv_head_layout(config)
+    attention = 2 * 2 * config.num_attention_heads * head_dim * sum(tokens * tokens for tokens in lengths) / 2
+    logits = 2 * model.get_output_embeddings().weight.numel()
+    return 2 * layer_weights * sum(lengths) + config.num_hidden_layers * attention + logits * len(lengths)
 
 
 def prefill_utilisation(model, prompt_tokens: list[int], seconds: float) -> tuple[float, float | None]:
     """(model TFLOP/s, the fraction of the card's peak or None) of prefills of ``prompt_tokens`` in ``seconds``."""
-    achieved = sum(prefill_flops(model, tokens) for tokens in prompt_tokens) / seconds
+    achieved = prefill_flops(model, prompt_tokens) / seconds
     peak = None
     if model.device.type == "cuda" and model.dtype in (torch.bfloat16, torch.float16):
         device_name = torch.cuda.get_device_name(model.device)
@@ -409,8 +412,8 @@ def run_longbench_grid(loaded: LoadedModel, tokenizer, method_specs: list[str], 
     shared_tokens = {(g.configuration, g.tag): g.token_ids for g in generations}
     agreement = []
     separate_rows = []
+    requests = [replace(request, configurations=(0,)) for request in separate_requests]
     for index, (label, compressor) in enumerate(zip(labels, compressors)):
-        requests = [replace(request, configurations=(0,)) for request in separate_requests]
         synchronize(model.device)
         start = time.perf_counter()
         gens = list(generate_stream(model, compressor, requests, rows, batch_invariant=batch_invariant))

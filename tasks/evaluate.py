@@ -31,9 +31,7 @@ def score_rows(task: str, rows: list[dict[str, Any]], longbench_e: bool = False)
 
     A bucket without samples scores None. ``task`` is "qasper" or "qasper_e".
     """
-    located_rows = [(f"{task} row {number}", row) for number, row in enumerate(rows, start=1)]
-    return _official_scores(_located_sample_scores(task, located_rows, longbench_e),
-                            [row.get("length") for _, row in located_rows], longbench_e)
+    return score_rows_and_samples(task, rows, longbench_e)[0]
 
 
 def score_rows_and_samples(task: str, rows: list[dict[str, Any]],

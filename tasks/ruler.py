@@ -845,10 +845,9 @@ class RulerTask(Task):
     def score_with_samples(self, rows: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, float]]]:
         """`score`, and each row's metric as "score" and under its length's key (so a length's mean is over the
         rows of that length alone)."""
-        metric = METRICS[self.spec.metric]
         samples = []
         for row in rows:
-            value = metric(row["pred"], row["answers"])
+            value = self.score_row(row)[self.spec.metric]
             samples.append({"score": value, length_key(int(row["length"])): value})
         if not samples:
             return {"score": float("nan")}, []
