@@ -261,6 +261,8 @@ def engine_checks(device: str, use_cuda_graphs: bool = False) -> dict:
                                     and all(torch.equal(value, logits[1][key]) for key, value in logits[size].items())
                                     for size in (3, 8)),
             "steps recorded": len(logits[1]),
+            "samples decoded": min(sum(bool(ids) for ids in tokens[size].values()) for size in (1, 3, 8)),
+            "samples": len(engine_requests()),
             "first token as the plain path's": {tag: ids[0] for tag, ids in tokens[1].items()} == plain,
             "forwards restored": forwards_after == forwards_before,
         }

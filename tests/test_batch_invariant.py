@@ -50,6 +50,7 @@ def assert_kernels_hold(outcome: dict) -> None:
 def assert_engine_invariant(outcome: dict, logits_recorded: bool) -> None:
     for method in ("fullkv", "elastic"):
         checks = outcome[method]
+        assert checks["samples decoded"] == checks["samples"] > 0, (method, checks)  # in every batch size
         assert checks["tokens identical"], (method, checks)
         assert checks["first token as the plain path's"], (method, checks)
         assert checks["forwards restored"], (method, checks)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 from click.testing import CliRunner
 
 from kvbench.cli import main
@@ -177,8 +178,18 @@ def test_the_capacity_plot_gets_each_points_interval(tmp_path, monkeypatch):
     (points,) = recorded
     frame, samples = load_runs_and_samples(tmp_path)
     table = leaderboard(frame, task_draws(samples, seed=0), seed=0)
+    assert sorted(table.runs["capacity"].dropna()) == [64, 128]
     for position, capacity in enumerate(table.runs["capacity"]):
         cell = table.cells[position][table.columns.index("Avg")]
         point = points[(points["capacity"] == capacity) & (points["panel"] == "LongBench Avg")].iloc[0]
         assert (point["low"], point["high"]) == (cell.low, cell.high)
         assert point["low"] < point["score"] < point["high"]
+
+
+@pytest.mark.parametrize("command", ["report", "eval"])
+def test_a_negative_seed_is_one_line_and_exit_2(tmp_path, command):
+    # numpy takes no negative seed: refused by the option, before any file is read
+    result = CliRunner().invoke(main, [command, str(tmp_path), "--seed", "-1"])
+    assert result.exit_code == 2
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith("error: Invalid value for '--seed': -1 is not in the range x>=0.")

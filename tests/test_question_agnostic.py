@@ -29,7 +29,7 @@ from kvbench.report.load import load_runs
 from kvbench.report.tables import question_table, to_markdown
 from kvbench.report.write import write_report
 from kvbench.runfolder import parse_result_file
-from tests.method_helpers import sample_state
+from tests.method_helpers import recording, sample_state
 from tests.test_method_contract import CONTRACT, build
 from tests.test_report import finished_run
 from tests.tiny_models import FAMILIES, byte_tokenizer, random_prompt, tiny_loaded_model, tiny_model
@@ -291,10 +291,15 @@ def test_fixed_point_ratio_eviction_counts_the_question_in_both_lengths():
 def test_question_agnostic_elastic_decodes_with_the_eviction_schedule():
     model = tiny_model("llama")
     prompt = random_prompt(120)
-    method = build_method("elastic", capacity=40)
-    generation = next(generate_stream(model, method, [DecodeRequest(prompt, 6, set(), question_start=110)]))
+    compressor = recording(build_method("elastic", capacity=40), 4)
+    generation = next(generate_stream(model, compressor, [DecodeRequest(prompt, 6, set(), question_start=110)]))
     assert generation.kept_per_layer == [50] * 4
     assert len(generation.token_ids) == 6
+    # the 40 kept context tokens and the 10 question tokens are the held size: before each of the 5 decode
+    # steps the cache is 50 long (seen: the whole prompt, then each new token) and evicts its fixed index 50 - 25
+    for layer_idx in range(4):
+        answers = [answer[1:] for answer in compressor.evictions if answer[0] == layer_idx]
+        assert answers == [(50, 120 + step, 25) for step in range(5)]
 
 
 # -- a question-agnostic run ---------------------------------------------------------------------
