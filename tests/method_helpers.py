@@ -72,3 +72,25 @@ def recording_graph_captures():
         yield captured
     finally:
         decode_module.DecodeBatch._capture = real_capture
+
+
+@contextlib.contextmanager
+def crash_at_row(number: int):
+    """Inside the block the run loop raises RuntimeError("simulated crash") instead of building its ``number``-th
+    result row (counting from 1): the rows before it have landed, as after a kill."""
+    from kvbench.harness import run as run_module
+
+    real_row = run_module._sample_row
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == number:
+            raise RuntimeError("simulated crash")
+        return real_row(*args, **kwargs)
+
+    run_module._sample_row = failing
+    try:
+        yield
+    finally:
+        run_module._sample_row = real_row

@@ -17,13 +17,13 @@ from kvbench.engine import generate as generate_module
 from kvbench.engine import prefill as prefill_module
 from kvbench.engine.generate import as_compressor, generate_stream
 from kvbench.engine.prefill import DecodeRequest, prefill, prefill_shared
-from kvbench.harness import run as run_module
 from kvbench.harness.model import ModelDescription
 from kvbench.harness.run import RunPlan, execute_runs, open_run, run_benchmark
 from kvbench.methods import build_method
 from kvbench.methods.prefixkv import write_config
 from kvbench.runfolder import RUN_FILE, SCORES_FILE, parse_result_file
 from kvbench.tasks import build_tasks
+from tests.method_helpers import crash_at_row
 from tests.test_decode import requests_of
 from tests.tiny_models import FAMILIES, random_prompt, tiny_loaded_model, tiny_model
 
@@ -146,19 +146,8 @@ def test_a_grid_killed_midway_resumes_each_folder_and_skips_complete_ones(tmp_pa
         run_benchmark(loaded, method, plan(out, longbench_mini), batch_size=4)
     run_benchmark(loaded, methods[7], plan(out, longbench_mini, limit=1), batch_size=4)
 
-    real_row = run_module._sample_row
-    written = []
-
-    def crash_after_some_rows(*args, **kwargs):
-        if len(written) == 20:
-            raise RuntimeError("simulated crash")
-        written.append(1)
-        return real_row(*args, **kwargs)
-
-    monkeypatch.setattr(run_module, "_sample_row", crash_after_some_rows)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with crash_at_row(21), pytest.raises(RuntimeError, match="simulated crash"):  # after 20 rows
         run_grid_in_process(loaded, methods, plan(out, longbench_mini))
-    monkeypatch.setattr(run_module, "_sample_row", real_row)
 
     prefilled = []
     real_prefill = generate_module.prefill_shared

@@ -17,7 +17,6 @@ from kvbench.engine.extend import extend
 from kvbench.engine.generate import as_compressor, generate_stream
 from kvbench.engine.prefill import DecodeRequest, prefill
 from kvbench.errors import KvbenchError
-from kvbench.harness import run as run_module
 from kvbench.harness.run import RunPlan, run_benchmark, sample_request
 from kvbench.methods import build_method
 from kvbench.tasks import TASK_FACTORIES, build_tasks
@@ -29,7 +28,7 @@ from kvbench.report.load import load_runs
 from kvbench.report.tables import question_table, to_markdown
 from kvbench.report.write import write_report
 from kvbench.runfolder import parse_result_file
-from tests.method_helpers import recording, sample_state
+from tests.method_helpers import crash_at_row, recording, sample_state
 from tests.test_method_contract import CONTRACT, build
 from tests.test_report import finished_run
 from tests.tiny_models import FAMILIES, byte_tokenizer, random_prompt, tiny_loaded_model, tiny_model
@@ -315,7 +314,7 @@ def plan(tmp_path, data_dir, question_agnostic=True):
                    output_dir=tmp_path / "out", question_agnostic=question_agnostic)
 
 
-def test_a_question_agnostic_run_resumes_after_a_crash(loaded, tmp_path, longbench_mini, monkeypatch):
+def test_a_question_agnostic_run_resumes_after_a_crash(loaded, tmp_path, longbench_mini):
     method = build_method("snapkv", capacity=32)
     uninterrupted = run_benchmark(loaded, method, plan(tmp_path / "a", longbench_mini))
     assert uninterrupted.run_dir.name == "snapkv-32-question-agnostic"
@@ -325,19 +324,8 @@ def test_a_question_agnostic_run_resumes_after_a_crash(loaded, tmp_path, longben
     for rows in expected.values():
         assert all(row["kept_tokens"]["mean"] > 32 for row in rows)  # the question joined the 32 kept
 
-    real_row = run_module._sample_row
-    calls = []
-
-    def failing_fourth_sample(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 4:
-            raise RuntimeError("simulated crash")
-        return real_row(*args, **kwargs)
-
-    monkeypatch.setattr(run_module, "_sample_row", failing_fourth_sample)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with crash_at_row(4), pytest.raises(RuntimeError, match="simulated crash"):
         run_benchmark(loaded, method, plan(tmp_path / "b", longbench_mini))
-    monkeypatch.setattr(run_module, "_sample_row", real_row)
     resumed = run_benchmark(loaded, method, plan(tmp_path / "b", longbench_mini))
     assert resumed.samples_done == 3
     for task, rows in expected.items():

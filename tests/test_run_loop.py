@@ -5,12 +5,12 @@ import json
 import pytest
 
 from kvbench.errors import KvbenchError
-from kvbench.harness import run as run_module
 from kvbench.harness.run import RunPlan, run_benchmark
 from kvbench.methods import build_method
 from kvbench.runfolder import RunLock, parse_result_file
 from kvbench.tasks import build_tasks
 from kvbench.tasks.evaluate import evaluate_path
+from tests.method_helpers import crash_at_row
 from tests.tiny_models import tiny_loaded_model
 
 TASKS = "trec,multifieldqa_en"
@@ -57,27 +57,15 @@ def test_rows_and_scores_of_a_run(loaded, tmp_path, longbench_mini):
     assert summary.samples_done == 6
 
 
-def test_an_exception_mid_task_loses_no_finished_row_and_a_rerun_resumes(loaded, tmp_path, longbench_mini,
-                                                                          monkeypatch):
+def test_an_exception_mid_task_loses_no_finished_row_and_a_rerun_resumes(loaded, tmp_path, longbench_mini):
     uninterrupted = run_benchmark(loaded, build_method("pyramidkv", capacity=32), plan(tmp_path / "a", longbench_mini))
     expected = rows_of(uninterrupted.run_dir, "trec")
 
-    real_row = run_module._sample_row
-    calls = []
-
-    def failing_second_sample(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("simulated crash")
-        return real_row(*args, **kwargs)
-
-    monkeypatch.setattr(run_module, "_sample_row", failing_second_sample)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with crash_at_row(2), pytest.raises(RuntimeError, match="simulated crash"):
         run_benchmark(loaded, build_method("pyramidkv", capacity=32), plan(tmp_path / "b", longbench_mini))
     run_dir = tmp_path / "b" / "out" / "tiny-llama" / "pyramidkv-32"
     assert [row["_id"] for row in rows_of(run_dir, "trec")] == [expected[0]["_id"]]
     assert not (run_dir / "scores.json").exists()
-    monkeypatch.setattr(run_module, "_sample_row", real_row)
     resumed = run_benchmark(loaded, build_method("pyramidkv", capacity=32), plan(tmp_path / "b", longbench_mini))
     assert resumed.samples_done == 5  # the first row was not redone
     strip = lambda rows: [{k: v for k, v in row.items() if not k.endswith("_seconds")} for row in rows]  # noqa: E731
