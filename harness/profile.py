@@ -57,7 +57,7 @@ class _ScoreCollector(SampleCompression):
         self.scores: list[torch.Tensor] = []
 
     def select(self, layer: LayerPrefill) -> Selection | None:
-        self.scores.append(attention_importance(layer.queries, layer.keys, layer.scaling).cpu())
+        self.scores.append(attention_importance(layer).cpu())
         return None
 
 

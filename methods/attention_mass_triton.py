@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kvbench.methods.importance import average_mass
+
 _LOG2E = tl.constexpr(1.4426950408889634)
 
 
@@ -188,6 +190,12 @@ def fused_attention_mass(
     blocks: Blocks = DEFAULT_BLOCKS,
 ) -> torch.Tensor:
     """`kvbench.methods.importance.attention_mass` by the Triton kernels (same arguments and result)."""
+    return average_mass(fused_attention_mass_sums(queries, keys, scaling, blocks), queries.shape[1], per_kv_head)
+
+
+def fused_attention_mass_sums(queries: torch.Tensor, keys: torch.Tensor, scaling: float,
+                              blocks: Blocks = DEFAULT_BLOCKS) -> torch.Tensor:
+    """`kvbench.methods.importance.attention_mass_sums` by the Triton kernels (same arguments and result)."""
     _, num_query_heads, length, head_dim = queries.shape
     num_kv_heads = keys.shape[1]
     groups = num_query_heads // num_kv_heads
@@ -214,4 +222,4 @@ def fused_attention_mass(
             BLOCK_Q=blocks.mass_queries, BLOCK_K=blocks.mass_keys, num_warps=blocks.mass_warps,
             DIAGONAL_ROWS=triton.cdiv(blocks.mass_keys, blocks.mass_queries) * blocks.mass_queries, **shared,
         )
-    return mass.div_(groups) if per_kv_head else mass.sum(dim=0).div_(num_query_heads)
+    return mass

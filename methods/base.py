@@ -47,14 +47,17 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 
 from kvbench.errors import KvbenchError
 
 _OPTION_METADATA = "kvbench_option"
+
+T = TypeVar("T")
 
 
 def option(default: Any, help: str, *, choices: tuple | None = None) -> Any:
@@ -121,6 +124,9 @@ class LayerPrefill:
     Shapes (batch is always 1):
       queries: (1, num_query_heads, prompt_length, head_dim), post-RoPE.
       keys, values: (1, num_kv_heads, prompt_length, head_dim), post-RoPE keys, un-repeated.
+
+    Every configuration of a grid sees the same object for a layer, so a score that several of them
+    rank by is computed once through `shared`.
     """
 
     layer_idx: int
@@ -129,6 +135,18 @@ class LayerPrefill:
     keys: torch.Tensor
     values: torch.Tensor
     scaling: float
+    #: what `shared` computed for this layer, by (function, arguments)
+    _derived: dict[tuple[Any, ...], Any] = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def shared(self, compute: Callable[..., T], *args: Hashable) -> T:
+        """``compute(self, *args)``, computed once for this layer and handed to every caller asking the same:
+        a method's score at every capacity of a grid, or the attention mass that H2O, Elastic Cache and PrefixKV
+        all rank by. ``compute`` must depend on nothing but the layer and ``args``; callers must not modify the
+        result in place."""
+        key = (compute, args)
+        if key not in self._derived:
+            self._derived[key] = compute(self, *args)
+        return self._derived[key]
 
     @property
     def prompt_length(self) -> int:

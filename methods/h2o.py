@@ -55,7 +55,7 @@ import torch
 
 from kvbench.methods import register
 from kvbench.methods.base import LayerPrefill, Method, Selection, option, require_capacity_beyond
-from kvbench.methods.importance import attention_mass
+from kvbench.methods.importance import layer_attention_mass
 from kvbench.methods.scoring import keep_top_prefix_and_window
 
 CAPACITY_HELP = "tokens kept per layer per KV head, recent window included"
@@ -63,9 +63,10 @@ CAPACITY_HELP = "tokens kept per layer per KV head, recent window included"
 
 def heavy_hitter_scores(layer: LayerPrefill, window: int) -> torch.Tensor:
     """Causal attention each prefix token (before the last ``window``) receives from every prompt query,
-    per KV head (its query group averaged): float32 (Hkv, prompt_length - window)."""
+    per KV head (its query group averaged): float32 (Hkv, prompt_length - window). The mass is computed once
+    per layer for every configuration that ranks by it."""
     head_dim = layer.queries.shape[-1]
-    mass = attention_mass(layer.queries, layer.keys, head_dim**-0.5, per_kv_head=True)
+    mass = layer_attention_mass(layer, head_dim**-0.5, per_kv_head=True)
     return mass[:, : layer.prompt_length - window]
 
 

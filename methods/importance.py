@@ -51,6 +51,8 @@ import warnings
 
 import torch
 
+from kvbench.methods.base import LayerPrefill
+
 #: bound on the logits temporary of one query chunk of the PyTorch path (bytes)
 DEFAULT_CHUNK_BYTES = 512 * 1024 * 1024
 
@@ -67,29 +69,51 @@ def attention_mass(
     logits as eager attention does, ``(q @ k^T) * scaling`` in the inputs' dtype, and softmax and
     sums in float32.
     """
+    return average_mass(attention_mass_sums(queries, keys, scaling), queries.shape[1], per_kv_head)
+
+
+def attention_mass_sums(queries: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
+    """(Hkv, L) float32: the attention each token receives, summed over each KV head's query group and over
+    the queries (what `attention_mass` averages)."""
     if queries.is_cuda:
-        fused = _fused_attention_mass()
+        fused = _fused_attention_mass_sums()
         if fused is not None:
-            return fused(queries, keys, scaling, per_kv_head)
-    return chunked_attention_mass(queries, keys, scaling, per_kv_head)
+            return fused(queries, keys, scaling)
+    return chunked_attention_mass_sums(queries, keys, scaling)
 
 
-def attention_importance(queries: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
-    """The score PrefixKV and Elastic Cache rank by: `attention_mass` averaged over all query heads, (L,)."""
-    return attention_mass(queries, keys, scaling)
+def average_mass(sums: torch.Tensor, num_query_heads: int, per_kv_head: bool) -> torch.Tensor:
+    """`attention_mass_sums` averaged: over each KV head's query group (``per_kv_head``), else over all query heads."""
+    return sums / (num_query_heads // sums.shape[0]) if per_kv_head else sums.sum(dim=0) / num_query_heads
+
+
+def _layer_mass_sums(layer: LayerPrefill, scaling: float) -> torch.Tensor:
+    return attention_mass_sums(layer.queries, layer.keys, scaling)
+
+
+def layer_attention_mass(layer: LayerPrefill, scaling: float, per_kv_head: bool = False) -> torch.Tensor:
+    """`attention_mass` of a layer's queries and keys, the sums computed once per layer and ``scaling`` for
+    every configuration of a grid (`LayerPrefill.shared`)."""
+    return average_mass(layer.shared(_layer_mass_sums, scaling), layer.queries.shape[1], per_kv_head)
+
+
+def attention_importance(layer: LayerPrefill) -> torch.Tensor:
+    """The score PrefixKV and Elastic Cache rank by: the layer's `attention_mass` averaged over all query heads,
+    with the model's own attention scaling, (L,)."""
+    return layer_attention_mass(layer, layer.scaling)
 
 
 @functools.cache
-def _fused_attention_mass():
+def _fused_attention_mass_sums():
     """The Triton path's entry point, or None where triton does not import; imported on first CUDA use only."""
     try:
         import triton  # noqa: F401
     except ImportError:
         warnings.warn("triton does not import: attention mass on CUDA falls back to the slower chunked PyTorch path")
         return None
-    from kvbench.methods.attention_mass_triton import fused_attention_mass
+    from kvbench.methods.attention_mass_triton import fused_attention_mass_sums
 
-    return fused_attention_mass
+    return fused_attention_mass_sums
 
 
 def _chunk_rows(start: int, length: int, num_query_heads: int, bytes_per_element: int, chunk_bytes: int) -> int:
@@ -107,6 +131,12 @@ def chunked_attention_mass(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
 ) -> torch.Tensor:
     """`attention_mass` in PyTorch, by query row chunks whose logits stay under chunk_bytes."""
+    return average_mass(chunked_attention_mass_sums(queries, keys, scaling, chunk_bytes), queries.shape[1], per_kv_head)
+
+
+def chunked_attention_mass_sums(queries: torch.Tensor, keys: torch.Tensor, scaling: float,
+                                chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> torch.Tensor:
+    """`attention_mass_sums` in PyTorch, by query row chunks whose logits stay under chunk_bytes."""
     _, num_query_heads, length, head_dim = queries.shape
     num_kv_heads = keys.shape[1]
     groups = num_query_heads // num_kv_heads
@@ -128,7 +158,7 @@ def chunked_attention_mass(
         mass[:, :end] += probabilities.view(num_kv_heads, groups * rows, end).sum(dim=1)
         del probabilities
         start = end
-    return mass.div_(groups) if per_kv_head else mass.sum(dim=0).div_(num_query_heads)
+    return mass
 
 
 def middle_range(prompt_length: int, start_size: int, protect_size: int) -> tuple[int, int]:

@@ -379,7 +379,7 @@ class PrefixKVSample(FixedPointSample):
         """Scoring pre-pass (``--prefix-config online``): remember the layer's scores."""
         if self.drops is not None:
             return  # nothing to search (uncompressed sample)
-        self.scores[layer.layer_idx] = attention_importance(layer.queries, layer.keys, layer.scaling)
+        self.scores[layer.layer_idx] = attention_importance(layer)
         if len(self.scores) == layer.num_layers:
             self._search()
 
@@ -404,7 +404,7 @@ class PrefixKVSample(FixedPointSample):
         method = self.method
         scores = self.scores.pop(layer.layer_idx, None)
         if scores is None:
-            scores = attention_importance(layer.queries, layer.keys, layer.scaling)
+            scores = attention_importance(layer)
         ranked = rank_middle(scores, method.start_size, method.protect_size)
         keep = ranked[: ranked.shape[0] - drop]
         protected = protected_positions(layer.prompt_length, method.start_size, method.protect_size, keep.device)

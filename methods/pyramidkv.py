@@ -54,5 +54,5 @@ class PyramidKV(ObservationWindowMethod):
         budget = pyramid_prefix_budget(
             self.capacity, self.window_size, self.beta, layer.layer_idx, layer.num_layers, layer.prompt_length
         )
-        votes = pooled_window_votes(layer, self.window_size, self.kernel_size, self.pooling)
+        votes = layer.shared(pooled_window_votes, self.window_size, self.kernel_size, self.pooling)
         return keep_top_prefix_and_window(votes, budget, layer.prompt_length)

@@ -62,5 +62,5 @@ class SnapKV(ObservationWindowMethod):
         # The reference compresses when the prompt is at least the capacity long.
         if layer.prompt_length < self.capacity:
             return None
-        votes = pooled_window_votes(layer, self.window_size, self.kernel_size, self.pooling)
+        votes = layer.shared(pooled_window_votes, self.window_size, self.kernel_size, self.pooling)
         return keep_top_prefix_and_window(votes, self.capacity - self.window_size, layer.prompt_length)

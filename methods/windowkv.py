@@ -179,6 +179,14 @@ def window_scores(votes: torch.Tensor, window_size: int, strategy: str) -> torch
     return torch.stack(scores)
 
 
+def review_window_scores(layer: LayerPrefill, suffix: int, window_size: int, strategy: str) -> torch.Tensor:
+    """The score of each review window of the tokens before the last ``suffix`` (`window_scores`), voted by the
+    suffix's queries: their attention summed over the suffix, per query head as the reference sums it."""
+    attention = observation_window_attention(layer.queries, layer.keys, suffix).to(layer.queries.dtype)
+    votes = attention[..., : layer.prompt_length - suffix].sum(dim=-2)  # (1, Hq, L_r)
+    return window_scores(votes, window_size, strategy)
+
+
 def kept_windows(scores: torch.Tensor, drop: int) -> torch.Tensor:
     """Indices (ascending) of the windows kept after dropping the ``drop`` lowest-scoring ones.
 
@@ -311,9 +319,8 @@ class WindowKVSample(SampleCompression):
         drop = math.ceil((reviewable - budget) / window)
         if drop >= num_windows:
             return None
-        attention = observation_window_attention(layer.queries, layer.keys, suffix).to(layer.queries.dtype)
-        votes = attention[..., :reviewable].sum(dim=-2)  # (1, Hq, L_r), over query heads as the reference
-        scores = window_scores(votes, window, STRATEGY[self.task_type])
+        # the same at every capacity: a grid's WindowKV configurations score each leader layer once
+        scores = layer.shared(review_window_scores, suffix, window, STRATEGY[self.task_type])
         windows = kept_windows(scores, drop)
         positions = (windows.view(-1, 1) * window + torch.arange(window, device=windows.device)).flatten()
         return positions[positions < reviewable]

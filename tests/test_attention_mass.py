@@ -15,6 +15,7 @@ import sys
 import pytest
 import torch
 
+from kvbench.methods.base import LayerPrefill
 from kvbench.methods.importance import attention_importance, attention_mass, chunked_attention_mass, rank_middle
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -117,7 +118,8 @@ def test_cpu_tensors_take_the_chunked_path_and_importance_is_the_head_average():
     torch.testing.assert_close(average, chunked_attention_mass(queries, keys, 0.3), rtol=0, atol=0)
     per_kv_head = attention_mass(queries, keys, 0.3, per_kv_head=True)
     torch.testing.assert_close(per_kv_head, chunked_attention_mass(queries, keys, 0.3, True), rtol=0, atol=0)
-    torch.testing.assert_close(attention_importance(queries, keys, 0.3), per_kv_head.mean(dim=0))
+    layer = LayerPrefill(0, 1, queries, keys, keys, 0.3)
+    torch.testing.assert_close(attention_importance(layer), per_kv_head.mean(dim=0))
 
 
 # -- the Triton kernel under the CPU interpreter ------------------------------------------------

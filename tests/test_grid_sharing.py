@@ -20,10 +20,15 @@ from kvbench.engine.prefill import DecodeRequest, prefill, prefill_shared
 from kvbench.harness.model import ModelDescription
 from kvbench.harness.run import RunPlan, execute_runs, open_run, run_benchmark
 from kvbench.methods import build_method
+from kvbench.methods import importance
+from kvbench.methods import pyramidkv as pyramidkv_module
+from kvbench.methods import snapkv as snapkv_module
+from kvbench.methods import windowkv as windowkv_module
+from kvbench.methods.base import LayerPrefill
 from kvbench.methods.prefixkv import write_config
 from kvbench.runfolder import RUN_FILE, SCORES_FILE, parse_result_file
 from kvbench.tasks import build_tasks
-from tests.method_helpers import crash_at_row
+from tests.method_helpers import crash_at_row, sample_state
 from tests.test_decode import requests_of
 from tests.tiny_models import FAMILIES, random_prompt, tiny_loaded_model, tiny_model
 
@@ -280,3 +285,70 @@ def test_rows_that_memory_cannot_hold_are_scheduled_not_refused(monkeypatch):
     assert {(r.configuration, r.tag): r.token_ids for r in results} == {
         (configuration, tag): tokens for configuration, by_tag in enumerate(alone) for tag, tokens in by_tag.items()}
     assert len(said) == 1 and said[0].startswith("decode batch of 3 rows: what free GPU memory holds")
+
+
+def random_layer_inputs(query_heads, kv_heads, length, head_dim):
+    generator = torch.Generator().manual_seed(0)
+    queries = torch.randn(1, query_heads, length, head_dim, generator=generator)
+    return queries, torch.randn(1, kv_heads, length, head_dim, generator=generator)
+
+
+def test_one_layer_is_scored_once_for_every_method_and_capacity_that_ranks_by_its_mass(monkeypatch, tmp_path):
+    # H2O, Elastic Cache and PrefixKV at two capacities each rank by the same attention mass: a grid computes
+    # it once per layer, and every selection is what the method makes on a layer of its own.
+    queries, keys = random_layer_inputs(8, 2, 45, 32)
+    values = torch.randn_like(keys)
+    profile = tmp_path / "profile.json"
+    write_config({"model": "tiny", "num_layers": 1, "ratio": 0.5, "layer_ratios": [0.5], "samples": 0}, profile)
+    methods = [build_method(name, capacity=capacity, **({"prefix_config": str(profile)} if name == "prefixkv" else {}))
+               for name in ("h2o", "elastic", "prefixkv") for capacity in (16, 30)]
+    alone = [sample_state(method, 45).select(LayerPrefill(0, 1, queries, keys, values, 32**-0.5)) for method in methods]
+    calls = []
+    counted = importance.attention_mass_sums
+    monkeypatch.setattr(importance, "attention_mass_sums", lambda *args: calls.append(1) or counted(*args))
+    shared_layer = LayerPrefill(0, 1, queries, keys, values, 32**-0.5)
+    together = [sample_state(method, 45).select(shared_layer) for method in methods]
+    assert len(calls) == 1
+    for own, shared in zip(alone, together):
+        assert torch.equal(own.indices, shared.indices)
+        assert (own.keys is None) == (shared.keys is None)
+        if own.keys is not None:
+            assert torch.equal(own.keys, shared.keys) and torch.equal(own.values, shared.values)
+
+
+def test_a_shared_result_is_computed_once_per_layer_and_arguments():
+    queries, keys = random_layer_inputs(4, 2, 10, 8)
+    layer = LayerPrefill(0, 1, queries, keys, keys, 1.0)
+    calls = []
+
+    def score(layer, window):
+        calls.append(window)
+        return layer.keys[..., -window:, :].sum()
+
+    assert layer.shared(score, 3) is layer.shared(score, 3)
+    assert torch.equal(layer.shared(score, 5), keys[..., -5:, :].sum())
+    assert calls == [3, 5]
+    assert LayerPrefill(0, 1, queries, keys, keys, 1.0).shared(score, 3) is not layer.shared(score, 3)  # per layer
+
+
+def test_window_votes_are_computed_once_per_layer_for_every_capacity(monkeypatch):
+    # SnapKV and PyramidKV vote alike, WindowKV scores its review windows alike, at every capacity
+    queries, keys = random_layer_inputs(8, 2, 80, 32)
+    values = torch.randn_like(keys)
+    methods = [build_method(name, capacity=capacity, **({"task_type": "other"} if name == "windowkv" else {}))
+               for name in ("snapkv", "pyramidkv", "windowkv") for capacity in (16, 30)]
+    alone = [sample_state(method, 80).select(LayerPrefill(0, 1, queries, keys, values, 32**-0.5)) for method in methods]
+    calls = []
+
+    def counted(function):
+        return lambda *args: calls.append(function.__name__) or function(*args)
+
+    votes = counted(snapkv_module.pooled_window_votes)
+    monkeypatch.setattr(snapkv_module, "pooled_window_votes", votes)
+    monkeypatch.setattr(pyramidkv_module, "pooled_window_votes", votes)
+    monkeypatch.setattr(windowkv_module, "review_window_scores", counted(windowkv_module.review_window_scores))
+    shared_layer = LayerPrefill(0, 1, queries, keys, values, 32**-0.5)
+    together = [sample_state(method, 80).select(shared_layer) for method in methods]
+    assert sorted(calls) == ["pooled_window_votes", "review_window_scores"]
+    for own, shared in zip(alone, together):
+        assert torch.equal(own.indices, shared.indices)

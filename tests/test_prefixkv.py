@@ -116,7 +116,7 @@ def layers():
 @pytest.fixture
 def fake_scores(monkeypatch):
     monkeypatch.setattr(
-        prefixkv_module, "attention_importance", lambda queries, keys, scaling: layer_scores(int(queries[0, 0, 0, 0]))
+        prefixkv_module, "attention_importance", lambda layer: layer_scores(int(layer.queries[0, 0, 0, 0]))
     )
 
 

@@ -2,7 +2,7 @@
 # Every GPU figure of the README in one call, tables under $OUT (a folder per phase).
 #
 #   tests/gpu/measure.sh PHASE...     PHASE: smoke, kernel, sweep, decode, prefill, long, workload, exactness,
-#                                     invariance, grid, grid-alone, agnostic (or all)
+#                                     invariance, grid, grid-alone, grid-profile, agnostic (or all)
 #
 # Runs on a CUDA machine where `python3` has torch; packages it lacks come as wheels in .whl/
 # (click, tqdm, tabulate, rouge, pytest and its needs, and the transformers kvbench is tested with),
@@ -84,6 +84,13 @@ for phase in "${phases[@]}"; do
       --methods snapkv --capacity 512 --batch-size auto --alone-limit 1 --max-length 7950 --out "$OUT/grid-alone/snapkv-512"
     python3 -m kvbench bench --model llama3-8b --lengths 6554,32768 --methods fullkv,snapkv --capacity 512 \
       --new-tokens 4 --repeats 3 --out "$OUT/grid-alone/prefill"
+    ;;
+  grid-profile)  # where the 29-configuration grid's shared prefill spends its time: the forward pass, each method's
+                  # selections, its eviction schedules (GRID_LIMIT samples a task, default 1)
+    offline_prefixkv_profile
+    python3 tests/gpu/grid_profile.py --data-dir "$MINI" --tokenizer "$TOKENIZER" --limit "${GRID_LIMIT:-1}" \
+      --methods fullkv,streamingllm,h2o,snapkv,pyramidkv,windowkv:task_type=qa,prefixkv:prefix_config=/tmp/prefixkv-profile.json,elastic \
+      --out "$OUT/grid-profile" 2>&1 | tee "$OUT/grid-profile/log.txt"
     ;;
   agnostic)  # the question-agnostic prefill (context prefill + extend) against the question-aware one at 32k
     python3 tests/gpu/question_agnostic.py --lengths 32768 --question-tokens 64 --capacity 512 --repeats 5 \

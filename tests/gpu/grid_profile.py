@@ -1,0 +1,129 @@
+"""Where a grid's shared prefill spends its time (a script, not a test).
+
+    python tests/gpu/grid_profile.py --data-dir DIR --tokenizer DIR --out OUT --methods ... --capacity ...
+
+Random weights of Llama-3-8B's shape, bf16, sdpa; the first ``--limit`` LongBench mini samples of each task,
+prompted as `kvbench run` prompts them. Each sample is prefilled twice, alternating: for one full-cache
+configuration (the forward pass alone) and for every configuration of the grid at once. In the grid prefill
+each configuration's ``select`` is timed (synchronized before and after, so the sum is what the layers'
+selections cost beside the forward pass), and so is each configuration's decode-time eviction schedule, which
+the engine works out on the CPU at the end of the prefill. The first round is a warm-up, not counted.
+Writes grid_profile.md and grid_profile.csv: seconds per sample, by method and in total.
+tests/test_grid_sharing.py runs `measure` on a tiny CPU model, so the script works the first time it meets a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from kvbench.engine import prefill as prefill_module
+from kvbench.engine.generate import as_compressor
+from kvbench.engine.prefill import DecodeRequest, prefill_shared, synchronize
+from kvbench.harness.bench import grid_configurations, random_weight_model
+from kvbench.methods.fullkv import FullKV
+
+
+def _timed(function, label: str, totals: dict[str, float], device: torch.device):
+    def timed(*args, **kwargs):
+        synchronize(device)
+        started = time.perf_counter()
+        result = function(*args, **kwargs)
+        synchronize(device)
+        totals[label] += time.perf_counter() - started
+        return result
+    return timed
+
+
+def measure(model, info, configurations: dict[str, object], requests: list[DecodeRequest], say=print) -> pd.DataFrame:
+    """Seconds per sample: the forward pass alone, the grid prefill, and within it each method's selections and
+    eviction schedules (summed over that method's configurations). ``info``: the model as methods know it."""
+    device = model.get_input_embeddings().weight.device
+    labels = list(configurations)
+    compressors = [method.prepare(info) for method in configurations.values()]
+    method_of = [configurations[label].name for label in labels]
+    forward_only = [as_compressor(FullKV(), model)]
+    everyone = tuple(range(len(compressors)))
+    per_sample: list[dict[str, float]] = []
+    schedule = prefill_module.eviction_schedule
+    for round_index, request in enumerate([requests[0]] + requests):
+        totals: dict[str, float] = defaultdict(float)
+        synchronize(device)
+        started = time.perf_counter()
+        prefill_shared(model, forward_only, request)
+        synchronize(device)
+        forward = time.perf_counter() - started
+
+        original_start = [compressor.start_sample for compressor in compressors]
+        for index, compressor in enumerate(compressors):
+            def start_sample(*args, _start=original_start[index], _method=method_of[index], **kwargs):
+                state = _start(*args, **kwargs)
+                state.select = _timed(state.select, f"select {_method}", totals, device)
+                return state
+            compressor.start_sample = start_sample
+        prefill_module.eviction_schedule = lambda state, *args: _timed(
+            schedule, f"eviction schedule {state.method.name}", totals, device)(state, *args)
+        try:
+            synchronize(device)
+            started = time.perf_counter()
+            prefill_shared(model, compressors, DecodeRequest(request.prompt_ids, request.max_new_tokens,
+                                                             request.stop_ids, request.sample, request.tag, everyone))
+            synchronize(device)
+            grid = time.perf_counter() - started
+        finally:
+            prefill_module.eviction_schedule = schedule
+            for compressor, start in zip(compressors, original_start):
+                compressor.start_sample = start
+        if round_index == 0:
+            continue  # warm-up
+        per_sample.append({"forward alone": forward, "grid prefill": grid, **totals})
+        say(f"{request.tag}: {len(request.prompt_ids)} tokens, forward {forward:.3f} s, grid prefill {grid:.3f} s")
+    keys = sorted({key for row in per_sample for key in row}, key=lambda key: (key not in ("forward alone", "grid prefill"), key))
+    rows = [{"part": key, "configurations": sum(method_of[i] == key.split(" ")[-1] for i in everyone)
+             if key.startswith(("select", "eviction")) else None,
+             "mean_s_per_sample": round(statistics.mean(row.get(key, 0.0) for row in per_sample), 4),
+             "median_s_per_sample": round(statistics.median(row.get(key, 0.0) for row in per_sample), 4)}
+            for key in keys]
+    table = pd.DataFrame(rows)
+    table["share_of_grid_prefill"] = (table.mean_s_per_sample
+                                      / table.loc[table.part == "grid prefill", "mean_s_per_sample"].iloc[0]).round(3)
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--tokenizer", required=True)
+    parser.add_argument("--methods", required=True)
+    parser.add_argument("--capacity", default="128,256,512,1024")
+    parser.add_argument("--limit", type=int, default=1, help="samples per task")
+    parser.add_argument("--max-length", type=int, default=7950)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    from transformers import AutoTokenizer
+
+    from kvbench.harness.bench import longbench_requests
+
+    loaded = random_weight_model("llama3-8b", "bf16", "cuda", "sdpa")
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    configurations = grid_configurations(args.methods.split(","), [int(c) for c in args.capacity.split(",")])
+    requests = longbench_requests(tokenizer, args.data_dir, args.limit, loaded.context_window, args.max_length)
+    table = measure(loaded.model, loaded.info, configurations, requests)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "grid_profile.csv", index=False)
+    header = (f"{len(configurations)} configurations, {len(requests)} samples (first round a warm-up), "
+              f"{torch.cuda.get_device_name()}")
+    (out / "grid_profile.md").write_text(f"{header}\n\n{table.to_markdown(index=False)}\n", encoding="utf-8")
+    print(header)
+    print(table.to_markdown(index=False))
+
+
+if __name__ == "__main__":
+    main()
