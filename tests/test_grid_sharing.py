@@ -6,8 +6,10 @@ models; also after a crash mid-grid and a resume, with some folders complete bef
 question-agnostic (the context prefilled once, the question extending each configuration's own cache).
 """
 
+import importlib.util
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +17,8 @@ import torch
 import kvbench.classifier
 from kvbench.engine import generate as generate_module
 from kvbench.engine import prefill as prefill_module
-from kvbench.engine.generate import as_compressor, generate_stream
+from kvbench.engine.generate import as_compressor, generate_stream, model_info
+from kvbench.harness.bench import grid_configurations
 from kvbench.engine.prefill import DecodeRequest, prefill, prefill_shared
 from kvbench.harness.model import ModelDescription
 from kvbench.harness.run import RunPlan, execute_runs, open_run, run_benchmark
@@ -352,3 +355,21 @@ def test_window_votes_are_computed_once_per_layer_for_every_capacity(monkeypatch
     assert sorted(calls) == ["pooled_window_votes", "review_window_scores"]
     for own, shared in zip(alone, together):
         assert torch.equal(own.indices, shared.indices)
+
+
+def test_the_gpu_grid_profile_runs_on_a_tiny_model():
+    """tests/gpu/grid_profile.py's measurement, on CPU, so that it works on its first GPU run."""
+    spec = importlib.util.spec_from_file_location("grid_profile_gpu", Path(__file__).parent / "gpu" / "grid_profile.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    model = tiny_model("llama", num_layers=NUM_LAYERS)
+    configurations = grid_configurations(["fullkv", "h2o", "elastic"], list(CAPACITIES))
+    requests = [DecodeRequest(random_prompt(90 + 10 * index), 4, set(), {"task": "hotpotqa", "prompt_text": ""},
+                              tag=("hotpotqa", str(index))) for index in range(2)]
+    table = script.measure(model, model_info(model), configurations, requests, say=lambda line: None).set_index("part")
+    assert table.loc["grid prefill", "share_of_grid_prefill"] == 1
+    assert table.loc["select elastic", "configurations"] == 2 and table.loc["select fullkv", "configurations"] == 1
+    # the selections happen inside the grid prefill, which also runs the forward pass
+    selections = table.loc[table.index.str.startswith("select"), "mean_s_per_sample"].sum()
+    assert 0 < selections < table.loc["grid prefill", "mean_s_per_sample"]
+    assert table.loc["forward alone", "mean_s_per_sample"] > 0

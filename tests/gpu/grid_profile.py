@@ -87,12 +87,12 @@ def measure(model, info, configurations: dict[str, object], requests: list[Decod
     keys = sorted({key for row in per_sample for key in row}, key=lambda key: (key not in ("forward alone", "grid prefill"), key))
     rows = [{"part": key, "configurations": sum(method_of[i] == key.split(" ")[-1] for i in everyone)
              if key.startswith(("select", "eviction")) else None,
-             "mean_s_per_sample": round(statistics.mean(row.get(key, 0.0) for row in per_sample), 4),
-             "median_s_per_sample": round(statistics.median(row.get(key, 0.0) for row in per_sample), 4)}
+             "mean_s_per_sample": statistics.mean(row.get(key, 0.0) for row in per_sample),
+             "median_s_per_sample": statistics.median(row.get(key, 0.0) for row in per_sample)}
             for key in keys]
     table = pd.DataFrame(rows)
     table["share_of_grid_prefill"] = (table.mean_s_per_sample
-                                      / table.loc[table.part == "grid prefill", "mean_s_per_sample"].iloc[0]).round(3)
+                                      / table.loc[table.part == "grid prefill", "mean_s_per_sample"].iloc[0])
     return table
 
 
@@ -120,9 +120,10 @@ def main() -> None:
     table.to_csv(out / "grid_profile.csv", index=False)
     header = (f"{len(configurations)} configurations, {len(requests)} samples (first round a warm-up), "
               f"{torch.cuda.get_device_name()}")
-    (out / "grid_profile.md").write_text(f"{header}\n\n{table.to_markdown(index=False)}\n", encoding="utf-8")
+    markdown = table.to_markdown(index=False, floatfmt=".4f")
+    (out / "grid_profile.md").write_text(f"{header}\n\n{markdown}\n", encoding="utf-8")
     print(header)
-    print(table.to_markdown(index=False))
+    print(markdown)
 
 
 if __name__ == "__main__":
