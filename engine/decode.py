@@ -182,8 +182,11 @@ class DecodeBatch:
         element = torch.empty((), dtype=self.dtype).element_size()
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * element
 
-    def slots_needed(self, prefilled: Prefilled) -> int:
-        return max(prefilled.kept_per_layer) + prefilled.request.max_new_tokens - 1 + SPARE_SLOTS
+    def release_buffers(self) -> None:
+        """An idle batch gives its cache buffers back to the device (the next admit grows them again)."""
+        if self.active_rows:
+            raise RuntimeError("release_buffers() needs an idle batch")
+        self._allocate(len(self.rows), 0, 0)
 
     # -- rows -------------------------------------------------------------------------------------------
 
@@ -199,7 +202,7 @@ class DecodeBatch:
         row = self.free_row()
         if row is None:
             raise RuntimeError("admit() needs a free row")
-        needed_slots = self.slots_needed(prefilled)
+        needed_slots = slots_needed(prefilled)
         needed_steps = prefilled.request.max_new_tokens - 1 if prefilled.evictions is not None else 0
         if needed_slots > self.slots or needed_steps > self.steps_capacity:
             steps = max(self.steps_capacity, needed_steps)
@@ -430,6 +433,11 @@ def fastest_batch_size(model, candidates: tuple[int, ...], cache_tokens: int, st
         if cost < best_cost:
             best, best_cost = rows, cost
     return best
+
+
+def slots_needed(prefilled: Prefilled) -> int:
+    """Slots a sample's row needs: its longest layer after prefill, every token it may generate, the spare ones."""
+    return max(prefilled.kept_per_layer) + prefilled.request.max_new_tokens - 1 + SPARE_SLOTS
 
 
 def round_up_slots(slots: int) -> int:

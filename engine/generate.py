@@ -25,7 +25,7 @@ import torch
 
 from kvbench.errors import KvbenchError
 from kvbench.engine.chunked import DEFAULT_CHUNK_TOKENS
-from kvbench.engine.decode import DecodeBatch, FinishedRow, fastest_batch_size, round_up_slots
+from kvbench.engine.decode import DecodeBatch, FinishedRow, fastest_batch_size, round_up_slots, slots_needed
 from kvbench.engine.prefill import DecodeRequest, Prefilled, prefill_shared
 from kvbench.methods.base import Compressor, Method, ModelInfo
 
@@ -113,30 +113,74 @@ def _out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.cuda.OutOfMemoryError)
 
 
+#: a lane holds rows needing up to LANE_BASE_SLOTS slots, the next up to LANE_RATIO times that, and so on:
+#: rows share buffers sized for their lane's longest, so a grid's compressed rows (a few hundred slots) do not
+#: get buffers the length of its full-cache rows (the whole prompt), and at most LANE_RATIO x their needs
+LANE_BASE_SLOTS = 2048
+LANE_RATIO = 8
+
+
+def lane_class(slots: int) -> int:
+    """The lane of a row that needs ``slots`` slots: 0 up to LANE_BASE_SLOTS, one more per factor LANE_RATIO."""
+    lane, limit = 0, LANE_BASE_SLOTS
+    while slots > limit:
+        lane, limit = lane + 1, limit * LANE_RATIO
+    return lane
+
+
+@dataclass
+class Lane:
+    """One decode batch of the stream, for the rows of one `lane_class`, and what it has been asked to hold."""
+
+    batch: DecodeBatch
+    caches_seen: int = 0
+    most_slots: int = 0
+    sizing_said: bool = False
+
+    def note(self, prefilled: Prefilled) -> None:
+        self.caches_seen += 1
+        self.most_slots = max(self.most_slots, slots_needed(prefilled))
+
+    @property
+    def demand(self) -> int:
+        """Slots its caches so far would take at its longest: lanes split free memory in this proportion, so
+        that each keeps about as many samples in flight as the others."""
+        return self.caches_seen * round_up_slots(self.most_slots)
+
+
 def generate_stream(model, methods: Method | Compressor | Sequence[Method | Compressor],
                     requests: Iterable[DecodeRequest], batch_size: int | None = 1,
                     say: Callable[[str], None] | None = None, use_cuda_graphs: bool = True,
                     chunk_tokens: int = DEFAULT_CHUNK_TOKENS, batch_invariant: bool = False) -> Iterator[Generation]:
     """Generate for every request and each configuration it names (``request.configurations``: indices into
-    ``methods``, a single method standing for a list of one), up to ``batch_size`` rows decoded together
-    (None: `auto_batch_size`); yields each row as it finishes. Prefills run their per-token modules in chunks
-    of ``chunk_tokens`` positions; with ``batch_invariant`` decode steps run the batch-invariant kernels
+    ``methods``, a single method standing for a list of one), up to ``batch_size`` rows decoded together in a
+    step (None: `auto_batch_size`); yields each row as it finishes. Prefills run their per-token modules in
+    chunks of ``chunk_tokens`` positions; with ``batch_invariant`` decode steps run the batch-invariant kernels
     (`kvbench.engine.invariant`), so a row's tokens do not depend on the other rows.
 
-    On CUDA the rows are also bounded by memory: when a cache needs longer buffers than the batch has,
-    the batch keeps the rows that fit in free memory, less what the largest prefill so far needed beyond
-    the memory in use (the next prefill's room); it waits for rows to finish when the active ones do not fit."""
+    Rows decode in lanes by the slots they need (`lane_class`): each lane is a batch of its own, stepped in
+    turn. On CUDA the rows are also bounded by memory: when a cache needs longer buffers than its lane has, the
+    lane keeps the rows that fit in its share of free memory (`Lane.demand`), less what the largest prefill so
+    far needed beyond the memory in use (the next prefill's room); caches wait for rows to finish when their
+    lane's active rows do not leave room."""
     single = isinstance(methods, (Method, Compressor))
     compressors = [as_compressor(method, model) for method in ([methods] if single else methods)]
-    batch = DecodeBatch(model, batch_size or auto_batch_size(model, batch_invariant), use_cuda_graphs=use_cuda_graphs,
-                        batch_invariant=batch_invariant)
+    rows_per_lane = batch_size or auto_batch_size(model, batch_invariant)
+    lanes: dict[int, Lane] = {}
     prefill_room = 0
     source = iter(requests)
     redo: deque[DecodeRequest] = deque()
     #: caches of the last prefilled sample still waiting for a row
     waiting: deque[Prefilled] = deque()
     exhausted = False
-    halving_said = sizing_said = False
+    halving_said = False
+
+    def lane_of(prefilled: Prefilled) -> Lane:
+        lane = lane_class(slots_needed(prefilled))
+        if lane not in lanes:
+            lanes[lane] = Lane(DecodeBatch(model, rows_per_lane, use_cuda_graphs=use_cuda_graphs,
+                                           batch_invariant=batch_invariant))
+        return lanes[lane]
 
     def next_request() -> DecodeRequest | None:
         nonlocal exhausted
@@ -152,8 +196,11 @@ def generate_stream(model, methods: Method | Compressor | Sequence[Method | Comp
         """A sample's request for the configurations of ``prefilled`` only (to be prefilled again)."""
         return replace(prefilled[0].request, configurations=tuple(one.configuration for one in prefilled))
 
-    def halve(request_in_hand: DecodeRequest | None) -> None:
-        """Out of memory with several rows: keep half of them; the rest (and the request in hand) are redone."""
+    def busy() -> bool:
+        return any(lane.batch.active_rows for lane in lanes.values())
+
+    def halve(batch: DecodeBatch, request_in_hand: DecodeRequest | None) -> None:
+        """Out of memory with several rows: keep half of the batch's; the rest (and the request in hand) are redone."""
         nonlocal halving_said
         rows = max(1, len(batch.rows) // 2)
         if not halving_said and say is not None:
@@ -164,80 +211,125 @@ def generate_stream(model, methods: Method | Compressor | Sequence[Method | Comp
         redo.extendleft(reversed(([request_in_hand] if request_in_hand is not None else []) + requeued))
         torch.cuda.empty_cache()
 
-    while True:
-        while batch.free_row() is not None:
-            if not waiting:
-                request = next_request()
-                if request is None:
-                    break
-                in_use = torch.cuda.memory_allocated(batch.device) if batch.device.type == "cuda" else 0
-                try:
-                    prefilled = prefill_shared(model, compressors, request, chunk_tokens)
-                except Exception as error:
-                    if not _out_of_memory(error):
-                        raise
-                    if not batch.active_rows:
-                        raise KvbenchError(f"out of GPU memory prefilling {_describe(request)} alone") from None
-                    halve(request)
-                    continue
-                if prefilled[0].peak_memory_bytes is not None:
-                    prefill_room = max(prefill_room, prefilled[0].peak_memory_bytes - in_use)
-                for one in prefilled:
-                    if one.finished:
-                        yield _generation(one, [one.first_token], 0.0, 0.0)
-                    else:
-                        waiting.append(one)
-                continue
-            rows = _rows_that_fit(batch, waiting[0], prefill_room)
-            if rows < len(batch.rows):
-                batch.compact()  # the active rows first, so that shrinking keeps them
-                if batch.active_rows and rows <= len(batch.active_rows):
-                    break  # no row would be left for this cache: wait for rows to finish
-                if not sizing_said and say is not None:
-                    say(f"decode batch of {max(1, rows)} rows: what free GPU memory holds "
-                        f"at {batch.slots_needed(waiting[0])} cache slots a row")
-                    sizing_said = True
-                batch.shrink(max(1, rows))
+    def admit(prefilled: Prefilled) -> bool:
+        """Give a waiting cache a row of its lane, sizing the lane by memory; False if it must wait."""
+        lane = lane_of(prefilled)
+        batch = lane.batch
+        if batch.free_row() is None:
+            return False
+        share = lane.demand / sum(other.demand for other in lanes.values())
+        lanes_bytes = sum(other.batch.buffer_bytes() for other in lanes.values())
+        rows = _rows_that_fit(batch, prefilled, prefill_room, share, lanes_bytes)
+        if rows < len(batch.rows):
+            batch.compact()  # the active rows first, so that shrinking keeps them
+            if batch.active_rows and rows <= len(batch.active_rows):
+                return False  # no row would be left for this cache: wait for rows to finish
+            if rows < 1:
+                if busy():
+                    return False  # other lanes hold the memory: wait for their rows to finish
+                for other in lanes.values():  # nothing decodes: the idle lanes' buffers go back
+                    other.batch.release_buffers()
+            if not lane.sizing_said and say is not None:
+                say(f"decode batch of {max(1, rows)} rows: what free GPU memory holds "
+                    f"at {slots_needed(prefilled)} cache slots a row")
+                lane.sizing_said = True
+            batch.shrink(max(1, rows))
+        batch.admit(prefilled)
+        return True
+
+    def place_waiting() -> None:
+        """Admit every waiting cache whose lane has room; out of memory, halve its lane and redo the sample's rest."""
+        pending = list(waiting)
+        waiting.clear()
+        for position, prefilled in enumerate(pending):
             try:
-                batch.admit(waiting[0])
-                waiting.popleft()
+                if not admit(prefilled):
+                    waiting.append(prefilled)
             except Exception as error:
                 if not _out_of_memory(error):
                     raise
-                if not batch.active_rows:
-                    raise KvbenchError(f"out of GPU memory decoding {_describe(waiting[0].request)} alone") from None
-                request = unfinished(list(waiting))
+                if not busy():
+                    raise KvbenchError(f"out of GPU memory decoding {_describe(prefilled.request)} alone") from None
+                rest = unfinished(list(waiting) + pending[position:])
                 waiting.clear()
-                halve(request)
-        if not batch.active_rows:
+                halve(lane_of(prefilled).batch, rest)
+                return
+
+    device = model.get_input_embeddings().weight.device
+    while True:
+        while True:
+            if waiting:
+                place_waiting()
+                if waiting:
+                    break  # a cache waits for a row of its lane: decode first
+                continue
+            if lanes and all(lane.batch.free_row() is None for lane in lanes.values()):
+                break  # every row is taken: decode before prefilling more
+            request = next_request()
+            if request is None:
+                break
+            in_use = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+            try:
+                prefilled = prefill_shared(model, compressors, request, chunk_tokens)
+            except Exception as error:
+                if not _out_of_memory(error):
+                    raise
+                if not busy():
+                    raise KvbenchError(f"out of GPU memory prefilling {_describe(request)} alone") from None
+                halve(max((lane.batch for lane in lanes.values()), key=DecodeBatch.buffer_bytes), request)
+                continue
+            if prefilled[0].peak_memory_bytes is not None:
+                prefill_room = max(prefill_room, prefilled[0].peak_memory_bytes - in_use)
+            for one in prefilled:
+                if one.finished:
+                    yield _generation(one, [one.first_token], 0.0, 0.0)
+                else:
+                    lane_of(one).note(one)
+                    waiting.append(one)
+        if not busy():
             if not waiting and exhausted and not redo:
                 return
             continue
-        try:
-            finished: list[FinishedRow] = batch.step()
-        except Exception as error:
-            if not _out_of_memory(error) or len(batch.rows) == 1:
-                raise
-            halve(None)
-            continue
-        for row in finished:
-            yield _generation(row.prefilled, row.tokens, row.decode_seconds, row.decode_cost_seconds)
-        if not waiting and exhausted and not redo:
-            batch.compact()  # draining: the remaining rows move down, so steps run on a smaller bucket
+        for lane in list(lanes.values()):
+            batch = lane.batch
+            if not batch.active_rows:
+                continue
+            try:
+                finished: list[FinishedRow] = batch.step()
+            except Exception as error:
+                if not _out_of_memory(error) or len(batch.rows) == 1:
+                    raise
+                halve(batch, None)
+                continue
+            for row in finished:
+                yield _generation(row.prefilled, row.tokens, row.decode_seconds, row.decode_cost_seconds)
+            if not waiting and exhausted and not redo:
+                batch.compact()  # draining: the remaining rows move down, so steps run on a smaller bucket
 
 
-def _rows_that_fit(batch: DecodeBatch, prefilled: Prefilled, prefill_room: int) -> int:
-    """Rows the decode buffers can have once grown for this sample's cache: what free memory holds, less
-    ``prefill_room`` for the next prefill (the batch's rows when no growth is needed, and always on CPU)."""
-    needed = batch.slots_needed(prefilled)
+def _rows_that_fit(batch: DecodeBatch, prefilled: Prefilled, prefill_room: int, share: float,
+                   lanes_bytes: int) -> int:
+    """Rows the decode buffers can have once grown for this sample's cache (`rows_within_memory`; the batch's
+    rows when no growth is needed, and always on CPU)."""
+    needed = slots_needed(prefilled)
     if needed <= batch.slots or batch.device.type != "cuda":
         return len(batch.rows)
     free, _ = torch.cuda.mem_get_info(batch.device)
     reusable = torch.cuda.memory_reserved(batch.device) - torch.cuda.memory_allocated(batch.device)
     # the old buffers are released layer by layer while the new ones fill: one layer's worth coexists
-    available = (free + reusable + batch.buffer_bytes() - prefill_room) / GROWTH_MARGIN
     per_row = round_up_slots(needed) * batch.bytes_per_slot_row() * (1 + 1 / batch.num_layers)
-    return min(len(batch.rows), int(available // per_row))
+    return rows_within_memory(free + reusable, batch.buffer_bytes(), lanes_bytes, prefill_room, share, per_row,
+                              len(batch.rows))
+
+
+def rows_within_memory(available: int, own_bytes: int, lanes_bytes: int, prefill_room: int, share: float,
+                       per_row: float, most_rows: int) -> int:
+    """Rows of ``per_row`` bytes a lane can have (at most ``most_rows``): what the ``available`` device memory and
+    its own buffers (``own_bytes``) hold, less ``prefill_room`` for the next prefill, and within its ``share``
+    of the memory available and held by every lane's buffers (``lanes_bytes``), though at least a row's worth."""
+    own = (available + own_bytes - prefill_room) / GROWTH_MARGIN
+    lanes_share = (available + lanes_bytes - prefill_room) / GROWTH_MARGIN * share
+    return min(most_rows, int(min(own, max(lanes_share, per_row)) // per_row))
 
 
 def generate_greedy(model, prompt_ids, method: Method | Compressor, max_new_tokens: int, eos_token_ids: set[int],

@@ -17,6 +17,7 @@ import torch
 import kvbench.classifier
 from kvbench.engine import generate as generate_module
 from kvbench.engine import prefill as prefill_module
+from kvbench.engine.decode import slots_needed
 from kvbench.engine.generate import as_compressor, generate_stream, model_info
 from kvbench.harness.bench import grid_configurations
 from kvbench.engine.prefill import DecodeRequest, prefill, prefill_shared
@@ -278,8 +279,8 @@ def test_rows_that_memory_cannot_hold_are_scheduled_not_refused(monkeypatch):
     alone = [{r.tag: r.token_ids for r in generate_stream(model, method, requests_of(lengths, new_tokens), 1)}
              for method in methods]
     # the first cache fits 3 rows, the longer ones later only 2: rows wait for others to finish
-    monkeypatch.setattr(generate_module, "_rows_that_fit", lambda batch, prefilled, room:
-                        len(batch.rows) if batch.slots_needed(prefilled) <= batch.slots else 3 if batch.slots == 0 else 2)
+    monkeypatch.setattr(generate_module, "_rows_that_fit", lambda batch, prefilled, room, share, lanes_bytes:
+                        len(batch.rows) if slots_needed(prefilled) <= batch.slots else 3 if batch.slots == 0 else 2)
     requests = requests_of(lengths, new_tokens)
     for request in requests:
         request.configurations = (0, 1)

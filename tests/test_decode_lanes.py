@@ -1,0 +1,96 @@
+"""Decode lanes: rows decode in batches by the slots they need, so a grid's compressed rows do not get buffers
+as long as its full-cache rows; every row's tokens stay those it gives alone, whatever memory allows."""
+
+import pytest
+
+from kvbench.engine import generate as generate_module
+from kvbench.engine.decode import DecodeBatch, slots_needed
+from kvbench.engine.generate import Lane, generate_stream, lane_class, rows_within_memory
+from kvbench.methods import build_method
+from tests.test_decode import requests_of
+from tests.tiny_models import tiny_model
+
+GIB = 2 ** 30
+
+
+def test_lane_classes_grow_by_the_ratio():
+    base, ratio = generate_module.LANE_BASE_SLOTS, generate_module.LANE_RATIO
+    assert [lane_class(slots) for slots in (1, base, base + 1, base * ratio, base * ratio + 1)] == [0, 0, 1, 1, 2]
+
+
+def test_lanes_split_memory_so_each_keeps_as_many_samples_in_flight():
+    """The papers' grid on an 8k prompt: one full-cache row of 8,448 slots and 28 compressed rows of 1,536 a
+    sample. Each lane's share of 100 GiB is its demand's; both then hold the rows of about 17 samples."""
+    long_lane, short_lane = Lane(None, caches_seen=1, most_slots=8448), Lane(None, caches_seen=28, most_slots=1536)
+    total = long_lane.demand + short_lane.demand
+    slot_row_bytes = 2 * 32 * 8 * 128 * 2  # Llama-3-8B in bf16: keys and values of 32 layers, 8 KV heads, d = 128
+    rows = [rows_within_memory(100 * GIB, 0, 0, 0, lane.demand / total, lane.most_slots * slot_row_bytes, 4096)
+            for lane in (long_lane, short_lane)]
+    samples_in_flight = rows[0] / 1, rows[1] / 28
+    assert abs(samples_in_flight[0] - samples_in_flight[1]) <= 1
+    # together they fill the memory (less the growth margin), with less than a row of each lane to spare
+    used = rows[0] * 8448 * slot_row_bytes + rows[1] * 1536 * slot_row_bytes
+    assert 100 * GIB / generate_module.GROWTH_MARGIN - used < (8448 + 1536) * slot_row_bytes
+
+
+def test_a_lane_gets_a_row_beyond_its_share_if_memory_holds_one_and_none_if_not():
+    assert rows_within_memory(10 * GIB, 0, 0, 0, share=0.01, per_row=1 * GIB, most_rows=64) == 1
+    assert rows_within_memory(GIB // 2, 0, 0, 0, share=1.0, per_row=1 * GIB, most_rows=64) == 0
+    # the next prefill's room comes off first
+    assert rows_within_memory(10 * GIB, 0, 0, 5 * GIB, share=1.0, per_row=1 * GIB, most_rows=64) == 4
+
+
+def grid_alone_and_steps(monkeypatch, lengths, new_tokens, batch_size):
+    """A full cache and SnapKV-16 over the requests as a grid: the tokens each gives alone, the grid's results and
+    the (batch, slots) of every step."""
+    model = tiny_model("llama", num_layers=2)
+    methods = [build_method("fullkv"), build_method("snapkv", capacity=16)]
+    alone = [{r.tag: r.token_ids for r in generate_stream(model, method, requests_of(lengths, new_tokens), 1)}
+             for method in methods]
+    steps = []
+    real_step = DecodeBatch.step
+
+    def recording_step(batch):
+        steps.append((id(batch), batch.slots))
+        return real_step(batch)
+
+    monkeypatch.setattr(DecodeBatch, "step", recording_step)
+    requests = requests_of(lengths, new_tokens)
+    for request in requests:
+        request.configurations = (0, 1)
+    results = list(generate_stream(model, methods, requests, batch_size))
+    expected = {(configuration, tag): tokens for configuration, by_tag in enumerate(alone)
+                for tag, tokens in by_tag.items()}
+    return expected, {(r.configuration, r.tag): r.token_ids for r in results}, steps
+
+
+def test_full_cache_and_compressed_rows_decode_in_their_own_lanes(monkeypatch):
+    monkeypatch.setattr(generate_module, "LANE_BASE_SLOTS", 48)  # SnapKV-16 rows need 16 + 11 + 2 slots at most
+    expected, results, steps = grid_alone_and_steps(monkeypatch, [90, 30, 300, 64], [10, 3, 12, 6], 3)
+    assert results == expected
+    slots_by_batch = {}
+    for batch, slots in steps:
+        slots_by_batch[batch] = max(slots_by_batch.get(batch, 0), slots)
+    # compressed rows (and the 30-token prompt's full cache) in buffers of one granule (SLOT_GRANULE), the other
+    # full caches in buffers for the 300-token prompt's 313 slots
+    assert sorted(slots_by_batch.values()) == [256, 512]
+
+
+def test_a_lane_that_memory_cannot_hold_waits_for_the_others_buffers(monkeypatch):
+    """Simulated memory that holds one lane's buffers at a time: the other lane's caches wait until nothing
+    decodes, the idle buffers go back, and every row still gets the tokens it gives alone."""
+    monkeypatch.setattr(generate_module, "LANE_BASE_SLOTS", 48)
+    released = []
+    real_release = DecodeBatch.release_buffers
+
+    def recording_release(batch):
+        released.append(batch.slots)
+        real_release(batch)
+
+    monkeypatch.setattr(DecodeBatch, "release_buffers", recording_release)
+    monkeypatch.setattr(generate_module, "_rows_that_fit", lambda batch, prefilled, room, share, lanes_bytes:
+                        len(batch.rows) if slots_needed(prefilled) <= batch.slots
+                        else 0 if lanes_bytes > batch.buffer_bytes() else len(batch.rows))
+    expected, results, _ = grid_alone_and_steps(monkeypatch, [90, 30, 120, 64], [10, 3, 12, 6], 4)
+    assert results == expected
+    assert any(slots > 0 for slots in released)
