@@ -45,9 +45,9 @@ from typing import Any
 import torch
 
 from kvbench.methods import register
-from kvbench.methods.base import Compressor, LayerPrefill, ModelInfo, Selection, keep_positions, option
+from kvbench.methods.base import Compressor, LayerPrefill, ModelInfo, Selection, option
 from kvbench.methods.fixed_point import FixedPointMethod, FixedPointSample
-from kvbench.methods.importance import attention_importance, middle_range, protected_positions, rank_middle
+from kvbench.methods.importance import middle_range, ranked_by_importance
 
 
 def anchor_segments(anchors: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
@@ -113,23 +113,17 @@ class ElasticSample(FixedPointSample):
         if self.drop == 0:
             return None
         method = self.method
-        scores = attention_importance(layer)
-        ranked = rank_middle(scores, method.start_size, method.protect_size)
+        ranked = ranked_by_importance(layer, method.start_size, method.protect_size)
         anchors = ranked[: ranked.shape[0] - self.drop].sort().values
-        protected = protected_positions(layer.prompt_length, method.start_size, method.protect_size, scores.device)
-        num_kv_heads = layer.keys.shape[1]
-        selection = keep_positions(torch.cat([protected, anchors]), num_kv_heads)
-        if not method.merge or anchors.numel() == 0:
-            return selection
         lo, hi = middle_range(layer.prompt_length, method.start_size, method.protect_size)
+        # ascending: the protected start, the anchors (all inside the middle [lo, hi)), the protected end
+        positions = torch.cat([torch.arange(0, lo, device=anchors.device), anchors,
+                               torch.arange(hi, layer.prompt_length, device=anchors.device)])
+        indices = positions.view(1, 1, -1).expand(1, layer.keys.shape[1], -1).contiguous()
+        if not method.merge or anchors.numel() == 0:
+            return Selection(indices=indices)
         anchor_keys, anchor_values = merge_into_anchors(layer.keys, layer.values, anchors, lo, hi)
-        # Assemble in the selection's ascending order: protected tokens as they are, anchors merged.
-        order = selection.indices[0, 0]
-        is_anchor = torch.zeros(layer.prompt_length, dtype=torch.bool, device=order.device)
-        is_anchor[anchors] = True
-        keys = layer.keys[:, :, order]  # advanced indexing: copies
-        values = layer.values[:, :, order]
-        anchor_slots = is_anchor[order].nonzero().view(-1)
-        keys[:, :, anchor_slots] = anchor_keys
-        values[:, :, anchor_slots] = anchor_values
-        return Selection(indices=selection.indices, keys=keys, values=values)
+        # the protected tokens as they are, the anchors merged, by slices: no gather and no host sync
+        keys = torch.cat([layer.keys[:, :, :lo], anchor_keys, layer.keys[:, :, hi:]], dim=2)
+        values = torch.cat([layer.values[:, :, :lo], anchor_values, layer.values[:, :, hi:]], dim=2)
+        return Selection(indices=indices, keys=keys, values=values)

@@ -175,6 +175,16 @@ def rank_middle(scores: torch.Tensor, start_size: int, protect_size: int) -> tor
     return order + lo
 
 
+def ranked_by_importance(layer: LayerPrefill, start_size: int, protect_size: int) -> torch.Tensor:
+    """`rank_middle` of the layer's `attention_importance`, sorted once for every configuration of a grid that
+    ranks by it (Elastic Cache and PrefixKV at each capacity)."""
+    return layer.shared(_ranked_by_importance, start_size, protect_size)
+
+
+def _ranked_by_importance(layer: LayerPrefill, start_size: int, protect_size: int) -> torch.Tensor:
+    return rank_middle(attention_importance(layer), start_size, protect_size)
+
+
 def protected_positions(prompt_length: int, start_size: int, protect_size: int, device=None) -> torch.Tensor:
     """The always-kept positions: the first start_size and the last protect_size."""
     lo, hi = middle_range(prompt_length, start_size, protect_size)

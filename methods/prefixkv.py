@@ -58,7 +58,8 @@ from kvbench.errors import KvbenchError
 from kvbench.methods import register
 from kvbench.methods.base import Compressor, LayerPrefill, ModelInfo, Selection, keep_positions, option
 from kvbench.methods.fixed_point import FixedPointMethod, FixedPointSample, round_half_up
-from kvbench.methods.importance import attention_importance, middle_range, protected_positions, rank_middle
+from kvbench.methods.importance import (attention_importance, middle_range, protected_positions, rank_middle,
+                                       ranked_by_importance)
 from kvbench.paths import kvbench_home
 from kvbench.runfolder import read_json_and_digest, write_json
 
@@ -402,10 +403,9 @@ class PrefixKVSample(FixedPointSample):
         if drop == 0:
             return None
         method = self.method
-        scores = self.scores.pop(layer.layer_idx, None)
-        if scores is None:
-            scores = attention_importance(layer)
-        ranked = rank_middle(scores, method.start_size, method.protect_size)
+        scores = self.scores.pop(layer.layer_idx, None)  # the pre-pass's, when online
+        ranked = (ranked_by_importance(layer, method.start_size, method.protect_size) if scores is None
+                  else rank_middle(scores, method.start_size, method.protect_size))
         keep = ranked[: ranked.shape[0] - drop]
         protected = protected_positions(layer.prompt_length, method.start_size, method.protect_size, keep.device)
         return keep_positions(torch.cat([protected, keep]), layer.keys.shape[1])

@@ -5,7 +5,7 @@ import torch
 
 from kvbench.engine.generate import generate_greedy
 from kvbench.methods import build_method
-from kvbench.methods import elastic as elastic_module
+from kvbench.methods import importance as importance_module
 from kvbench.methods.base import LayerPrefill
 from kvbench.methods.elastic import anchor_segments, merge_into_anchors
 from tests.method_helpers import recording, sample_state
@@ -19,7 +19,7 @@ SCORES = torch.tensor([0.0, 0.0, 5, 1, 2, 0.5, 9, 3, 8, 0.0])
 
 @pytest.fixture
 def fake_scores(monkeypatch):
-    monkeypatch.setattr(elastic_module, "attention_importance", lambda layer: SCORES)
+    monkeypatch.setattr(importance_module, "attention_importance", lambda layer: SCORES)
 
 
 def hand_layer(kv_heads=2, query_heads=4):
@@ -88,7 +88,7 @@ def test_anchors_are_the_top_ranked_tokens_not_the_reference_index_comparison(mo
     # tokens than the top ones: a test of "anchors = highest scores" fails on the reference's rule.
     middle = torch.tensor([5.0, 1, 8, 3, 7, 2, 6, 4])  # positions 2..9
     scores = torch.cat([torch.zeros(2), middle, torch.zeros(1)])
-    monkeypatch.setattr(elastic_module, "attention_importance", lambda layer: scores)
+    monkeypatch.setattr(importance_module, "attention_importance", lambda layer: scores)
     method = sample_state(elastic(capacity=8), 11)  # 11 tokens, drop 3: keep the 5 best middle tokens
     positions = torch.zeros(1, 1, 11, 2)
     layer = LayerPrefill(0, 1, positions, positions.clone(), positions.clone(), 1.0)

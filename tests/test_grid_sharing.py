@@ -299,7 +299,8 @@ def random_layer_inputs(query_heads, kv_heads, length, head_dim):
 
 def test_one_layer_is_scored_once_for_every_method_and_capacity_that_ranks_by_its_mass(monkeypatch, tmp_path):
     # H2O, Elastic Cache and PrefixKV at two capacities each rank by the same attention mass: a grid computes
-    # it once per layer, and every selection is what the method makes on a layer of its own.
+    # it once per layer (and Elastic's and PrefixKV's ranking of it, sorted once for the four), and every
+    # selection is what the method makes on a layer of its own.
     queries, keys = random_layer_inputs(8, 2, 45, 32)
     values = torch.randn_like(keys)
     profile = tmp_path / "profile.json"
@@ -310,9 +311,12 @@ def test_one_layer_is_scored_once_for_every_method_and_capacity_that_ranks_by_it
     calls = []
     counted = importance.attention_mass_sums
     monkeypatch.setattr(importance, "attention_mass_sums", lambda *args: calls.append(1) or counted(*args))
+    rankings = []
+    ranked = importance.rank_middle
+    monkeypatch.setattr(importance, "rank_middle", lambda *args: rankings.append(1) or ranked(*args))
     shared_layer = LayerPrefill(0, 1, queries, keys, values, 32**-0.5)
     together = [sample_state(method, 45).select(shared_layer) for method in methods]
-    assert len(calls) == 1
+    assert len(calls) == 1 and len(rankings) == 1
     for own, shared in zip(alone, together):
         assert torch.equal(own.indices, shared.indices)
         assert (own.keys is None) == (shared.keys is None)

@@ -8,6 +8,7 @@ import torch
 from kvbench.errors import KvbenchError
 from kvbench.engine.generate import generate_greedy
 from kvbench.methods import build_method
+from kvbench.methods import importance as importance_module
 from kvbench.methods import prefixkv as prefixkv_module
 from kvbench.harness.profile import profile_prefixkv
 from kvbench.methods.base import LayerPrefill, ModelInfo
@@ -115,9 +116,12 @@ def layers():
 
 @pytest.fixture
 def fake_scores(monkeypatch):
-    monkeypatch.setattr(
-        prefixkv_module, "attention_importance", lambda layer: layer_scores(int(layer.queries[0, 0, 0, 0]))
-    )
+    def scores(layer):
+        return layer_scores(int(layer.queries[0, 0, 0, 0]))
+
+    # the online pre-pass scores in the method's module, the offline selection through the shared ranking
+    monkeypatch.setattr(prefixkv_module, "attention_importance", scores)
+    monkeypatch.setattr(importance_module, "attention_importance", scores)
 
 
 def run_online(method, length=LENGTH):
