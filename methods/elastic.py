@@ -26,7 +26,7 @@ and why:
     budget, the lowest-ranked tokens, at their real positions.
   * When every middle token is dropped there is no anchor: the dropped tokens
     are evicted without merging (the reference would fail).
-  * Merging averages in float64 and casts back to the cache dtype (the reference
+  * Merging averages in float32 and casts back to the cache dtype (the reference
     averages in the cache dtype); the anchor itself counts once, as
     ``scatter_reduce(..., 'mean')`` with ``include_self`` does.
   * Decoding: see `kvbench.methods.fixed_point` (exact integer rule, ``--capacity``
@@ -62,20 +62,16 @@ def anchor_segments(anchors: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
 def merge_into_anchors(keys: torch.Tensor, values: torch.Tensor, anchors: torch.Tensor, lo: int, hi: int
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each anchor's key and value averaged with those of the middle tokens nearest to it (`anchor_segments`):
-    (1, Hkv, len(anchors), d) keys and values.
-
-    A segment's sum is the difference of two float64 prefix sums over the middle: a scan adds in a fixed order
-    on every run (where CUDA's ``index_add_`` adds by atomics in a varying order, and its deterministic variant
-    took 10 ms a layer at 8k tokens on an H200, ``segment_reduce`` 1.5 ms), and float64's 53 bits keep the
-    difference within about L * 2^-53 of the largest prefix, far below the float32 or bf16 rounding of a mean."""
+    (1, Hkv, len(anchors), d) keys and values. Sums run in float32 over each segment in position order, the
+    same order on every run and device (where CUDA's ``index_add_`` adds by atomics in a varying order, and its
+    deterministic variant took 10 ms a layer at 8k tokens on an H200)."""
     lengths = anchor_segments(anchors, lo, hi)
-    ends = lengths.cumsum(0)
     merged = []
     for tensor in (keys, values):
-        prefix = tensor[0, :, lo:hi].double().cumsum(dim=1)  # (Hkv, tokens, d)
-        prefix = torch.cat([prefix.new_zeros(prefix.shape[0], 1, prefix.shape[2]), prefix], dim=1)
-        sums = prefix[:, ends] - prefix[:, ends - lengths]
-        merged.append((sums / lengths.view(1, -1, 1)).to(tensor.dtype).unsqueeze(0))
+        middle = tensor[0, :, lo:hi].transpose(0, 1).float()  # (tokens, Hkv, d): segments along the first axis
+        sums = torch.segment_reduce(middle, "sum", lengths=lengths, axis=0)
+        means = sums / lengths.view(-1, 1, 1).to(sums.dtype)
+        merged.append(means.to(tensor.dtype).transpose(0, 1).unsqueeze(0))
     return merged[0], merged[1]
 
 
