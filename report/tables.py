@@ -374,8 +374,9 @@ def ruler_lengths(frame: pd.DataFrame) -> list[int]:
                   if column.isdigit() and frame[column].notna().any())
 
 
-def ruler_table(frame: pd.DataFrame) -> Table | None:
-    """RULER as its paper reports it: at each length the mean over the tasks, then "Avg", the mean over lengths."""
+def ruler_table(frame: pd.DataFrame, draws: Draws | None = None, seed: int | None = None) -> Table | None:
+    """RULER as its paper reports it: at each length the mean over the tasks, then "Avg", the mean over lengths
+    (with ``draws``, each value's interval: a length's samples resampled within each task)."""
     ruler_frame = frame[frame["category"] == RULER]
     if ruler_frame.empty:
         return None
@@ -386,7 +387,7 @@ def ruler_table(frame: pd.DataFrame) -> Table | None:
     cells = []
     for _, run in runs.iterrows():
         key = _run_key(run)
-        by_length = [average_cell([task_cell(rows.get((*key, task)), length_key(length)) for task in tasks])
+        by_length = [average_cell([task_cell(rows.get((*key, task)), length_key(length), draws) for task in tasks])
                      for length in lengths]
         cells.append(by_length + [average_cell(by_length)])
     mark_best(cells)
@@ -401,13 +402,15 @@ def ruler_table(frame: pd.DataFrame) -> Table | None:
             f"At each length the mean over the RULER tasks run ({', '.join(tasks)}) of their score at that length "
             "(string_match_all; string_match_part for qa_1 and qa_2), 0-100; Avg: the mean over the lengths. "
             f"{PARTIAL_MARK}: some task unfinished or missing; not ranked.",
+            *interval_notes(draws, seed),
             *measurement_notes(runs),
         ],
     )
 
 
-def ruler_tasks_table(frame: pd.DataFrame) -> Table | None:
-    """RULER per task: each task's score over all its lengths, and the mean over the tasks."""
+def ruler_tasks_table(frame: pd.DataFrame, draws: Draws | None = None, seed: int | None = None) -> Table | None:
+    """RULER per task: each task's score over all its lengths, and the mean over the tasks (with ``draws``, each
+    value's interval)."""
     ruler_frame = frame[frame["category"] == RULER]
     if ruler_frame.empty:
         return None
@@ -416,7 +419,7 @@ def ruler_tasks_table(frame: pd.DataFrame) -> Table | None:
     rows = _lookup(ruler_frame)
     cells = []
     for _, run in runs.iterrows():
-        task_cells = [task_cell(rows.get((*_run_key(run), task))) for task in tasks]
+        task_cells = [task_cell(rows.get((*_run_key(run), task)), "score", draws) for task in tasks]
         cells.append(task_cells + [average_cell(task_cells)])
     mark_best(cells)
     return Table(
@@ -426,7 +429,8 @@ def ruler_tasks_table(frame: pd.DataFrame) -> Table | None:
         columns=tasks + ["Avg"],
         cells=cells,
         notes=["Each task's score over its samples at every length run; Avg: the mean over the tasks. "
-               "12.30 (5/10): an unfinished task, scored on its 5 finished samples of 10."],
+               "12.30 (5/10): an unfinished task, scored on its 5 finished samples of 10.",
+               *interval_notes(draws, seed)],
     )
 
 

@@ -273,7 +273,8 @@ def write_report(paths: Iterable[str | Path] = (), out: str | Path | None = None
 
     draws = task_draws(samples, seed)
     differences, difference_draws = paired_differences(frame, samples, seed)
-    tables = [table for table in (leaderboard(frame, draws, seed), ruler_table(frame), ruler_tasks_table(frame),
+    tables = [table for table in (leaderboard(frame, draws, seed), ruler_table(frame, draws, seed),
+                                  ruler_tasks_table(frame, draws, seed),
                                   paper_table(frame, draws, seed), longbench_e_table(frame, draws, seed),
                                   needle_table(frame, draws, seed),
                                   question_table(frame))

@@ -15,7 +15,9 @@ from kvbench.errors import KvbenchError, TaskDataUnavailable
 from kvbench.harness.grid import tasks_with_data
 from kvbench.harness.run import sample_request
 from kvbench.report import load_runs
+from kvbench.report.load import load_runs_and_samples
 from kvbench.report.tables import leaderboard, ruler_table, ruler_tasks_table
+from kvbench.report.uncertainty import task_draws
 from kvbench.tasks import build_tasks, get_task, resolve_task_names
 from kvbench.tasks.needle import LENGTH_TOLERANCE
 from kvbench.tasks.ruler import RULER_TASKS, string_match_all, string_match_part
@@ -259,6 +261,23 @@ def test_report_shows_ruler_by_length_and_task_apart_from_longbench(tmp_path):
     assert cell_texts(ruler_tasks_table(frame))[("fullkv", None)]["vt"].strip("*") == "75.00"
     assert "vt" not in leaderboard(frame).columns and "trec" in leaderboard(frame).columns
     assert not math.isnan(frame.loc[frame["task"] == "vt", "1024"].iloc[0])
+
+
+def test_ruler_tables_give_intervals_over_each_lengths_own_samples(tmp_path):
+    # vt: both 1024-token samples right, one of the two 2048-token ones; cwe: both right at 1024, none at 2048
+    write_run(tmp_path, "fullkv", None, {"vt": 4, "cwe": 4}, {"vt": ruler_rows(2, 1), "cwe": ruler_rows(2, 0)})
+    frame, samples = load_runs_and_samples(tmp_path)
+    draws = task_draws(samples, seed=0)
+    by_length = ruler_table(frame, draws, seed=0)
+    cells = dict(zip(by_length.columns, by_length.cells[0]))
+    # every 1024-token sample is right: no resample moves the mean; at 2048 the vt pair can lose or gain it
+    assert cells["1024"].text == "100.00 ± 0.0" and (cells["1024"].low, cells["1024"].high) == (100.0, 100.0)
+    assert cells["2048"].value == 25.0 and cells["2048"].low < 25.0 < cells["2048"].high
+    assert cells["Avg"].low <= 62.5 <= cells["Avg"].high and "±" in cells["Avg"].text
+    assert "2048 low" in by_length.numbers().columns and any("bootstrap" in note for note in by_length.notes)
+    by_task = ruler_tasks_table(frame, draws, seed=0)
+    vt = dict(zip(by_task.columns, by_task.cells[0]))["vt"]
+    assert vt.value == 75.0 and vt.low < 75.0 < vt.high
 
 
 def test_capacity_plot_has_a_ruler_panel(tmp_path):
