@@ -174,6 +174,8 @@ def generate_stream(model, methods: Method | Compressor | Sequence[Method | Comp
     waiting: deque[Prefilled] = deque()
     exhausted = False
     halving_said = False
+    #: after running out of memory, no prefill before a decode step
+    decode_first = False
 
     def lane_of(prefilled: Prefilled) -> Lane:
         lane = lane_class(slots_needed(prefilled))
@@ -200,16 +202,26 @@ def generate_stream(model, methods: Method | Compressor | Sequence[Method | Comp
         return any(lane.batch.active_rows for lane in lanes.values())
 
     def halve(batch: DecodeBatch, request_in_hand: DecodeRequest | None) -> None:
-        """Out of memory with several rows: keep half of the batch's; the rest (and the request in hand) are redone."""
-        nonlocal halving_said
+        """Out of memory: keep half of the batch's rows (all of one); the rest and the request in hand are redone,
+        after at least one decode step (`decode_first`), so that finishing rows can free what the retry needs."""
+        nonlocal halving_said, decode_first
         rows = max(1, len(batch.rows) // 2)
-        if not halving_said and say is not None:
+        if rows < len(batch.rows) and not halving_said and say is not None:
             say(f"out of GPU memory with {len(batch.rows)} decode rows: continuing with {rows}")
             halving_said = True
         requeued = [unfinished([prefilled]) for prefilled in batch.requeue_rows_from(rows)]
-        batch.shrink(rows)
+        batch.shrink(rows)  # also evens out buffers a failed growth left half grown
         redo.extendleft(reversed(([request_in_hand] if request_in_hand is not None else []) + requeued))
+        decode_first = True
         torch.cuda.empty_cache()
+
+    def release_idle(keep: DecodeBatch | None = None) -> bool:
+        """Give back the buffers of every lane with no active row (but ``keep``'s); whether any held some."""
+        idle = [lane.batch for lane in lanes.values()
+                if lane.batch is not keep and not lane.batch.active_rows and lane.batch.slots]
+        for batch in idle:
+            batch.release_buffers()
+        return bool(idle)
 
     def admit(prefilled: Prefilled) -> bool:
         """Give a waiting cache a row of its lane, sizing the lane by memory; False if it must wait."""
@@ -227,8 +239,7 @@ def generate_stream(model, methods: Method | Compressor | Sequence[Method | Comp
             if rows < 1:
                 if busy():
                     return False  # other lanes hold the memory: wait for their rows to finish
-                for other in lanes.values():  # nothing decodes: the idle lanes' buffers go back
-                    other.batch.release_buffers()
+                release_idle(keep=batch)  # nothing decodes: the idle lanes' buffers go back
             if not lane.sizing_said and say is not None:
                 say(f"decode batch of {max(1, rows)} rows: what free GPU memory holds "
                     f"at {slots_needed(prefilled)} cache slots a row")
@@ -248,11 +259,12 @@ def generate_stream(model, methods: Method | Compressor | Sequence[Method | Comp
             except Exception as error:
                 if not _out_of_memory(error):
                     raise
-                if not busy():
+                batch = lane_of(prefilled).batch
+                if not release_idle(keep=batch) and not busy():
                     raise KvbenchError(f"out of GPU memory decoding {_describe(prefilled.request)} alone") from None
                 rest = unfinished(list(waiting) + pending[position:])
                 waiting.clear()
-                halve(lane_of(prefilled).batch, rest)
+                halve(batch, rest)
                 return
 
     device = model.get_input_embeddings().weight.device
@@ -265,6 +277,8 @@ def generate_stream(model, methods: Method | Compressor | Sequence[Method | Comp
                 continue
             if lanes and all(lane.batch.free_row() is None for lane in lanes.values()):
                 break  # every row is taken: decode before prefilling more
+            if decode_first and busy():
+                break
             request = next_request()
             if request is None:
                 break
@@ -274,9 +288,14 @@ def generate_stream(model, methods: Method | Compressor | Sequence[Method | Comp
             except Exception as error:
                 if not _out_of_memory(error):
                     raise
+                released = release_idle()  # the idle lanes' buffers first
                 if not busy():
-                    raise KvbenchError(f"out of GPU memory prefilling {_describe(request)} alone") from None
-                halve(max((lane.batch for lane in lanes.values()), key=DecodeBatch.buffer_bytes), request)
+                    if not released:
+                        raise KvbenchError(f"out of GPU memory prefilling {_describe(request)} alone") from None
+                    redo.appendleft(request)
+                    continue
+                busy_batches = [lane.batch for lane in lanes.values() if lane.batch.active_rows]
+                halve(max(busy_batches, key=DecodeBatch.buffer_bytes), request)
                 continue
             if prefilled[0].peak_memory_bytes is not None:
                 prefill_room = max(prefill_room, prefilled[0].peak_memory_bytes - in_use)
@@ -290,6 +309,7 @@ def generate_stream(model, methods: Method | Compressor | Sequence[Method | Comp
             if not waiting and exhausted and not redo:
                 return
             continue
+        decode_first = False
         for lane in list(lanes.values()):
             batch = lane.batch
             if not batch.active_rows:

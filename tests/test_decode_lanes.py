@@ -94,3 +94,44 @@ def test_a_lane_that_memory_cannot_hold_waits_for_the_others_buffers(monkeypatch
     expected, results, _ = grid_alone_and_steps(monkeypatch, [90, 30, 120, 64], [10, 3, 12, 6], 4)
     assert results == expected
     assert any(slots > 0 for slots in released)
+
+
+def test_memory_that_holds_a_prefill_only_while_nothing_decodes_still_finishes_every_row(monkeypatch):
+    """Every prefill runs out of memory while any row decodes: each time the busiest lane is halved and the sample
+    is redone after a decode step, so the rows drain, the sample is prefilled alone, and nothing is lost or
+    repeated (no loop of retries without a step between them)."""
+    monkeypatch.setattr(generate_module, "LANE_BASE_SLOTS", 48)
+    import torch
+
+    batches = []
+    real_admit, real_prefill = DecodeBatch.admit, generate_module.prefill_shared
+
+    def recording_admit(batch, prefilled):
+        if batch not in batches:
+            batches.append(batch)
+        return real_admit(batch, prefilled)
+
+    attempts = []
+
+    def prefill_only_when_idle(*args, **kwargs):
+        attempts.append(any(batch.active_rows for batch in batches))
+        if attempts.count(True) > 50:
+            pytest.fail("prefill retried again and again without a decode step between")
+        if attempts[-1]:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_prefill(*args, **kwargs)
+
+    monkeypatch.setattr(DecodeBatch, "admit", recording_admit)
+    monkeypatch.setattr(generate_module, "prefill_shared", prefill_only_when_idle)
+    lengths, new_tokens = [90, 30, 300, 64], [10, 3, 12, 6]
+    model = tiny_model("llama", num_layers=2)
+    methods = [build_method("fullkv"), build_method("snapkv", capacity=16)]
+    requests = requests_of(lengths, new_tokens)
+    for request in requests:
+        request.configurations = (0, 1)
+    results = {(r.configuration, r.tag): r.token_ids for r in generate_stream(model, methods, requests, 4)}
+    monkeypatch.setattr(generate_module, "prefill_shared", real_prefill)
+    alone = {(configuration, r.tag): r.token_ids for configuration, method in enumerate(methods)
+             for r in generate_stream(model, method, requests_of(lengths, new_tokens), 1)}
+    assert results == alone
+    assert any(attempts)  # it did run out of memory
