@@ -452,18 +452,19 @@ def test_uniform_attention_ties_break_as_in_the_reference():
 def test_window_scores_are_the_references_window_reductions_bit_for_bit():
     generator = torch.Generator().manual_seed(11)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        votes = torch.rand(1, 32, 203, generator=generator).to(dtype) / 50
-        for window in (3, 8):
-            for strategy in ("average", "max"):
-                by_window = []
-                for start in range(0, 203, window):
-                    part = votes[:, :, start:start + window]
-                    if strategy == "max":
-                        part = torch.topk(part, min(window // 2, part.shape[-1]))[0]
-                    by_window.append(part.mean())
-                scores = window_scores(votes, window, strategy)
-                assert scores.dtype == dtype
-                assert torch.equal(scores, torch.stack(by_window))
+        for length, windows in ((2, (3,)), (203, (1, 3, 8)), (4000, (8,))):
+            votes = torch.rand(1, 32, length, generator=generator).to(dtype) / 50
+            for window in windows:
+                for strategy in ("average", "max"):
+                    by_window = []
+                    for start in range(0, length, window):
+                        part = votes[:, :, start:start + window]
+                        if strategy == "max":
+                            part = torch.topk(part, min(max(1, window // 2), part.shape[-1]))[0]
+                        by_window.append(part.mean())
+                    scores = window_scores(votes, window, strategy)
+                    assert scores.dtype == dtype
+                    assert torch.equal(scores, torch.stack(by_window)), (dtype, length, window, strategy)
 
 
 def random_configuration(generator, index):
