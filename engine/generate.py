@@ -229,17 +229,20 @@ def generate_stream(model, methods: Method | Compressor | Sequence[Method | Comp
         batch = lane.batch
         if batch.free_row() is None:
             return False
-        share = lane.demand / sum(other.demand for other in lanes.values())
-        lanes_bytes = sum(other.batch.buffer_bytes() for other in lanes.values())
-        rows = _rows_that_fit(batch, prefilled, prefill_room, share, lanes_bytes)
+        def rows_that_fit() -> int:
+            share = lane.demand / sum(other.demand for other in lanes.values())
+            lanes_bytes = sum(other.batch.buffer_bytes() for other in lanes.values())
+            return _rows_that_fit(batch, prefilled, prefill_room, share, lanes_bytes)
+
+        rows = rows_that_fit()
+        if rows < 1 and not busy() and release_idle(keep=batch):
+            rows = rows_that_fit()  # nothing decodes: the idle lanes' buffers went back, their memory is free
         if rows < len(batch.rows):
             batch.compact()  # the active rows first, so that shrinking keeps them
             if batch.active_rows and rows <= len(batch.active_rows):
                 return False  # no row would be left for this cache: wait for rows to finish
-            if rows < 1:
-                if busy():
-                    return False  # other lanes hold the memory: wait for their rows to finish
-                release_idle(keep=batch)  # nothing decodes: the idle lanes' buffers go back
+            if rows < 1 and busy():
+                return False  # other lanes hold the memory: wait for their rows to finish
             if not lane.sizing_said and say is not None:
                 say(f"decode batch of {max(1, rows)} rows: what free GPU memory holds "
                     f"at {slots_needed(prefilled)} cache slots a row")
@@ -294,8 +297,8 @@ def generate_stream(model, methods: Method | Compressor | Sequence[Method | Comp
                         raise KvbenchError(f"out of GPU memory prefilling {_describe(request)} alone") from None
                     redo.appendleft(request)
                     continue
-                busy_batches = [lane.batch for lane in lanes.values() if lane.batch.active_rows]
-                halve(max(busy_batches, key=DecodeBatch.buffer_bytes), request)
+                halve(max((lane.batch for lane in lanes.values() if lane.batch.active_rows),
+                          key=DecodeBatch.buffer_bytes), request)
                 continue
             if prefilled[0].peak_memory_bytes is not None:
                 prefill_room = max(prefill_room, prefilled[0].peak_memory_bytes - in_use)

@@ -2,6 +2,7 @@
 as long as its full-cache rows; every row's tokens stay those it gives alone, whatever memory allows."""
 
 import pytest
+import torch
 
 from kvbench.engine import generate as generate_module
 from kvbench.engine.decode import DecodeBatch, slots_needed
@@ -40,37 +41,41 @@ def test_a_lane_gets_a_row_beyond_its_share_if_memory_holds_one_and_none_if_not(
     assert rows_within_memory(10 * GIB, 0, 0, 5 * GIB, share=1.0, per_row=1 * GIB, most_rows=64) == 4
 
 
-def grid_alone_and_steps(monkeypatch, lengths, new_tokens, batch_size):
-    """A full cache and SnapKV-16 over the requests as a grid: the tokens each gives alone, the grid's results and
-    the (batch, slots) of every step."""
-    model = tiny_model("llama", num_layers=2)
-    methods = [build_method("fullkv"), build_method("snapkv", capacity=16)]
-    alone = [{r.tag: r.token_ids for r in generate_stream(model, method, requests_of(lengths, new_tokens), 1)}
-             for method in methods]
-    steps = []
-    real_step = DecodeBatch.step
+#: the prompts and generation lengths of the lane tests: the 300-token prompt's full cache needs 313 slots
+LENGTHS, NEW_TOKENS = [90, 30, 300, 64], [10, 3, 12, 6]
 
-    def recording_step(batch):
-        steps.append((id(batch), batch.slots))
-        return real_step(batch)
 
-    monkeypatch.setattr(DecodeBatch, "step", recording_step)
-    requests = requests_of(lengths, new_tokens)
+def full_cache_and_snapkv():
+    return tiny_model("llama", num_layers=2), [build_method("fullkv"), build_method("snapkv", capacity=16)]
+
+
+def decoded_alone(model, methods) -> dict:
+    """Each configuration's tokens decoding each request alone, by (configuration, tag)."""
+    return {(configuration, r.tag): r.token_ids for configuration, method in enumerate(methods)
+            for r in generate_stream(model, method, requests_of(LENGTHS, NEW_TOKENS), 1)}
+
+
+def decoded_as_a_grid(model, methods, batch_size) -> dict:
+    """The configurations' tokens decoding the requests as one grid, by (configuration, tag)."""
+    requests = requests_of(LENGTHS, NEW_TOKENS)
     for request in requests:
-        request.configurations = (0, 1)
-    results = list(generate_stream(model, methods, requests, batch_size))
-    expected = {(configuration, tag): tokens for configuration, by_tag in enumerate(alone)
-                for tag, tokens in by_tag.items()}
-    return expected, {(r.configuration, r.tag): r.token_ids for r in results}, steps
+        request.configurations = tuple(range(len(methods)))
+    return {(r.configuration, r.tag): r.token_ids for r in generate_stream(model, methods, requests, batch_size)}
 
 
 def test_full_cache_and_compressed_rows_decode_in_their_own_lanes(monkeypatch):
     monkeypatch.setattr(generate_module, "LANE_BASE_SLOTS", 48)  # SnapKV-16 rows need 16 + 11 + 2 slots at most
-    expected, results, steps = grid_alone_and_steps(monkeypatch, [90, 30, 300, 64], [10, 3, 12, 6], 3)
-    assert results == expected
+    model, methods = full_cache_and_snapkv()
+    alone = decoded_alone(model, methods)
     slots_by_batch = {}
-    for batch, slots in steps:
-        slots_by_batch[batch] = max(slots_by_batch.get(batch, 0), slots)
+    real_step = DecodeBatch.step
+
+    def recording_step(batch):
+        slots_by_batch[id(batch)] = max(slots_by_batch.get(id(batch), 0), batch.slots)
+        return real_step(batch)
+
+    monkeypatch.setattr(DecodeBatch, "step", recording_step)
+    assert decoded_as_a_grid(model, methods, 3) == alone
     # compressed rows (and the 30-token prompt's full cache) in buffers of one granule (SLOT_GRANULE), the other
     # full caches in buffers for the 300-token prompt's 313 slots
     assert sorted(slots_by_batch.values()) == [256, 512]
@@ -78,22 +83,30 @@ def test_full_cache_and_compressed_rows_decode_in_their_own_lanes(monkeypatch):
 
 def test_a_lane_that_memory_cannot_hold_waits_for_the_others_buffers(monkeypatch):
     """Simulated memory that holds one lane's buffers at a time: the other lane's caches wait until nothing
-    decodes, the idle buffers go back, and every row still gets the tokens it gives alone."""
+    decodes, the idle buffers go back, the lane then keeps its rows (the memory they held is free), and every
+    row still gets the tokens it gives alone."""
     monkeypatch.setattr(generate_module, "LANE_BASE_SLOTS", 48)
-    released = []
-    real_release = DecodeBatch.release_buffers
+    model, methods = full_cache_and_snapkv()
+    alone = decoded_alone(model, methods)
+    released, shrunk_to = [], []
+    real_release, real_shrink = DecodeBatch.release_buffers, DecodeBatch.shrink
 
     def recording_release(batch):
         released.append(batch.slots)
         real_release(batch)
 
+    def recording_shrink(batch, rows):
+        shrunk_to.append(rows)
+        real_shrink(batch, rows)
+
     monkeypatch.setattr(DecodeBatch, "release_buffers", recording_release)
+    monkeypatch.setattr(DecodeBatch, "shrink", recording_shrink)
     monkeypatch.setattr(generate_module, "_rows_that_fit", lambda batch, prefilled, room, share, lanes_bytes:
                         len(batch.rows) if slots_needed(prefilled) <= batch.slots
                         else 0 if lanes_bytes > batch.buffer_bytes() else len(batch.rows))
-    expected, results, _ = grid_alone_and_steps(monkeypatch, [90, 30, 120, 64], [10, 3, 12, 6], 4)
-    assert results == expected
+    assert decoded_as_a_grid(model, methods, 4) == alone
     assert any(slots > 0 for slots in released)
+    assert shrunk_to == []
 
 
 def test_memory_that_holds_a_prefill_only_while_nothing_decodes_still_finishes_every_row(monkeypatch):
@@ -101,8 +114,8 @@ def test_memory_that_holds_a_prefill_only_while_nothing_decodes_still_finishes_e
     is redone after a decode step, so the rows drain, the sample is prefilled alone, and nothing is lost or
     repeated (no loop of retries without a step between them)."""
     monkeypatch.setattr(generate_module, "LANE_BASE_SLOTS", 48)
-    import torch
-
+    model, methods = full_cache_and_snapkv()
+    alone = decoded_alone(model, methods)
     batches = []
     real_admit, real_prefill = DecodeBatch.admit, generate_module.prefill_shared
 
@@ -123,15 +136,5 @@ def test_memory_that_holds_a_prefill_only_while_nothing_decodes_still_finishes_e
 
     monkeypatch.setattr(DecodeBatch, "admit", recording_admit)
     monkeypatch.setattr(generate_module, "prefill_shared", prefill_only_when_idle)
-    lengths, new_tokens = [90, 30, 300, 64], [10, 3, 12, 6]
-    model = tiny_model("llama", num_layers=2)
-    methods = [build_method("fullkv"), build_method("snapkv", capacity=16)]
-    requests = requests_of(lengths, new_tokens)
-    for request in requests:
-        request.configurations = (0, 1)
-    results = {(r.configuration, r.tag): r.token_ids for r in generate_stream(model, methods, requests, 4)}
-    monkeypatch.setattr(generate_module, "prefill_shared", real_prefill)
-    alone = {(configuration, r.tag): r.token_ids for configuration, method in enumerate(methods)
-             for r in generate_stream(model, method, requests_of(lengths, new_tokens), 1)}
-    assert results == alone
+    assert decoded_as_a_grid(model, methods, 4) == alone
     assert any(attempts)  # it did run out of memory
