@@ -39,6 +39,8 @@ point (so R = 0.3 of 10 tokens drops 2, as there, not 3).
 
 from __future__ import annotations
 
+import functools
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,25 +56,73 @@ def anchor_segments(anchors: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     """How many consecutive middle tokens of ``[lo, hi)`` each anchor takes: every token goes to the anchor
     nearest to it (equal distances: the earlier anchor), the anchors themselves included, so the segments
     are contiguous and cover the middle. ``anchors``: ascending positions inside it, at least one."""
+    return torch.diff(segment_ends(anchors, segment_bounds(anchors.device, lo, hi)))
+
+
+def segment_ends(anchors: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+    """(anchors + 1,): the last token before the first segment, then each anchor's segment's last token
+    (`anchor_segments`); ``bounds``: `segment_bounds`."""
     # the tokens up to the midpoint of two neighbouring anchors go to the earlier one (ties included)
-    ends = torch.cat([(anchors[:-1] + anchors[1:]) // 2, anchors.new_tensor([hi - 1])])
-    return torch.diff(ends, prepend=anchors.new_tensor([lo - 1]))
+    return torch.cat([bounds[:1], (anchors[:-1] + anchors[1:]) // 2, bounds[1:]])
 
 
-def merge_into_anchors(keys: torch.Tensor, values: torch.Tensor, anchors: torch.Tensor, lo: int, hi: int
+def segment_bounds(device: torch.device, lo: int, hi: int) -> torch.Tensor:
+    """``[lo - 1, hi - 1]``: the end of the segment before the middle's first, and the last segment's end."""
+    return torch.tensor([lo - 1, hi - 1], device=device)
+
+
+def middle_tokens(keys: torch.Tensor, values: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """The middle ``[lo, hi)``'s keys then values in float32, token-major: (tokens, 2 Hkv, d), the layout
+    `torch.segment_reduce` reduces along."""
+    return torch.cat([keys[0, :, lo:hi].transpose(0, 1), values[0, :, lo:hi].transpose(0, 1)], dim=1).float()
+
+
+def merge_into_anchors(keys: torch.Tensor, values: torch.Tensor, anchors: torch.Tensor, lo: int, hi: int,
+                       sources: tuple[torch.Tensor, torch.Tensor | None] | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each anchor's key and value averaged with those of the middle tokens nearest to it (`anchor_segments`):
-    (1, Hkv, len(anchors), d) keys and values. Sums run in float32 over each segment in position order, the
-    same order on every run and device (where CUDA's ``index_add_`` adds by atomics in a varying order, and its
-    deterministic variant took 10 ms a layer at 8k tokens on an H200)."""
-    lengths = anchor_segments(anchors, lo, hi)
-    merged = []
-    for tensor in (keys, values):
-        middle = tensor[0, :, lo:hi].transpose(0, 1).float()  # (tokens, Hkv, d): segments along the first axis
-        sums = torch.segment_reduce(middle, "sum", lengths=lengths, axis=0)
-        means = sums / lengths.view(-1, 1, 1).to(sums.dtype)
-        merged.append(means.to(tensor.dtype).transpose(0, 1).unsqueeze(0))
-    return merged[0], merged[1]
+    (1, Hkv, len(anchors), d) keys and values. Means run in float32 over each segment in position order, the
+    same order on every run (where CUDA's ``index_add_`` adds by atomics in a varying order, and its
+    deterministic variant took 10 ms a layer at 8k tokens on an H200): on CUDA by the fused kernel
+    (`kvbench.methods.segment_means_triton`), else by ``torch.segment_reduce`` over `middle_tokens`.
+    ``sources``: `merge_sources` of the layer, when made already."""
+    bounds, middle = sources or merge_sources(keys, values, lo, hi)
+    ends = segment_ends(anchors, bounds)
+    if middle is None:
+        return _fused_segment_means()(keys, values, ends)
+    means = torch.segment_reduce(middle, "mean", lengths=torch.diff(ends), axis=0)
+    return means.to(keys.dtype).permute(1, 0, 2).unsqueeze(0).chunk(2, dim=1)
+
+
+def merge_sources(keys: torch.Tensor, values: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What `merge_into_anchors` needs besides the anchors, the same for every anchor set of a layer:
+    `segment_bounds`, and `middle_tokens` where the PyTorch path reduces them (None for the fused kernel)."""
+    fused = keys.is_cuda and _fused_segment_means() is not None
+    return segment_bounds(keys.device, lo, hi), None if fused else middle_tokens(keys, values, lo, hi)
+
+
+@functools.cache
+def _fused_segment_means():
+    """The Triton merge, or None where triton does not import; imported on first CUDA use only."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        warnings.warn("triton does not import: Elastic Cache's merge on CUDA falls back to torch.segment_reduce")
+        return None
+    from kvbench.methods.segment_means_triton import fused_segment_means
+
+    return fused_segment_means
+
+
+def _protected(layer: LayerPrefill, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The protected positions before and after the middle, made once per layer for every capacity of a grid."""
+    device = layer.keys.device
+    return torch.arange(0, lo, device=device), torch.arange(hi, layer.prompt_length, device=device)
+
+
+def _merge_sources(layer: LayerPrefill, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`merge_sources`, made once per layer for every capacity of a grid."""
+    return merge_sources(layer.keys, layer.values, lo, hi)
 
 
 @register
@@ -116,13 +166,13 @@ class ElasticSample(FixedPointSample):
         ranked = ranked_by_importance(layer, method.start_size, method.protect_size)
         anchors = ranked[: ranked.shape[0] - self.drop].sort().values
         lo, hi = middle_range(layer.prompt_length, method.start_size, method.protect_size)
+        before, after = layer.shared(_protected, lo, hi)
         # ascending: the protected start, the anchors (all inside the middle [lo, hi)), the protected end
-        positions = torch.cat([torch.arange(0, lo, device=anchors.device), anchors,
-                               torch.arange(hi, layer.prompt_length, device=anchors.device)])
-        indices = positions.view(1, 1, -1).expand(1, layer.keys.shape[1], -1).contiguous()
+        indices = torch.cat([before, anchors, after]).view(1, 1, -1).expand(1, layer.keys.shape[1], -1)
         if not method.merge or anchors.numel() == 0:
             return Selection(indices=indices)
-        anchor_keys, anchor_values = merge_into_anchors(layer.keys, layer.values, anchors, lo, hi)
+        anchor_keys, anchor_values = merge_into_anchors(layer.keys, layer.values, anchors, lo, hi,
+                                                        layer.shared(_merge_sources, lo, hi))
         # the protected tokens as they are, the anchors merged, by slices: no gather and no host sync
         keys = torch.cat([layer.keys[:, :, :lo], anchor_keys, layer.keys[:, :, hi:]], dim=2)
         values = torch.cat([layer.values[:, :, :lo], anchor_values, layer.values[:, :, hi:]], dim=2)

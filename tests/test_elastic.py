@@ -1,5 +1,11 @@
 """Elastic Cache: anchors, merging into the nearest anchor, and runs on tiny random models."""
 
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -157,6 +163,17 @@ def test_merge_changes_the_output_of_a_tiny_model():
     evicted = generate_greedy(model, prompt, build_method("elastic", ratio=0.9, merge=False), 10, set())
     assert merged.kept_per_layer == evicted.kept_per_layer == [20] * 3
     assert merged.token_ids != evicted.token_ids
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_the_fused_merge_under_the_interpreter_gives_the_segment_means():
+    script = os.path.join(os.path.dirname(__file__), "interpret_segment_means.py")
+    result = subprocess.run([sys.executable, script], env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True,
+                            text=True, timeout=300, check=False, cwd=os.path.dirname(__file__))
+    assert result.returncode == 0, result.stderr[-3000:]
+    outcome = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(outcome["excess"]) == 3 and max(outcome["excess"].values()) <= 1, outcome
+    assert all(outcome["exact"].values()), outcome
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the CPU adds in order anyway)")
