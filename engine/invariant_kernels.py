@@ -8,9 +8,9 @@ token flips. These kernels fix every reduction's order by what a row is, never b
 
 * `invariant_linear`: ``x @ W^T (+ b)`` in fixed tiles of rows, outputs and the reduced dimension, one
   program per tile, the reduced dimension walked whole in ``BLOCK_K`` steps in order (no split-K). The
-  tiles depend on nothing (not even on the weight's shape), so a row's every dot product is the same
-  sequence of tile products whether it shares its tile with 0 or 63 other rows; rows past the last are
-  loaded as zeros and never stored.
+  tiles do not depend on the weight's shape, so a row's every dot product is the same sequence of tile
+  products whether it shares its tile with 0 or 63 other rows; rows past the last are loaded as zeros and
+  never stored. Large batches take larger output tiles (`tiles_for`), only where they give the same bits.
 * `invariant_rms_norm`: one program per row, the whole row's sum of squares in one block.
 * `decode_attention`: one program per (row, KV head), holding the head's GQA group of queries; the row's
   slots are read in blocks of ``BLOCK_S`` from slot 0 up to its write position (never up to the buffers'
@@ -26,18 +26,22 @@ write position is read by the kernel from device memory at each replay).
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
+log = logging.getLogger(__name__)
+
 _LOG2E = tl.constexpr(1.4426950408889634)
 
 
 class LinearTiles(NamedTuple):
-    """Tile sizes (powers of two, at least 16) and launch settings of `invariant_linear`: fixed, whatever the
-    number of rows (that is the invariance), and whatever the weight's shape (so one compiled kernel serves all)."""
+    """Tile sizes (powers of two, at least 16) and launch settings of `invariant_linear`: whatever the weight's shape
+    (so one compiled kernel serves all), and fixed for every row count unless other tiles give the same bits."""
 
     rows: int = 64
     outputs: int = 64
@@ -52,7 +56,41 @@ class LinearTiles(NamedTuple):
 #: (cuBLAS, not batch-invariant: 4.82 / 4.91 / 5.10 / 6.79 / 11.41 ms). Small row tiles read each weight tile
 #: once per 32 rows; these trade a millisecond at one row for half the time at the batches grids decode.
 LINEAR_TILES = LinearTiles()
-#: slots per block of `decode_attention`
+#: tiles for more than LARGE_TILES_FROM_ROWS rows: on an H100, 26.0 against 31.9 ms at 512 rows
+#: (tests/gpu/linear_tiles.py). The reduced dimension is walked in the same steps, and the tensor cores add each
+#: step's products into the accumulator in the same order whatever the output tile, so every output element is the
+#: same sequence of operations: on that H100 eleven tile settings gave the same bits as LINEAR_TILES on every
+#: weight shape at 1 to 512 rows. `tiles_for` still checks this once per device and dtype before relying on it.
+LARGE_TILES = LinearTiles(128, 128, 128, 8, 3)
+LARGE_TILES_FROM_ROWS = 257
+
+
+def tiles_for(rows: int, weight: torch.Tensor) -> LinearTiles:
+    """The tiles `invariant_linear` uses for ``rows`` rows: LARGE_TILES from LARGE_TILES_FROM_ROWS rows where they give
+    the same bits as LINEAR_TILES on this device and dtype, else LINEAR_TILES."""
+    if rows >= LARGE_TILES_FROM_ROWS and weight.is_cuda and _large_tiles_agree(weight.device, weight.dtype):
+        return LARGE_TILES
+    return LINEAR_TILES
+
+
+@functools.cache
+def _large_tiles_agree(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether LARGE_TILES and LINEAR_TILES give the same bits here, on a probe spanning several tiles of each kind
+    (an eager check: the decode step runs eagerly before it is captured as a CUDA graph)."""
+    generator = torch.Generator(device).manual_seed(0)
+    x = torch.randn(LARGE_TILES.rows + 37, 3 * LARGE_TILES.reduced + 17, generator=generator, device=device).to(dtype)
+    weight = torch.randn(2 * LARGE_TILES.outputs + 29, x.shape[1], generator=generator, device=device).to(dtype)
+    agree = torch.equal(invariant_linear(x, weight, None, LINEAR_TILES), invariant_linear(x, weight, None, LARGE_TILES))
+    if not agree:
+        log.warning("batch-invariant linear: %s tiles give other bits than %s on %s in %s; using %s for every row count",
+                    LARGE_TILES, LINEAR_TILES, torch.cuda.get_device_name(device), dtype, LINEAR_TILES)
+    return agree
+
+
+#: slots per block of `decode_attention`. On an H100, blocks of 32 to 256 slots with 2 to 8 warps and 2 or 3 stages,
+#: and a fixed split of each row's slots in chunks of 512 to 2,048 combined in order, all took within about 10% of
+#: this at a grid's lane shapes (512 rows of 600 slots to 8 rows of 8,232: 0.2 to 0.6 ms a layer, about 1.2 TB/s);
+#: only the split helped, and only the fewest long rows
 ATTENTION_BLOCK_SLOTS = 64
 
 
@@ -88,11 +126,13 @@ def _linear(
 
 
 def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                     tiles: LinearTiles = LINEAR_TILES) -> torch.Tensor:
-    """``torch.nn.functional.linear(x, weight, bias)`` with each output row's reduction order fixed (see the module)."""
+                     tiles: LinearTiles | None = None) -> torch.Tensor:
+    """``torch.nn.functional.linear(x, weight, bias)`` with each output row's reduction order fixed (see the module);
+    ``tiles``: `tiles_for` the row count unless given."""
     outputs, reduced = weight.shape
     flat = x.reshape(-1, reduced)
     rows = flat.shape[0]
+    tiles = tiles or tiles_for(rows, weight)
     result = torch.empty(rows, outputs, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(rows, tiles.rows), triton.cdiv(outputs, tiles.outputs))
     with _on_device(x):

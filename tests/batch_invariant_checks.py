@@ -17,7 +17,8 @@ from tiny_models import random_prompt, tiny_model
 
 from kvbench.engine.decode import DecodeBatch
 from kvbench.engine.generate import generate_stream
-from kvbench.engine.invariant_kernels import LINEAR_TILES, decode_attention, invariant_linear, invariant_rms_norm
+from kvbench.engine.invariant_kernels import (LARGE_TILES, LARGE_TILES_FROM_ROWS, LINEAR_TILES, decode_attention,
+                                              invariant_linear, invariant_rms_norm)
 from kvbench.engine.prefill import DecodeRequest
 from kvbench.methods import build_method
 
@@ -72,6 +73,14 @@ def linear_checks(device: str) -> tuple[dict, dict]:
             # a 3-D input (batch, 1, K) as the decode step gives it
             same &= torch.equal(invariant_linear(x[:8].unsqueeze(1), weight, bias).squeeze(1), whole[:8])
             invariant[case] = bool(same)
+    # a batch large enough for LARGE_TILES (on CUDA, where they give LINEAR_TILES' bits): rows as alone
+    for dtype in DTYPES:
+        x = _randn(generator, LARGE_TILES_FROM_ROWS + 21, LINEAR_TILES.reduced + 40, dtype=dtype, device=device)
+        weight = _randn(generator, LARGE_TILES.outputs + 9, x.shape[1], dtype=dtype, device=device, scale=0.1)
+        whole = invariant_linear(x, weight)
+        invariant[f"{dtype} {x.shape[0]} rows"] = all(
+            torch.equal(invariant_linear(x[first:first + 3], weight), whole[first:first + 3])
+            for first in (0, 130, x.shape[0] - 3))
     return excess, invariant
 
 

@@ -45,6 +45,7 @@ def assert_kernels_hold(outcome: dict) -> None:
         assert max(checks["excess"].values()) <= 1, (kernel, checks["excess"])
         assert all(checks["invariant"].values()), (kernel, checks["invariant"])
     assert len(outcome["attention"]["excess"]) == 9 and len(outcome["linear"]["excess"]) == 6
+    assert len(outcome["linear"]["invariant"]) == 9  # and a batch of LARGE_TILES' size in each dtype
 
 
 def assert_engine_invariant(outcome: dict, logits_recorded: bool) -> None:

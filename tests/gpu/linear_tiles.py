@@ -1,0 +1,133 @@
+"""Tiles of the batch-invariant linear kernel by row count: their speed, and whether they give the same bits
+(a script, not a test).
+
+    python tests/gpu/linear_tiles.py --out DIR
+
+Random weights of Llama-3-8B's linear shapes (bf16). For every candidate tile setting and row count: the
+milliseconds of one decode step's linear layers (each shape timed alone, CUDA events, median of ``--repeats``,
+times its count in the model: 32 layers of seven weights and the output layer), beside cuBLAS (``F.linear``),
+and whether the outputs equal the default tiles' bit for bit on every shape. A row count can take other tiles
+than another only where the two give the same bits: then a row's result still does not depend on the batch.
+Also the decode step's kernels at a grid's two lane shapes (eager, by the profiler). Writes tiles.csv,
+tiles.md, equal.csv, kernels.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from kvbench.engine.invariant_kernels import LINEAR_TILES, LinearTiles, invariant_linear
+
+ROWS = (1, 16, 32, 64, 128, 256, 512)
+CANDIDATES = [LINEAR_TILES, LinearTiles(64, 128, 64, 4, 4), LinearTiles(64, 128, 128, 4, 3),
+              LinearTiles(128, 128, 64, 8, 3), LinearTiles(128, 128, 128, 8, 3), LinearTiles(128, 256, 64, 8, 3),
+              LinearTiles(128, 64, 64, 4, 4), LinearTiles(64, 64, 64, 4, 4), LinearTiles(64, 256, 64, 8, 3),
+              LinearTiles(32, 64, 128, 4, 4), LinearTiles(16, 64, 128, 4, 4)]
+#: (outputs, reduced): how many of that shape one decode step runs, Llama-3-8B
+SHAPES = {(4096, 4096): 64, (1024, 4096): 64, (14336, 4096): 64, (4096, 14336): 32, (128256, 4096): 1}
+
+
+def milliseconds(run, repeats: int) -> float:
+    run()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def name(tiles: LinearTiles) -> str:
+    return "x".join(map(str, tiles))
+
+
+def sweep(repeats: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    generator = torch.Generator("cuda").manual_seed(0)
+    weights = {shape: torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=generator) * 0.02
+               for shape in SHAPES}
+    times, equal = [], []
+    for rows in ROWS:
+        step = {"rows": rows, "cublas": 0.0}
+        same = {"rows": rows}
+        for shape, count in SHAPES.items():
+            x = torch.randn(rows, shape[1], device="cuda", dtype=torch.bfloat16, generator=generator)
+            weight = weights[shape]
+            step["cublas"] += count * milliseconds(lambda: F.linear(x, weight), repeats)
+            reference = invariant_linear(x, weight, None, LINEAR_TILES)
+            for tiles in CANDIDATES:
+                key = name(tiles)
+                try:
+                    step[key] = step.get(key, 0.0) + count * milliseconds(
+                        lambda: invariant_linear(x, weight, None, tiles), repeats)
+                    same[key] = same.get(key, True) and torch.equal(invariant_linear(x, weight, None, tiles), reference)
+                except Exception as error:  # too large for this GPU's shared memory
+                    step[key], same[key] = float("nan"), None
+                    print(f"{key}: {type(error).__name__}: {str(error).splitlines()[0][:100]}", flush=True)
+        times.append(step)
+        equal.append(same)
+        print({key: round(value, 2) if isinstance(value, float) else value for key, value in step.items()}, flush=True)
+        print("equal to default:", same, flush=True)
+    return pd.DataFrame(times), pd.DataFrame(equal)
+
+
+def decode_kernels(rows_and_slots: list[tuple[int, int]]) -> str:
+    """The eager decode step's kernels, by the profiler, at each (rows, cached tokens) shape."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from kvbench.engine.decode import DecodeBatch, synthetic_cache, synthetic_prefilled
+    from kvbench.harness.bench import random_weight_model
+
+    loaded = random_weight_model("llama3-8b", "bf16", "cuda", "sdpa")
+    parts = []
+    for rows, cache_tokens in rows_and_slots:
+        kept = synthetic_cache(loaded.model, cache_tokens)
+        batch = DecodeBatch(loaded.model, rows, use_cuda_graphs=False, batch_invariant=True)
+        for _ in range(rows):
+            batch.admit(synthetic_prefilled(kept, 40))
+        for _ in range(3):
+            batch.step()
+        del kept
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                batch.step()
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60)
+        parts.append(f"## {rows} rows, {cache_tokens} cached tokens a row, 5 eager steps\n\n```\n{table}\n```\n")
+        del batch
+        torch.cuda.empty_cache()
+    return "\n".join(parts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--repeats", type=int, default=15)
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    times, equal = sweep(args.repeats)
+    times.round(3).to_csv(out / "tiles.csv", index=False)
+    equal.to_csv(out / "equal.csv", index=False)
+    header = f"ms of one decode step's linear layers (Llama-3-8B shapes, bf16), {torch.cuda.get_device_name()}"
+    (out / "tiles.md").write_text(f"{header}\n\n{times.to_markdown(index=False, floatfmt='.2f')}\n\n"
+                                  f"bitwise equal to the default tiles on every shape:\n\n"
+                                  f"{equal.to_markdown(index=False)}\n", encoding="utf-8")
+    print(times.to_markdown(index=False, floatfmt=".2f"))
+    print(equal.to_markdown(index=False))
+    kernels = decode_kernels([(256, 1024), (32, 8192)])
+    (out / "kernels.md").write_text(kernels, encoding="utf-8")
+    print(kernels)
+
+
+if __name__ == "__main__":
+    main()
