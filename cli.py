@@ -272,7 +272,7 @@ def _build_run_command():
 @click.option("--data-dir", type=click.Path(), default=None, help="longbench: folder of <task>.jsonl (the mini set)")
 @click.option("--limit", type=int, default=None, help="longbench: first K samples of each task")
 @click.option("--alone-limit", type=int, default=1, show_default=True,
-              help="longbench: samples of each task also run alone (batch 1)")
+              help="longbench: samples of each task also run alone (batch 1); with --grid, run one by one (0: not)")
 @click.option("--batch-size", default="32", show_default=True,
               help="longbench: rows of the batched run, or auto (as `run --batch-size auto`)")
 @click.option("--grid", is_flag=True,
@@ -311,9 +311,9 @@ def bench_command(workload, model, method_specs, lengths, capacities, new_tokens
         raise KvbenchError("--lengths and --batch-sizes must be positive")
     for name, value in (("--repeats", repeats), ("--new-tokens", new_tokens), ("--capacity", min(capacity_list)),
                         ("--cache-tokens", cache_tokens), ("--steps", steps), ("--batch-size", rows or 1),
-                        ("--alone-limit", alone_limit)):
+                        ("--alone-limit", alone_limit + (1 if grid else 0))):
         if value <= 0:
-            raise KvbenchError(f"{name} must be > 0, got {value}")
+            raise KvbenchError(f"{name} must be > 0, got {value}" + (" (or 0 with --grid)" if name == "--alone-limit" else ""))
     if workload == "decode" and repeats < 2:
         raise KvbenchError("--repeats must be at least 2 for the decode workload (the first round is discarded)")
     if workload == "longbench" and (data_dir is None or not Path(data_dir).is_dir()):
@@ -340,8 +340,8 @@ def bench_command(workload, model, method_specs, lengths, capacities, new_tokens
                                                   invariant)
         extra = {"bench_samples.csv": samples}
         header += (f", capacities {','.join(map(str, capacity_list))}, LongBench prompts from {data_dir}, "
-                   "stop tokens ignored; one by one on the first "
-                   f"{alone_limit} sample(s) of each task")
+                   "stop tokens ignored; " + (f"one by one on the first {alone_limit} sample(s) of each task"
+                                              if alone_limit else "not run one by one"))
     else:
         table, samples = bench.run_longbench_workload(
             loaded, bench.workload_tokenizer(loaded, tokenizer), specs, capacity, data_dir,

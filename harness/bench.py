@@ -378,7 +378,8 @@ def run_longbench_grid(loaded: LoadedModel, tokenizer, method_specs: list[str], 
                        batch_invariant: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
     """A grid of configurations over LongBench-shaped work, as `kvbench run` runs it (each sample prefilled once
     for every configuration, their rows decoded together, by the kernels ``batch_invariant`` chooses), beside
-    the configurations run one by one on the first ``separate_limit`` samples of each task, in one process. Per configuration and for the grid:
+    the configurations run one by one on the first ``separate_limit`` samples of each task (0: not run), in one
+    process. Per configuration and for the grid:
     samples per hour and the full LongBench v1 projected in hours. A configuration's share of the shared run
     is its measured cost (prefill share plus decode share) over the run's.
 
@@ -409,6 +410,8 @@ def run_longbench_grid(loaded: LoadedModel, tokenizer, method_specs: list[str], 
         summary.append(workload_row(label, compressor, "shared prefill", rows, gens, seconds * cost / sum(costs)))
     summary.append(_grid_total(model, "shared prefill", rows, summary[-len(compressors):], generations, seconds))
     progress(", ".join(f"{key} {value}" for key, value in summary[-1].items()))
+    if not separate_limit:
+        return pd.DataFrame(summary), pd.DataFrame(columns=["method", "task", "_id", "identical", "first_difference"])
     shared_tokens = {(g.configuration, g.tag): g.token_ids for g in generations}
     agreement = []
     separate_rows = []

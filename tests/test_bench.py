@@ -85,6 +85,17 @@ def test_longbench_grid_shares_prefills_and_compares_with_one_by_one(longbench_m
     assert len(agreement) == 3 * 21 and agreement.identical.all()  # fp32 on the CPU: the same tokens both ways
 
 
+def test_a_grid_without_its_one_by_one_run_has_the_shared_rows_only(longbench_mini):
+    from kvbench.harness.bench import run_longbench_grid
+    from tests.tiny_models import tiny_loaded_model
+
+    loaded = tiny_loaded_model("llama", num_layers=2)
+    table, agreement = run_longbench_grid(loaded, loaded.tokenizer, ["snapkv"], [24, 48], str(longbench_mini),
+                                          batch_size=8, limit=1, separate_limit=0, max_length=60,
+                                          progress=lambda line: None)
+    assert set(table["mode"]) == {"shared prefill"} and len(table) == 3 and agreement.empty
+
+
 def test_prefill_flops_count_weights_per_token_and_half_the_attention_square():
     from kvbench.harness.bench import prefill_flops
 

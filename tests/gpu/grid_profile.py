@@ -96,6 +96,25 @@ def measure(model, info, configurations: dict[str, object], requests: list[Decod
     return table
 
 
+def profiled(model, info, configurations: dict[str, object], request: DecodeRequest) -> str:
+    """One grid prefill of ``request`` under the profiler: the operators by host time (what launching costs) and
+    the kernels by device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    compressors = [method.prepare(info) for method in configurations.values()]
+    everyone = tuple(range(len(compressors)))
+    shared = DecodeRequest(request.prompt_ids, request.max_new_tokens, request.stop_ids, request.sample, request.tag,
+                           everyone)
+    prefill_shared(model, compressors, shared)  # warm-up
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        prefill_shared(model, compressors, shared)
+    averages = prof.key_averages()
+    by_host = averages.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=50)
+    by_device = averages.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=50)
+    return (f"# One grid prefill, {len(request.prompt_ids)} tokens\n\n## By host time\n\n```\n{by_host}\n```\n\n"
+            f"## By device time\n\n```\n{by_device}\n```\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", required=True)
@@ -117,6 +136,7 @@ def main() -> None:
     table = measure(loaded.model, loaded.info, configurations, requests)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "profiler.md").write_text(profiled(loaded.model, loaded.info, configurations, requests[-1]), encoding="utf-8")
     table.to_csv(out / "grid_profile.csv", index=False)
     header = (f"{len(configurations)} configurations, {len(requests)} samples (first round a warm-up), "
               f"{torch.cuda.get_device_name()}")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU figure of the README in one call, tables under $OUT (a folder per phase).
 #
-#   tests/gpu/measure.sh PHASE...     PHASE: smoke, kernel, sweep, decode, prefill, long, workload, exactness,
+#   tests/gpu/measure.sh PHASE...     PHASE: smoke, kernel, sweep, tiles, decode, prefill, long, workload, exactness,
 #                                     invariance, grid, grid-alone, grid-profile, agnostic (or all)
 #
 # Runs on a CUDA machine where `python3` has torch; packages it lacks come as wheels in .whl/
@@ -38,6 +38,9 @@ for phase in "${phases[@]}"; do
   kernel)  # the fused attention-mass kernel against the chunked PyTorch path and causal SDPA
     python3 tests/gpu/attention_mass.py 2>&1 | tee "$OUT/kernel/attention_mass.txt"
     ;;
+  tiles)  # the batch-invariant linear kernel's tiles by row count (speed, same bits), the decode step's kernels
+    python3 tests/gpu/linear_tiles.py --out "$OUT/tiles" 2>&1 | tee "$OUT/tiles/log.txt"
+    ;;
   sweep)  # tile configurations of the kernel at 32k tokens
     python3 tests/gpu/attention_mass.py --sweep 2>&1 | tee "$OUT/sweep/attention_mass.txt"
     ;;
@@ -72,12 +75,13 @@ for phase in "${phases[@]}"; do
     ;;
   grid)  # the papers' LongBench table (29 configurations) sharing each prefill, beside one by one on a sample a task;
           # decode batch auto; peak memory in the total row (WindowKV with --task-type qa: no classifier needed for speed).
-          # GRID_LIMIT=K: the first K samples of each task only (the projection weighs each task by its own cost)
+          # GRID_LIMIT=K: the first K samples of each task only (the projection weighs each task by its own cost);
+          # GRID_ALONE=0: not one by one (the grid's figures only)
     offline_prefixkv_profile
     python3 -m kvbench bench --workload longbench --grid --model llama3-8b --tokenizer "$TOKENIZER" --data-dir "$MINI" \
       ${GRID_LIMIT:+--limit "$GRID_LIMIT"} \
       --methods fullkv,streamingllm,h2o,snapkv,pyramidkv,windowkv:task_type=qa,prefixkv:prefix_config=/tmp/prefixkv-profile.json,elastic \
-      --capacity 128,256,512,1024 --batch-size auto --alone-limit 1 --max-length 7950 --out "$OUT/grid"
+      --capacity 128,256,512,1024 --batch-size auto --alone-limit "${GRID_ALONE:-1}" --max-length 7950 --out "$OUT/grid"
     ;;
   grid-alone)  # snapkv-512 alone at batch auto (decode tokens/s at the batch auto picks), and prefill MFU at 6.5k and 32k
     python3 -m kvbench bench --workload longbench --grid --model llama3-8b --tokenizer "$TOKENIZER" --data-dir "$MINI" \
