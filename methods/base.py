@@ -196,10 +196,12 @@ def require_capacity_beyond(method: Method, option_name: str, what: str) -> None
         raise KvbenchError(f"--capacity ({method.capacity}) must be larger than {what} {option_flag(option_name)} ({value})")
 
 
-def keep_positions(positions: torch.Tensor, num_kv_heads: int) -> Selection:
-    """A Selection keeping the same 1-D list of positions in every KV head."""
-    positions = positions.sort().values
-    return Selection(indices=positions.view(1, 1, -1).expand(1, num_kv_heads, -1).contiguous())
+def keep_positions(positions: torch.Tensor, num_kv_heads: int, ascending: bool = False) -> Selection:
+    """A Selection keeping the same 1-D list of positions in every KV head (sorted here unless ``ascending``
+    already: a sort of thousands of positions costs a GPU dozens of kernel launches)."""
+    if not ascending:
+        positions = positions.sort().values
+    return Selection(indices=positions.view(1, 1, -1).expand(1, num_kv_heads, -1))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -56,7 +56,7 @@ import torch
 from kvbench.methods import register
 from kvbench.methods.base import LayerPrefill, Method, Selection, option, require_capacity_beyond
 from kvbench.methods.importance import layer_attention_mass
-from kvbench.methods.scoring import keep_top_prefix_and_window
+from kvbench.methods.scoring import keep_ranked_prefix_and_window
 
 CAPACITY_HELP = "tokens kept per layer per KV head, recent window included"
 
@@ -68,6 +68,12 @@ def heavy_hitter_scores(layer: LayerPrefill, window: int) -> torch.Tensor:
     head_dim = layer.queries.shape[-1]
     mass = layer_attention_mass(layer, head_dim**-0.5, per_kv_head=True)
     return mass[:, : layer.prompt_length - window]
+
+
+def heavy_hitter_ranking(layer: LayerPrefill, window: int) -> torch.Tensor:
+    """Prefix positions per KV head from the most attended to the least, equal scores the earlier first (the
+    reference sorts stably): (1, Hkv, prompt_length - window), sorted once per layer for every capacity."""
+    return torch.sort(heavy_hitter_scores(layer, window).unsqueeze(0), dim=-1, descending=True, stable=True).indices
 
 
 @register
@@ -89,6 +95,5 @@ class H2O(Method):
         # The reference compresses when the prompt is at least the capacity long.
         if layer.prompt_length < self.capacity:
             return None
-        scores = heavy_hitter_scores(layer, self.window_size)
-        return keep_top_prefix_and_window(scores.unsqueeze(0), self.capacity - self.window_size, layer.prompt_length,
-                                          stable_ties=True)
+        ranking = layer.shared(heavy_hitter_ranking, self.window_size)
+        return keep_ranked_prefix_and_window(ranking, self.capacity - self.window_size, layer.prompt_length)

@@ -45,18 +45,19 @@ def mean_over_groups(scores: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     return scores.view(batch, num_kv_heads, groups, *scores.shape[2:]).mean(dim=2)
 
 
-def keep_top_prefix_and_window(scores: torch.Tensor, prefix_budget: int, prompt_length: int,
-                               stable_ties: bool = False) -> Selection:
-    """The top ``prefix_budget`` prefix positions per KV head by score, plus every position after the scored
-    prefix (the window); ascending per head. scores: (1, Hkv, prefix).
+def keep_top_prefix_and_window(scores: torch.Tensor, prefix_budget: int, prompt_length: int) -> Selection:
+    """The top ``prefix_budget`` prefix positions per KV head by score (``topk``'s choice among equal scores, as
+    SnapKV's and PyramidKV's reference takes them), plus every position after the scored prefix (the window);
+    ascending per head. scores: (1, Hkv, prefix)."""
+    return keep_ranked_prefix_and_window(scores.topk(prefix_budget, dim=-1).indices, prefix_budget, prompt_length,
+                                         scores.shape[-1])
 
-    ``stable_ties``: equal scores keep the earlier token (H2O, whose reference sorts stably); otherwise
-    ``topk``'s order, as SnapKV's and PyramidKV's reference takes them.
-    """
-    num_kv_heads, prefix = scores.shape[1], scores.shape[-1]
-    if stable_ties:
-        top = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :prefix_budget]
-    else:
-        top = scores.topk(prefix_budget, dim=-1).indices
-    window = torch.arange(prefix, prompt_length, device=scores.device).view(1, 1, -1).expand(1, num_kv_heads, -1)
-    return Selection(indices=torch.cat([top.sort(dim=-1).values, window], dim=-1))
+
+def keep_ranked_prefix_and_window(ranking: torch.Tensor, prefix_budget: int, prompt_length: int,
+                                  prefix: int | None = None) -> Selection:
+    """The first ``prefix_budget`` positions of ``ranking`` (1, Hkv, n: prefix positions per KV head, best first),
+    plus every position after the ``prefix`` (default: ``n``, a ranking of the whole prefix); ascending per head."""
+    num_kv_heads = ranking.shape[1]
+    prefix = ranking.shape[-1] if prefix is None else prefix
+    window = torch.arange(prefix, prompt_length, device=ranking.device).view(1, 1, -1).expand(1, num_kv_heads, -1)
+    return Selection(indices=torch.cat([ranking[..., :prefix_budget].sort(dim=-1).values, window], dim=-1))

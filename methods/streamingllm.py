@@ -68,4 +68,4 @@ class StreamingLLM(Method):
         if layer.prompt_length < self.capacity:
             return None
         positions = sinks_and_recent(layer.prompt_length, self.capacity, self.sink_size, layer.keys.device)
-        return keep_positions(positions, layer.keys.shape[1])
+        return keep_positions(positions, layer.keys.shape[1], ascending=True)

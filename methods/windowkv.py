@@ -318,7 +318,7 @@ class WindowKVSample(SampleCompression):
         kept = self.group_choice[group]
         suffix_positions = torch.arange(reviewable, length, device=layer.keys.device)
         positions = suffix_positions if kept is None else torch.cat([kept.to(layer.keys.device), suffix_positions])
-        return keep_positions(positions, layer.keys.shape[1])
+        return keep_positions(positions, layer.keys.shape[1], ascending=True)  # kept windows, then the suffix
 
     def _choose(self, layer: LayerPrefill, reviewable: int, budget: int, suffix: int) -> torch.Tensor | None:
         """Reviewable positions (ascending) the group keeps, or None when every window is dropped."""

@@ -23,7 +23,7 @@ from kvbench.harness.bench import grid_configurations
 from kvbench.engine.prefill import DecodeRequest, prefill, prefill_shared
 from kvbench.harness.model import ModelDescription
 from kvbench.harness.run import RunPlan, execute_runs, open_run, run_benchmark
-from kvbench.methods import build_method
+from kvbench.methods import build_method, h2o
 from kvbench.methods import importance
 from kvbench.methods import pyramidkv as pyramidkv_module
 from kvbench.methods import snapkv as snapkv_module
@@ -299,7 +299,8 @@ def random_layer_inputs(query_heads, kv_heads, length, head_dim):
 
 def test_one_layer_is_scored_once_for_every_method_and_capacity_that_ranks_by_its_mass(monkeypatch, tmp_path):
     # H2O, Elastic Cache and PrefixKV at two capacities each rank by the same attention mass: a grid computes
-    # it once per layer (and Elastic's and PrefixKV's ranking of it, sorted once for the four), and every
+    # it once per layer (and Elastic's and PrefixKV's ranking of it, sorted once for the four, and H2O's per-head
+    # ranking once for its two), and every
     # selection is what the method makes on a layer of its own.
     queries, keys = random_layer_inputs(8, 2, 45, 32)
     values = torch.randn_like(keys)
@@ -314,9 +315,13 @@ def test_one_layer_is_scored_once_for_every_method_and_capacity_that_ranks_by_it
     rankings = []
     ranked = importance.rank_middle
     monkeypatch.setattr(importance, "rank_middle", lambda *args: rankings.append(1) or ranked(*args))
+    heavy_hitter_rankings = []
+    heavy_hitter_ranked = h2o.heavy_hitter_ranking
+    monkeypatch.setattr(h2o, "heavy_hitter_ranking",
+                        lambda *args: heavy_hitter_rankings.append(1) or heavy_hitter_ranked(*args))
     shared_layer = LayerPrefill(0, 1, queries, keys, values, 32**-0.5)
     together = [sample_state(method, 45).select(shared_layer) for method in methods]
-    assert len(calls) == 1 and len(rankings) == 1
+    assert len(calls) == 1 and len(rankings) == 1 and len(heavy_hitter_rankings) == 1
     for own, shared in zip(alone, together):
         assert torch.equal(own.indices, shared.indices)
         assert (own.keys is None) == (shared.keys is None)

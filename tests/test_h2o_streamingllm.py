@@ -7,6 +7,7 @@ import torch
 
 from kvbench.errors import KvbenchError
 from kvbench.methods import REGISTRY, build_method
+from kvbench.methods import h2o as h2o_module
 from kvbench.methods.base import LayerPrefill
 from kvbench.methods.scoring import keep_top_prefix_and_window
 
@@ -123,11 +124,17 @@ def test_h2o_matches_the_dense_reference_score_on_random_tensors(query_heads, kv
     assert torch.equal(selection.indices[0], torch.cat([expected, window_positions], dim=-1))
 
 
-def test_h2o_keeps_positions_ascending_and_breaks_ties_for_the_earlier_token():
-    scores = torch.tensor([[[1.0, 2.0, 2.0, 2.0, 0.5, 3.0]]])
+def test_h2o_keeps_positions_ascending_and_breaks_ties_for_the_earlier_token(monkeypatch):
+    scores = torch.tensor([[1.0, 2.0, 2.0, 2.0, 0.5, 3.0]])  # (KV heads, prefix)
+    monkeypatch.setattr(h2o_module, "heavy_hitter_scores", lambda layer, window: scores)
+    layer = layer_from_logits(every_query_prefers(8, [{}]), kv_heads=1)
     # top 3: position 5 (3.0), then two of the three equal 2.0s: the earlier ones, 1 and 2
-    selection = keep_top_prefix_and_window(scores, 3, prompt_length=8, stable_ties=True)
-    assert kept(selection) == [[1, 2, 5, 6, 7]]
+    assert kept(build_method("h2o", capacity=5, window_size=2).select(layer)) == [[1, 2, 5, 6, 7]]
+
+
+def test_snapkv_selection_keeps_the_topk_positions_ascending_then_the_window():
+    scores = torch.tensor([[[1.0, 4.0, 0.5, 3.0, 2.0]]])
+    assert kept(keep_top_prefix_and_window(scores, 2, prompt_length=7)) == [[1, 3, 5, 6]]
 
 
 def test_h2o_runs_in_bf16():
