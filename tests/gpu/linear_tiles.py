@@ -15,12 +15,12 @@ tiles.md, equal.csv, kernels.md.
 from __future__ import annotations
 
 import argparse
-import statistics
 from pathlib import Path
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from attention_mass import milliseconds  # tests/gpu, the script's folder
 
 from kvbench.engine.invariant_kernels import LINEAR_TILES, LinearTiles, invariant_linear
 
@@ -31,19 +31,6 @@ CANDIDATES = [LINEAR_TILES, LinearTiles(64, 128, 64, 4, 4), LinearTiles(64, 128,
               LinearTiles(32, 64, 128, 4, 4), LinearTiles(16, 64, 128, 4, 4)]
 #: (outputs, reduced): how many of that shape one decode step runs, Llama-3-8B
 SHAPES = {(4096, 4096): 64, (1024, 4096): 64, (14336, 4096): 64, (4096, 14336): 32, (128256, 4096): 1}
-
-
-def milliseconds(run, repeats: int) -> float:
-    run()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def name(tiles: LinearTiles) -> str:
