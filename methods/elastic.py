@@ -94,7 +94,8 @@ def merge_into_anchors(keys: torch.Tensor, values: torch.Tensor, anchors: torch.
     return means.to(keys.dtype).permute(1, 0, 2).unsqueeze(0).chunk(2, dim=1)
 
 
-def merge_sources(keys: torch.Tensor, values: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def merge_sources(keys: torch.Tensor, values: torch.Tensor, lo: int, hi: int
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """What `merge_into_anchors` needs besides the anchors, the same for every anchor set of a layer:
     `segment_bounds`, and `middle_tokens` where the PyTorch path reduces them (None for the fused kernel)."""
     fused = keys.is_cuda and _fused_segment_means() is not None

@@ -106,10 +106,12 @@ def _official_bucket_scores(sample_scores: list[float], lengths: list[int]) -> d
     return {label: float(round(100 * np.mean(scores), 2)) if scores else None for label, scores in bucket_scores.items()}
 
 
-def _score_file(path: Path, longbench_e: bool) -> tuple[dict[str, float | None], pd.Series]:
+def _score_file(path: Path, longbench_e: bool, rows: list[tuple[int, dict]] | None = None
+                ) -> tuple[dict[str, float | None], pd.Series]:
     """One ``<task>.jsonl`` prediction file's official scores, and each row's score (0-100) under its ``_id``
-    (its line number when the file has no ids)."""
-    located_rows = [(f"{path}:{line_number}", row) for line_number, row in read_jsonl(path)]
+    (its line number when the file has no ids); ``rows``: the file's (line number, row) pairs, if read already."""
+    rows = read_jsonl(path) if rows is None else rows
+    located_rows = [(f"{path}:{line_number}", row) for line_number, row in rows]
     if not located_rows:
         raise KvbenchError(f"{path}: no predictions")
     scores = _located_sample_scores(path.stem, located_rows, longbench_e)
@@ -248,14 +250,15 @@ def write_scores_json(table: pd.DataFrame, path: str | os.PathLike) -> None:
         raise KvbenchError(f"{path}: cannot write ({error.strerror})") from None
 
 
-def _predictions_by_id(path: Path) -> dict[str, str]:
-    rows = {}
-    for line_number, row in read_jsonl(path):
+def _predictions_by_id(path: Path, rows: list[tuple[int, dict]]) -> dict[str, str]:
+    """``_id`` -> prediction of a file's (line number, row) pairs."""
+    predictions = {}
+    for line_number, row in rows:
         if "_id" not in row or "pred" not in row:
             raise KvbenchError(f"{path}:{line_number}: a row needs `_id` and `pred` to be compared across runs")
         check_id(row["_id"], f"{path}:{line_number}")
-        rows[row["_id"]] = row["pred"]
-    return rows
+        predictions[row["_id"]] = row["pred"]
+    return predictions
 
 
 def compare_with_reference(table: pd.DataFrame, path: str | os.PathLike, reference: str | os.PathLike) -> pd.DataFrame:
@@ -287,12 +290,15 @@ def compare_with_reference(table: pd.DataFrame, path: str | os.PathLike, referen
                 columns[name].append(empty)
             difference_draws[task] = None
             continue
-        ours, theirs = _predictions_by_id(folder / f"{task}.jsonl"), _predictions_by_id(reference_file)
+        our_file = folder / f"{task}.jsonl"
+        reference_rows = list(read_jsonl(reference_file))  # read once: its predictions and its scores
+        ours = _predictions_by_id(our_file, list(read_jsonl(our_file)))
+        theirs = _predictions_by_id(reference_file, reference_rows)
         shared = [key for key in ours if key in theirs]
         rouge = rouge_zh_score if info.language == "zh" else rouge_score
         values = [1.0 if ours[key] == theirs[key] else rouge(ours[key], theirs[key]) for key in shared]
         our_scores = table.attrs["samples"][task].reindex(shared).to_numpy()
-        reference_scores = _score_file(reference_file, is_longbench_e)[1].reindex(shared).to_numpy()
+        reference_scores = _score_file(reference_file, is_longbench_e, reference_rows)[1].reindex(shared).to_numpy()
         draws = paired_difference_draws(our_scores, reference_scores, task, table.attrs["seed"])
         low, high = bounds(draws) if draws is not None else (None, None)
         for name, value in zip(columns, (len(shared), float(np.mean(our_scores - reference_scores)) if shared else None,
