@@ -102,6 +102,21 @@ def test_cuda_decoding_gives_each_sample_the_same_tokens_in_any_batch(use_cuda_g
     assert bool(captured) == use_cuda_graphs
 
 
+def test_large_batches_take_the_large_tiles_only_on_cuda_where_they_give_the_same_bits(monkeypatch):
+    kernels = pytest.importorskip("kvbench.engine.invariant_kernels")
+    first = kernels.LARGE_TILES_FROM_ROWS
+    assert kernels.tiles_for(4 * first, torch.empty(4, 4)) == kernels.LINEAR_TILES  # not on the CPU
+
+    class CudaWeight:
+        is_cuda, device, dtype = True, torch.device("cuda", 0), torch.bfloat16
+
+    monkeypatch.setattr(kernels, "_large_tiles_agree", lambda device, dtype: True)
+    assert kernels.tiles_for(first, CudaWeight) == kernels.LARGE_TILES
+    assert kernels.tiles_for(first - 1, CudaWeight) == kernels.LINEAR_TILES
+    monkeypatch.setattr(kernels, "_large_tiles_agree", lambda device, dtype: False)  # other bits, or no room
+    assert kernels.tiles_for(4 * first, CudaWeight) == kernels.LINEAR_TILES
+
+
 # -- the mode's switch, scope and record (plain PyTorch) ---------------------------------------------
 
 
