@@ -52,11 +52,12 @@ from kvbench.methods.fixed_point import FixedPointMethod, FixedPointSample
 from kvbench.methods.importance import middle_range, ranked_by_importance
 
 
-def anchor_segments(anchors: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+def anchor_segments(anchors: torch.Tensor, lo: int, hi: int, bounds: torch.Tensor | None = None) -> torch.Tensor:
     """How many consecutive middle tokens of ``[lo, hi)`` each anchor takes: every token goes to the anchor
     nearest to it (equal distances: the earlier anchor), the anchors themselves included, so the segments
-    are contiguous and cover the middle. ``anchors``: ascending positions inside it, at least one."""
-    return torch.diff(segment_ends(anchors, segment_bounds(anchors.device, lo, hi)))
+    are contiguous and cover the middle. ``anchors``: ascending positions inside it, at least one; ``bounds``:
+    `segment_bounds`, when made already."""
+    return torch.diff(segment_ends(anchors, segment_bounds(anchors.device, lo, hi) if bounds is None else bounds))
 
 
 def segment_ends(anchors: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
@@ -87,10 +88,9 @@ def merge_into_anchors(keys: torch.Tensor, values: torch.Tensor, anchors: torch.
     (`kvbench.methods.segment_means_triton`), else by ``torch.segment_reduce`` over `middle_tokens`.
     ``sources``: `merge_sources` of the layer, when made already."""
     bounds, middle = sources or merge_sources(keys, values, lo, hi)
-    ends = segment_ends(anchors, bounds)
     if middle is None:
-        return _fused_segment_means()(keys, values, ends)
-    means = torch.segment_reduce(middle, "mean", lengths=torch.diff(ends), axis=0)
+        return _fused_segment_means()(keys, values, segment_ends(anchors, bounds))
+    means = torch.segment_reduce(middle, "mean", lengths=anchor_segments(anchors, lo, hi, bounds), axis=0)
     return means.to(keys.dtype).permute(1, 0, 2).unsqueeze(0).chunk(2, dim=1)
 
 
