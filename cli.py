@@ -310,10 +310,11 @@ def bench_command(workload, model, method_specs, lengths, capacities, new_tokens
     if min(length_list) <= 0 or min(sizes) <= 0:
         raise KvbenchError("--lengths and --batch-sizes must be positive")
     for name, value in (("--repeats", repeats), ("--new-tokens", new_tokens), ("--capacity", min(capacity_list)),
-                        ("--cache-tokens", cache_tokens), ("--steps", steps), ("--batch-size", rows or 1),
-                        ("--alone-limit", alone_limit + (1 if grid else 0))):
+                        ("--cache-tokens", cache_tokens), ("--steps", steps), ("--batch-size", rows or 1)):
         if value <= 0:
-            raise KvbenchError(f"{name} must be > 0, got {value}" + (" (or 0 with --grid)" if name == "--alone-limit" else ""))
+            raise KvbenchError(f"{name} must be > 0, got {value}")
+    if alone_limit < (0 if grid else 1):
+        raise KvbenchError(f"--alone-limit must be {'>= 0 with --grid' if grid else '> 0'}, got {alone_limit}")
     if workload == "decode" and repeats < 2:
         raise KvbenchError("--repeats must be at least 2 for the decode workload (the first round is discarded)")
     if workload == "longbench" and (data_dir is None or not Path(data_dir).is_dir()):

@@ -105,3 +105,17 @@ def test_prefill_flops_count_weights_per_token_and_half_the_attention_square():
     # per layer: QK^T and AV over the causal half of 10x10 positions, 4 heads of 16
     attention = 2 * (2 * 2 * 4 * 16 * 10 * 10 / 2)
     assert prefill_flops(model, 10) == 2 * weights * 10 + attention + 2 * 258 * 64
+
+
+@pytest.mark.parametrize("grid, limit, expected", [([], "0", "--alone-limit must be > 0, got 0"),
+                                                   (["--grid"], "-1", "--alone-limit must be >= 0 with --grid, got -1")])
+def test_a_bad_alone_limit_is_one_line_before_any_model_loads(tmp_path, grid, limit, expected):
+    from click.testing import CliRunner
+
+    from kvbench.cli import main
+
+    result = CliRunner().invoke(main, ["bench", "--workload", "longbench", "--model", "llama3-8b", *grid,
+                                       "--methods", "snapkv", "--capacity", "128,256" if grid else "128",
+                                       "--data-dir", str(tmp_path), "--alone-limit", limit, "--out", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [f"error: {expected}"]
