@@ -14,8 +14,11 @@ shifting the cache. Keys are stored after RoPE, so attention over a row is a sum
 are worked out at admission for every step (`kvbench.engine.prefill.eviction_schedule`).
 
 A step is therefore a fixed sequence of tensor operations for a given number of rows and
-slots: on CUDA it is captured once per (rows bucket, slots) as a CUDA graph and replayed;
-on CPU it runs eagerly. If capture fails the batch says so once and runs eagerly.
+slots. Several batches (a grid's lanes, `kvbench.engine.generate`) step together
+(`JointStep`): the model runs once over all their rows, each attending within its own
+batch's buffers. On CUDA a step is captured once per combination of (batch, rows bucket)
+as a CUDA graph and replayed; on CPU it runs eagerly. If capture fails the batch says so
+once and runs eagerly.
 
 With ``batch_invariant`` the step's reductions run in kernels whose order a row fixes alone
 (`kvbench.engine.invariant`): a sample's tokens are then the same in any batch, beside any
@@ -33,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvbench.errors import error_line
-from kvbench.engine.hook import DecodeSession, active, cache_keyword, install_hook
+from kvbench.engine.hook import DecodeLane, DecodeSession, active, cache_keyword, install_hook
 from kvbench.engine.invariant import check_invariance, invariant_forwards
 from kvbench.engine.prefill import DecodeRequest, Prefilled, synchronize
 from kvbench.methods.base import SampleCompression
@@ -53,23 +56,17 @@ def kv_head_layout(config) -> tuple[int, int]:
     return kv_heads, head_dim
 
 
-class BatchCache:
-    """What the model's attention sees as its cache during a decode step: writes the new token's key and
-    value at each row's write position and returns the layer's whole buffers."""
+class StepCache:
+    """What the model's attention sees as its cache during a decode step: writes each row's new key and value
+    into its lane's buffers (`DecodeSession.write`); the hooked attention reads the buffers from the session."""
 
-    def __init__(self, batch: DecodeBatch, rows: int):
-        self.batch = batch
-        self.rows = rows
-        self.row_index = torch.arange(rows, device=batch.device)
+    def __init__(self, session: DecodeSession, true: torch.Tensor):
+        self.session = session
+        self.true = true
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        batch = self.batch
-        slot = batch.write_pos[layer_idx, : self.rows]
-        keys, values = batch.keys[layer_idx], batch.values[layer_idx]
-        keys[self.row_index, :, slot] = key_states[:, :, 0]
-        values[self.row_index, :, slot] = value_states[:, :, 0]
-        batch.valid[layer_idx, self.row_index, slot] = batch.true  # a device tensor: no host copy in a graph
-        return keys[: self.rows], values[: self.rows]
+        self.session.write(layer_idx, key_states, value_states, self.true)
+        return key_states, value_states
 
 
 @dataclass
@@ -116,11 +113,9 @@ class DecodeBatch:
         self.slots = 0
         self.steps_capacity = 0
         self.use_cuda_graphs = self.use_cuda_graphs and self.device.type == "cuda"
-        # A 4-D mask makes transformers skip building one (it would be sized for a single cache length);
-        # the hook reads each layer's own valid slots instead.
-        self._short_circuit_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)
-        self._cache_keyword = cache_keyword(self.model)
-        self._graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        #: counts the reallocations: a captured step that read older buffers is stale (`JointStep`)
+        self.epoch = 0
+        self._own_step: JointStep | None = None
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.evictions: torch.Tensor | None = None
@@ -134,7 +129,7 @@ class DecodeBatch:
         Layer by layer, each old buffer released as soon as its contents moved, so that growing (or,
         out of memory, shrinking) needs the new size plus one layer's buffers, not both sizes whole.
         """
-        self._graphs.clear()  # captured steps read the old buffers
+        self.epoch += 1  # captured steps read the old buffers
         old_slots = self.slots
         kept_rows = min(rows, len(self.keys[0])) if self.keys else 0
         kept_slots = min(slots, old_slots)
@@ -168,8 +163,7 @@ class DecodeBatch:
             valid, write_pos, tokens, positions, steps_taken)
         self.evictions = evictions
         self.slots, self.steps_capacity = slots, steps
-        self.next_tokens = torch.zeros(rows, dtype=torch.long, device=self.device)
-        self.true = torch.ones((), dtype=torch.bool, device=self.device)
+        self.row_index = torch.arange(rows, device=self.device)
         for row in range(kept_rows, rows):
             self._clear_row(row)
 
@@ -277,7 +271,7 @@ class DecodeBatch:
         highest = max(self.active_rows) + 1
         return min(len(self.rows), 1 << math.ceil(math.log2(highest)))
 
-    def _evict(self, rows: int) -> None:
+    def evict(self, rows: int) -> None:
         """Clear, in each layer and row, the valid slot the schedule names for this step: the
         (index + 1)-th valid slot is the index-th entry of the shifted cache."""
         step_index = self.steps_taken[:rows].clamp(max=self.steps_capacity - 1)
@@ -287,84 +281,28 @@ class DecodeBatch:
         target = (rank == index + 1) & valid
         valid &= ~target
 
-    def decode_logits(self, rows: int) -> torch.Tensor:
-        """Evict what the schedule says, then run the model on each row's next token: logits (rows, vocab).
-        Writes the token's key and value into the buffers; the caller advances the positions."""
-        if self.evictions is not None:
-            self._evict(rows)
-        session = DecodeSession(self.valid, rows, self.write_pos, self.batch_invariant)
-        cache = {self._cache_keyword: BatchCache(self, rows)}
-        kernels = invariant_forwards(self.model) if self.batch_invariant else contextlib.nullcontext()
-        with active(self.model, session), kernels:
-            output = self.model(input_ids=self.tokens[:rows].view(rows, 1),
-                                position_ids=self.positions[:rows].view(rows, 1),
-                                attention_mask=self._short_circuit_mask, use_cache=True, logits_to_keep=1, **cache)
-        return output.logits[:, -1]
+    def lane(self, rows: int) -> DecodeLane:
+        """This batch's part of a decode step over its first ``rows`` rows."""
+        return DecodeLane(self.keys, self.values, self.valid, self.write_pos, rows, self.row_index)
 
-    def _eager_step(self, rows: int) -> torch.Tensor:
-        next_tokens = self.decode_logits(rows).argmax(dim=-1)
+    def advance(self, rows: int, next_tokens: torch.Tensor) -> None:
+        """After a step: the first ``rows`` rows' next input tokens, one position and slot further on."""
         self.tokens[:rows] = next_tokens
         self.positions[:rows] += 1
         self.steps_taken[:rows] += 1
         self.write_pos[:, :rows] += 1
-        self.next_tokens[:rows] = next_tokens
-        return self.next_tokens[:rows]
 
-    def _captured_step(self, rows: int) -> torch.Tensor | None:
-        global _capture_failure_said
-        key = (rows, self.evictions is not None)
-        if key not in self._graphs:
-            try:
-                self._graphs[key] = self._capture(rows)
-            except Exception as error:  # any capture failure: fall back to eager steps, said once a process
-                self.use_cuda_graphs = False
-                if not _capture_failure_said:
-                    log.warning("CUDA graph capture of the decode step failed (%s); decoding eagerly",
-                                error_line(error))
-                    _capture_failure_said = True
-                return None
-        graph, output = self._graphs[key]
-        graph.replay()
-        return output
-
-    def _capture(self, rows: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        state = [tensor.clone() for tensor in self._step_state()]
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream), torch.inference_mode():
-            for _ in range(SPARE_SLOTS):  # warm-up: allocations and lazy initialisation happen outside the graph
-                self._eager_step(rows)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        self._restore(state)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), torch.inference_mode():
-            output = self._eager_step(rows)
-        self._restore(state)
-        return graph, output
-
-    def _step_state(self) -> tuple[torch.Tensor, ...]:
-        """What a step changes besides the cache buffers (the capture's warm-up steps are undone through it)."""
+    def step_state(self) -> tuple[torch.Tensor, ...]:
+        """What a step changes besides the cache buffers (a capture's warm-up steps are undone through it)."""
         return self.valid, self.write_pos, self.tokens, self.positions, self.steps_taken
 
-    def _restore(self, state: list[torch.Tensor]) -> None:
-        for tensor, saved in zip(self._step_state(), state):
-            tensor.copy_(saved)
-
-    @torch.inference_mode()
-    def step(self) -> list[FinishedRow]:
-        """One decode step for every active row; the rows that finished (and left the batch)."""
-        rows = self.bucket()
-        started = time.perf_counter()
-        output = self._captured_step(rows) if self.use_cuda_graphs else None
-        if output is None:
-            output = self._eager_step(rows)
-        tokens = output.tolist()  # waits for the step
-        seconds = time.perf_counter() - started
-        active = self.active_rows
+    def take_tokens(self, tokens: list[int], cost_seconds: float) -> list[FinishedRow]:
+        """Each active row's token of a step (``tokens``: one per row of the step, by row index), its share of the
+        step's time; the rows that finished leave the batch."""
         finished = []
-        for index in active:
+        for index in self.active_rows:
             row = self.rows[index]
-            row.decode_cost_seconds += seconds / len(active)
+            row.decode_cost_seconds += cost_seconds
             token = tokens[index]
             row.tokens.append(token)
             request = row.prefilled.request
@@ -374,6 +312,137 @@ class DecodeBatch:
                 self.rows[index] = None
                 self._clear_row(index)
         return finished
+
+    def decode_logits(self, rows: int) -> torch.Tensor:
+        """This batch's first ``rows`` rows through one step (`JointStep.logits`): logits (rows, vocab)."""
+        return self._step().logits([(self, rows)])
+
+    def step(self) -> list[FinishedRow]:
+        """One decode step for every active row of this batch alone; the rows that finished (and left the batch)."""
+        return self._step().step([self])
+
+    def _step(self) -> JointStep:
+        if self._own_step is None:
+            self._own_step = JointStep(self.model)
+        return self._own_step
+
+
+class JointStep:
+    """Decode steps over the active rows of several decode batches (the lanes of `kvbench.engine.generate`) at once.
+
+    The model runs once on all their rows, laid lane after lane: every weight is read once a step whatever the
+    number of lanes, and each lane's attention reads its own buffers (`DecodeSession`). On CUDA a step is captured
+    as a CUDA graph per (lane, rows bucket, eviction) combination, all in one memory pool (steps never overlap);
+    a lane's reallocation makes the graphs that read its buffers stale. The batches must agree on
+    ``use_cuda_graphs`` and ``batch_invariant``.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        device = model.get_input_embeddings().weight.device
+        # A 4-D mask makes transformers skip building one (it would be sized for a single cache length);
+        # the hook reads each lane's valid slots instead.
+        self._short_circuit_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)
+        self._true = torch.ones((), dtype=torch.bool, device=device)
+        self._cache_keyword = cache_keyword(model)
+        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool = None
+
+    def logits(self, parts: list[tuple[DecodeBatch, int]]) -> torch.Tensor:
+        """Evict what each row's schedule says, then run the model on each part's first rows' next token: logits
+        (rows of all parts, vocab). Writes the tokens' keys and values into the buffers; `advance` moves on."""
+        for batch, rows in parts:
+            if batch.evictions is not None:
+                batch.evict(rows)
+        batch_invariant = parts[0][0].batch_invariant
+        session = DecodeSession([batch.lane(rows) for batch, rows in parts], batch_invariant)
+        tokens = _lane_after_lane([batch.tokens[:rows] for batch, rows in parts])
+        positions = _lane_after_lane([batch.positions[:rows] for batch, rows in parts])
+        total = tokens.shape[0]
+        cache = {self._cache_keyword: StepCache(session, self._true)}
+        kernels = invariant_forwards(self.model) if batch_invariant else contextlib.nullcontext()
+        with active(self.model, session), kernels:
+            output = self.model(input_ids=tokens.view(total, 1), position_ids=positions.view(total, 1),
+                                attention_mask=self._short_circuit_mask, use_cache=True, logits_to_keep=1, **cache)
+        return output.logits[:, -1]
+
+    def _eager_step(self, parts: list[tuple[DecodeBatch, int]]) -> torch.Tensor:
+        next_tokens = self.logits(parts).argmax(dim=-1)
+        start = 0
+        for batch, rows in parts:
+            batch.advance(rows, next_tokens[start: start + rows])
+            start += rows
+        return next_tokens
+
+    def _captured_step(self, parts: list[tuple[DecodeBatch, int]]) -> torch.Tensor | None:
+        global _capture_failure_said
+        key = tuple((id(batch), batch.epoch, rows, batch.evictions is not None) for batch, rows in parts)
+        if key not in self._graphs:
+            self._drop_stale([batch for batch, _ in parts])
+            try:
+                self._graphs[key] = self._capture(parts)
+            except Exception as error:  # any capture failure: fall back to eager steps, said once a process
+                for batch, _ in parts:
+                    batch.use_cuda_graphs = False
+                if not _capture_failure_said:
+                    log.warning("CUDA graph capture of the decode step failed (%s); decoding eagerly",
+                                error_line(error))
+                    _capture_failure_said = True
+                return None
+        graph, output = self._graphs[key]
+        graph.replay()
+        return output
+
+    def _drop_stale(self, batches: list[DecodeBatch]) -> None:
+        """Forget the graphs that read buffers one of ``batches`` has since reallocated."""
+        epochs = {id(batch): batch.epoch for batch in batches}
+        for key in [key for key in self._graphs
+                    if any(epochs.get(batch_id, epoch) != epoch for batch_id, epoch, _, _ in key)]:
+            del self._graphs[key]
+
+    def _capture(self, parts: list[tuple[DecodeBatch, int]]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        state = [[tensor.clone() for tensor in batch.step_state()] for batch, _ in parts]
+        device = self._true.device
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream), torch.inference_mode():
+            for _ in range(SPARE_SLOTS):  # warm-up: allocations and lazy initialisation happen outside the graph
+                self._eager_step(parts)
+        torch.cuda.current_stream(device).wait_stream(stream)
+        self._restore(parts, state)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool), torch.inference_mode():
+            output = self._eager_step(parts)
+        self._restore(parts, state)
+        return graph, output
+
+    @staticmethod
+    def _restore(parts: list[tuple[DecodeBatch, int]], state: list[list[torch.Tensor]]) -> None:
+        for (batch, _), saved in zip(parts, state):
+            for tensor, before in zip(batch.step_state(), saved):
+                tensor.copy_(before)
+
+    @torch.inference_mode()
+    def step(self, batches: list[DecodeBatch]) -> list[FinishedRow]:
+        """One decode step for every active row of ``batches``; the rows that finished (and left their batch)."""
+        parts = [(batch, batch.bucket()) for batch in batches if batch.active_rows]
+        started = time.perf_counter()
+        output = self._captured_step(parts) if parts[0][0].use_cuda_graphs else None
+        if output is None:
+            output = self._eager_step(parts)
+        tokens = output.tolist()  # waits for the step
+        cost_seconds = (time.perf_counter() - started) / sum(len(batch.active_rows) for batch, _ in parts)
+        finished, start = [], 0
+        for batch, rows in parts:
+            finished += batch.take_tokens(tokens[start: start + rows], cost_seconds)
+            start += rows
+        return finished
+
+
+def _lane_after_lane(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
 _capture_failure_said = False

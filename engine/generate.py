@@ -25,7 +25,8 @@ import torch
 
 from kvbench.errors import KvbenchError
 from kvbench.engine.chunked import DEFAULT_CHUNK_TOKENS
-from kvbench.engine.decode import DecodeBatch, FinishedRow, fastest_batch_size, round_up_slots, slots_needed
+from kvbench.engine.decode import (DecodeBatch, FinishedRow, JointStep, fastest_batch_size, round_up_slots,
+                                   slots_needed)
 from kvbench.engine.prefill import DecodeRequest, Prefilled, prefill_shared
 from kvbench.methods.base import Compressor, Method, ModelInfo
 
@@ -158,8 +159,8 @@ def generate_stream(model, methods: Method | Compressor | Sequence[Method | Comp
     chunks of ``chunk_tokens`` positions; with ``batch_invariant`` decode steps run the batch-invariant kernels
     (`kvbench.engine.invariant`), so a row's tokens do not depend on the other rows.
 
-    Rows decode in lanes by the slots they need (`lane_class`): each lane is a batch of its own, stepped in
-    turn. On CUDA the rows are also bounded by memory: when a cache needs longer buffers than its lane has, the
+    Rows decode in lanes by the slots they need (`lane_class`): each lane is a batch of its own buffers, and
+    every lane's rows decode in one step (`JointStep`: the weights are read once a step). On CUDA the rows are also bounded by memory: when a cache needs longer buffers than its lane has, the
     lane keeps the rows that fit in its share of free memory (`Lane.demand`), less what the largest prefill so
     far needed beyond the memory in use (the next prefill's room); caches wait for rows to finish when their
     lane's active rows do not leave room."""
@@ -271,6 +272,7 @@ def generate_stream(model, methods: Method | Compressor | Sequence[Method | Comp
                 return
 
     device = model.get_input_embeddings().weight.device
+    joint_step = JointStep(model)
     while True:
         while True:
             if waiting:
@@ -313,20 +315,18 @@ def generate_stream(model, methods: Method | Compressor | Sequence[Method | Comp
                 return
             continue
         decode_first = False
-        for lane in list(lanes.values()):
-            batch = lane.batch
-            if not batch.active_rows:
-                continue
-            try:
-                finished: list[FinishedRow] = batch.step()
-            except Exception as error:
-                if not _out_of_memory(error) or len(batch.rows) == 1:
-                    raise
-                halve(batch, None)
-                continue
-            for row in finished:
-                yield _generation(row.prefilled, row.tokens, row.decode_seconds, row.decode_cost_seconds)
-            if not waiting and exhausted and not redo:
+        stepping = [lane.batch for lane in lanes.values() if lane.batch.active_rows]
+        try:
+            finished: list[FinishedRow] = joint_step.step(stepping)
+        except Exception as error:
+            if not _out_of_memory(error) or all(len(batch.rows) == 1 for batch in stepping):
+                raise
+            halve(max((batch for batch in stepping if len(batch.rows) > 1), key=DecodeBatch.buffer_bytes), None)
+            continue
+        for row in finished:
+            yield _generation(row.prefilled, row.tokens, row.decode_seconds, row.decode_cost_seconds)
+        if not waiting and exhausted and not redo:
+            for batch in stepping:
                 batch.compact()  # draining: the remaining rows move down, so steps run on a smaller bucket
 
 

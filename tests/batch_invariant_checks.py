@@ -15,7 +15,7 @@ import contextlib
 import torch
 from tiny_models import random_prompt, tiny_model
 
-from kvbench.engine.decode import DecodeBatch
+from kvbench.engine.decode import JointStep
 from kvbench.engine.generate import generate_stream
 from kvbench.engine.invariant_kernels import (LARGE_TILES, LARGE_TILES_FROM_ROWS, LINEAR_TILES, decode_attention,
                                               invariant_linear, invariant_rms_norm)
@@ -227,30 +227,35 @@ def engine_requests():
 
 @contextlib.contextmanager
 def recording_logits(logits: dict):
-    """Record each active row's logits at every eager decode step, by (request tag, tokens so far)."""
-    real = DecodeBatch.decode_logits
+    """Record each active row's logits at every eager decode step, by (configuration, request tag, tokens so far)."""
+    real = JointStep.logits
 
-    def recording(batch, rows):
-        step_logits = real(batch, rows)
-        for index in batch.active_rows:
-            row = batch.rows[index]
-            logits[row.prefilled.request.tag, len(row.tokens)] = step_logits[index].clone()
+    def recording(joint_step, parts):
+        step_logits = real(joint_step, parts)
+        start = 0
+        for batch, rows in parts:
+            for index in batch.active_rows:
+                row = batch.rows[index]
+                key = row.prefilled.configuration, row.prefilled.request.tag, len(row.tokens)
+                logits[key] = step_logits[start + index].clone()
+            start += rows
         return step_logits
 
-    DecodeBatch.decode_logits = recording
+    JointStep.logits = recording
     try:
         yield logits
     finally:
-        DecodeBatch.decode_logits = real
+        JointStep.logits = real
 
 
 def engine_checks(device: str, use_cuda_graphs: bool = False) -> dict:
     """A tiny bfloat16 model decoding batch-invariantly in batches of 1, 3 and 8 (rows joining and leaving, buffers
     of 512 to 1024 slots), with the full cache and with Elastic Cache (slots evicted while decoding): whether each
     sample's tokens, and (eagerly) its logits at every step, are bitwise the same in every batch; whether the first
-    token (the prefill's) is the plain path's; and whether the model's forwards are back to what they were."""
+    token (the prefill's) is the plain path's; and whether the model's forwards are back to what they were. Then both
+    methods as one grid decoding in two lanes (`grid_check`)."""
     model = tiny_model("llama", num_layers=2).to(device=device, dtype=torch.bfloat16)
-    outcome = {}
+    outcome, alone = {}, {}
     for method in (build_method("fullkv"), build_method("elastic", capacity=40)):
         plain = {generation.tag: generation.token_ids[0]
                  for generation in generate_stream(model, method, engine_requests(), 3, use_cuda_graphs=use_cuda_graphs)}
@@ -266,13 +271,50 @@ def engine_checks(device: str, use_cuda_graphs: bool = False) -> dict:
         forwards_after = {name: module.__dict__.get("forward") for name, module in model.named_modules()}
         outcome[method.name] = {
             "tokens identical": all(tokens[size] == tokens[1] for size in (3, 8)),
-            "logits identical": all(logits[size].keys() == logits[1].keys()
-                                    and all(torch.equal(value, logits[1][key]) for key, value in logits[size].items())
-                                    for size in (3, 8)),
+            "logits identical": all(same_logits(logits[size], logits[1]) for size in (3, 8)),
             "steps recorded": len(logits[1]),
             "samples decoded": min(sum(bool(ids) for ids in tokens[size].values()) for size in (1, 3, 8)),
             "samples": len(engine_requests()),
             "first token as the plain path's": {tag: ids[0] for tag, ids in tokens[1].items()} == plain,
             "forwards restored": forwards_after == forwards_before,
         }
+        alone[method.name] = tokens[1], logits[1]
+    outcome["grid"] = grid_check(model, alone, use_cuda_graphs)
     return outcome
+
+
+def same_logits(logits: dict, reference: dict) -> bool:
+    return logits.keys() == reference.keys() and all(torch.equal(value, reference[key]) for key, value in logits.items())
+
+
+def grid_check(model, alone: dict, use_cuda_graphs: bool) -> dict:
+    """The two methods as one grid in batches of 3, the full caches of the longer prompts in a lane of their own
+    (lanes from 128 slots): whether both lanes' rows decoded in the same steps, and each row's tokens and (eagerly)
+    logits at every step are bitwise those it gives alone in a batch of 1."""
+    from kvbench.engine import generate as generate_module
+
+    methods = [build_method("fullkv"), build_method("elastic", capacity=40)]
+    requests = engine_requests()
+    for request in requests:
+        request.configurations = (0, 1)
+    lanes_a_step, logits = [], {}
+    real_step, real_lane_slots = JointStep.step, generate_module.LANE_BASE_SLOTS
+
+    def recording_step(joint_step, batches):
+        lanes_a_step.append(sum(bool(batch.active_rows) for batch in batches))
+        return real_step(joint_step, batches)
+
+    JointStep.step, generate_module.LANE_BASE_SLOTS = recording_step, 128
+    try:
+        with recording_logits(logits):
+            generations = list(generate_stream(model, methods, requests, 3, use_cuda_graphs=use_cuda_graphs,
+                                               batch_invariant=True))
+    finally:
+        JointStep.step, generate_module.LANE_BASE_SLOTS = real_step, real_lane_slots
+    tokens = {(generation.configuration, generation.tag): generation.token_ids for generation in generations}
+    alone_tokens = {(configuration, tag): ids for configuration, method in enumerate(methods)
+                    for tag, ids in alone[method.name][0].items()}
+    alone_logits = {(configuration, *key[1:]): value for configuration, method in enumerate(methods)
+                    for key, value in alone[method.name][1].items()}
+    return {"lanes in one step": max(lanes_a_step), "tokens identical": tokens == alone_tokens,
+            "logits identical": same_logits(logits, alone_logits)}

@@ -104,18 +104,19 @@ def test_out_of_memory_halves_the_batch_and_loses_or_repeats_nothing(monkeypatch
     method = build_method("pyramidkv", capacity=32)
     lengths, new_tokens = [70, 90, 50, 110, 60, 80], [8, 12, 5, 10, 7, 9]
     expected = {r.tag: r.token_ids for r in generate_stream(model, method, requests_of(lengths, new_tokens), 1)}
-    from kvbench.engine.decode import DecodeBatch
+    from kvbench.engine.decode import JointStep
 
-    real_step = DecodeBatch.step
+    real_step = JointStep.step
     failures = []
 
-    def step_failing_with_many_rows(batch):
+    def step_failing_with_many_rows(joint_step, batches):
+        (batch,) = batches  # one lane
         if len(batch.active_rows) > 2 and not failures:
             failures.append(len(batch.rows))
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real_step(batch)
+        return real_step(joint_step, batches)
 
-    monkeypatch.setattr(DecodeBatch, "step", step_failing_with_many_rows)
+    monkeypatch.setattr(JointStep, "step", step_failing_with_many_rows)
     said = []
     results = list(generate_stream(model, method, requests_of(lengths, new_tokens), 4, say=said.append))
     assert failures == [4]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from kvbench.engine import generate as generate_module
-from kvbench.engine.decode import DecodeBatch, slots_needed
+from kvbench.engine.decode import DecodeBatch, JointStep, slots_needed
 from kvbench.engine.generate import Lane, generate_stream, lane_class, rows_within_memory
 from kvbench.methods import build_method
 from tests.test_decode import requests_of
@@ -67,18 +67,22 @@ def test_full_cache_and_compressed_rows_decode_in_their_own_lanes(monkeypatch):
     monkeypatch.setattr(generate_module, "LANE_BASE_SLOTS", 48)  # SnapKV-16 rows need 16 + 11 + 2 slots at most
     model, methods = full_cache_and_snapkv()
     alone = decoded_alone(model, methods)
-    slots_by_batch = {}
-    real_step = DecodeBatch.step
+    slots_by_batch, lanes_a_step = {}, []
+    real_step = JointStep.step
 
-    def recording_step(batch):
-        slots_by_batch[id(batch)] = max(slots_by_batch.get(id(batch), 0), batch.slots)
-        return real_step(batch)
+    def recording_step(joint_step, batches):
+        for batch in batches:
+            slots_by_batch[id(batch)] = max(slots_by_batch.get(id(batch), 0), batch.slots)
+        lanes_a_step.append(sum(bool(batch.active_rows) for batch in batches))
+        return real_step(joint_step, batches)
 
-    monkeypatch.setattr(DecodeBatch, "step", recording_step)
+    monkeypatch.setattr(JointStep, "step", recording_step)
     assert decoded_as_a_grid(model, methods, 3) == alone
     # compressed rows (and the 30-token prompt's full cache) in buffers of one granule (SLOT_GRANULE), the other
     # full caches in buffers for the 300-token prompt's 313 slots
     assert sorted(slots_by_batch.values()) == [256, 512]
+    # both lanes' rows decoded in the same steps (one forward for both)
+    assert max(lanes_a_step) == 2
 
 
 def test_a_lane_that_memory_cannot_hold_waits_for_the_others_buffers(monkeypatch):
