@@ -206,9 +206,10 @@ class DecodeBatch:
                 kept = keys.shape[-2]
                 self.keys[layer][row, :, :kept] = keys[0]
                 self.values[layer][row, :, :kept] = values[0]
-                self.valid[layer, row] = False
-                self.valid[layer, row, :kept] = True
-                self.write_pos[layer, row] = kept
+            # every layer's mask and write position at once: a grid admits dozens of rows a sample
+            kept_per_layer = torch.tensor(prefilled.kept_per_layer, device=self.device)
+            self.valid[:, row] = torch.arange(self.slots, device=self.device) < kept_per_layer[:, None]
+            self.write_pos[:, row] = kept_per_layer
             self.tokens[row] = prefilled.first_token
             self.positions[row] = len(prefilled.request.prompt_ids)
             self.steps_taken[row] = 0
@@ -347,6 +348,9 @@ class JointStep:
         self._cache_keyword = cache_keyword(model)
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None
+        #: graphs captured, and the seconds they took (warm-up steps included)
+        self.captures = 0
+        self.capture_seconds = 0.0
 
     def logits(self, parts: list[tuple[DecodeBatch, int]]) -> torch.Tensor:
         """Evict what each row's schedule says, then run the model on each part's first rows' next token: logits
@@ -401,6 +405,7 @@ class JointStep:
             del self._graphs[key]
 
     def _capture(self, parts: list[tuple[DecodeBatch, int]]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        started = time.perf_counter()
         state = [[tensor.clone() for tensor in batch.step_state()] for batch, _ in parts]
         device = self._true.device
         stream = torch.cuda.Stream(device)
@@ -416,6 +421,8 @@ class JointStep:
         with torch.cuda.graph(graph, pool=self._pool), torch.inference_mode():
             output = self._eager_step(parts)
         self._restore(parts, state)
+        self.captures += 1
+        self.capture_seconds += time.perf_counter() - started
         return graph, output
 
     @staticmethod

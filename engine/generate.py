@@ -16,6 +16,7 @@ memory with a sample alone is one error line naming the sample and its prompt le
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -149,15 +150,38 @@ class Lane:
         return self.caches_seen * round_up_slots(self.most_slots)
 
 
+@dataclass
+class StreamStats:
+    """Where a stream's wall time went, filled as it runs (`kvbench bench` prints it): what decoding costs beside
+    the steps themselves, and how full the steps were."""
+
+    #: in the shared prefills (forward, compression, first token)
+    prefill_seconds: float = 0.0
+    #: copying prefilled caches into decode rows (and sizing the lanes for them)
+    admit_seconds: float = 0.0
+    #: in decode steps, from launch to their tokens on the host, CUDA graph captures included
+    step_seconds: float = 0.0
+    #: of which capturing CUDA graphs (warm-up steps included)
+    capture_seconds: float = 0.0
+    captures: int = 0
+    steps: int = 0
+    #: active rows over all steps (the tokens the steps produced)
+    row_steps: int = 0
+    #: steps that ran rows of more than one lane
+    joint_steps: int = 0
+
+
 def generate_stream(model, methods: Method | Compressor | Sequence[Method | Compressor],
                     requests: Iterable[DecodeRequest], batch_size: int | None = 1,
                     say: Callable[[str], None] | None = None, use_cuda_graphs: bool = True,
-                    chunk_tokens: int = DEFAULT_CHUNK_TOKENS, batch_invariant: bool = False) -> Iterator[Generation]:
+                    chunk_tokens: int = DEFAULT_CHUNK_TOKENS, batch_invariant: bool = False,
+                    stats: StreamStats | None = None) -> Iterator[Generation]:
     """Generate for every request and each configuration it names (``request.configurations``: indices into
     ``methods``, a single method standing for a list of one), up to ``batch_size`` rows decoded together in a
     step (None: `auto_batch_size`); yields each row as it finishes. Prefills run their per-token modules in
     chunks of ``chunk_tokens`` positions; with ``batch_invariant`` decode steps run the batch-invariant kernels
-    (`kvbench.engine.invariant`), so a row's tokens do not depend on the other rows.
+    (`kvbench.engine.invariant`), so a row's tokens do not depend on the other rows. ``stats``, if given, is
+    filled as the stream runs.
 
     Rows decode in lanes by the slots they need (`lane_class`): each lane is a batch of its own buffers, and
     every lane's rows decode in one step (`JointStep`: the weights are read once a step). On CUDA the rows are also bounded by memory: when a cache needs longer buffers than its lane has, the
@@ -273,10 +297,13 @@ def generate_stream(model, methods: Method | Compressor | Sequence[Method | Comp
 
     device = model.get_input_embeddings().weight.device
     joint_step = JointStep(model)
+    stats = stats if stats is not None else StreamStats()
     while True:
         while True:
             if waiting:
+                started = time.perf_counter()
                 place_waiting()
+                stats.admit_seconds += time.perf_counter() - started
                 if waiting:
                     break  # a cache waits for a row of its lane: decode first
                 continue
@@ -288,6 +315,7 @@ def generate_stream(model, methods: Method | Compressor | Sequence[Method | Comp
             if request is None:
                 break
             in_use = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+            started = time.perf_counter()
             try:
                 prefilled = prefill_shared(model, compressors, request, chunk_tokens)
             except Exception as error:
@@ -302,6 +330,7 @@ def generate_stream(model, methods: Method | Compressor | Sequence[Method | Comp
                 halve(max((lane.batch for lane in lanes.values() if lane.batch.active_rows),
                           key=DecodeBatch.buffer_bytes), request)
                 continue
+            stats.prefill_seconds += time.perf_counter() - started
             if prefilled[0].peak_memory_bytes is not None:
                 prefill_room = max(prefill_room, prefilled[0].peak_memory_bytes - in_use)
             for one in prefilled:
@@ -316,6 +345,7 @@ def generate_stream(model, methods: Method | Compressor | Sequence[Method | Comp
             continue
         decode_first = False
         stepping = [lane.batch for lane in lanes.values() if lane.batch.active_rows]
+        started, active_rows = time.perf_counter(), sum(len(batch.active_rows) for batch in stepping)
         try:
             finished: list[FinishedRow] = joint_step.step(stepping)
         except Exception as error:
@@ -323,6 +353,11 @@ def generate_stream(model, methods: Method | Compressor | Sequence[Method | Comp
                 raise
             halve(max((batch for batch in stepping if len(batch.rows) > 1), key=DecodeBatch.buffer_bytes), None)
             continue
+        stats.step_seconds += time.perf_counter() - started
+        stats.capture_seconds, stats.captures = joint_step.capture_seconds, joint_step.captures
+        stats.steps += 1
+        stats.row_steps += active_rows
+        stats.joint_steps += len(stepping) > 1
         for row in finished:
             yield _generation(row.prefilled, row.tokens, row.decode_seconds, row.decode_cost_seconds)
         if not waiting and exhausted and not redo:

@@ -37,7 +37,7 @@ import torch
 
 from kvbench.errors import KvbenchError, error_line
 from kvbench.engine.decode import DecodeBatch, kv_head_layout, synthetic_cache, synthetic_prefilled
-from kvbench.engine.generate import Generation, auto_batch_size, generate_greedy, generate_stream
+from kvbench.engine.generate import Generation, StreamStats, auto_batch_size, generate_greedy, generate_stream
 from kvbench.engine.invariant import resolve_batch_invariant
 from kvbench.engine.prefill import DecodeRequest, synchronize
 from kvbench.harness.run import max_prompt_length, method_label, sample_request
@@ -401,14 +401,16 @@ def run_longbench_grid(loaded: LoadedModel, tokenizer, method_specs: list[str], 
     summary = []
     synchronize(model.device)
     start = time.perf_counter()
+    stats = StreamStats()
     generations = list(generate_stream(model, compressors, all_requests, rows, say=progress,
-                                       batch_invariant=batch_invariant))
+                                       batch_invariant=batch_invariant, stats=stats))
     seconds = time.perf_counter() - start
     by_configuration = [[g for g in generations if g.configuration == index] for index in everyone]
     costs = [sum(g.prefill_cost_seconds + g.decode_cost_seconds for g in gens) for gens in by_configuration]
     for label, compressor, gens, cost in zip(labels, compressors, by_configuration, costs):
         summary.append(workload_row(label, compressor, "shared prefill", rows, gens, seconds * cost / sum(costs)))
-    summary.append(_grid_total(model, "shared prefill", rows, summary[-len(compressors):], generations, seconds))
+    summary.append(_grid_total(model, "shared prefill", rows, summary[-len(compressors):], generations, seconds)
+                   | stream_figures(stats))
     progress(", ".join(f"{key} {value}" for key, value in summary[-1].items()))
     if not separate_limit:
         return pd.DataFrame(summary), pd.DataFrame(columns=["method", "task", "_id", "identical", "first_difference"])
@@ -455,6 +457,15 @@ def _grid_total(model, mode: str, rows: int, configuration_rows: list[dict], gen
         peaks = [g.peak_memory_bytes for g in generations if g.peak_memory_bytes is not None]
         total["peak_memory_gib"] = round(max(peaks) / 2**30, 2) if peaks else None
     return total
+
+
+def stream_figures(stats: StreamStats) -> dict:
+    """Where the stream's time went: prefills, admitting caches into rows, decode steps (of which CUDA graph
+    captures), and how many rows a step ran on average."""
+    return {"admit_s": round(stats.admit_seconds, 2), "step_s": round(stats.step_seconds, 2),
+            "capture_s": round(stats.capture_seconds, 2), "captures": stats.captures, "decode_steps": stats.steps,
+            "joint_steps": stats.joint_steps, "rows_per_step": round(stats.row_steps / max(stats.steps, 1), 1),
+            "step_ms": round(stats.step_seconds / max(stats.steps, 1) * 1e3, 2)}
 
 
 def first_difference(first: list[int], second: list[int]) -> int | None:

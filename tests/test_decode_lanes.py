@@ -6,7 +6,7 @@ import torch
 
 from kvbench.engine import generate as generate_module
 from kvbench.engine.decode import DecodeBatch, JointStep, slots_needed
-from kvbench.engine.generate import Lane, generate_stream, lane_class, rows_within_memory
+from kvbench.engine.generate import Lane, StreamStats, generate_stream, lane_class, rows_within_memory
 from kvbench.methods import build_method
 from tests.test_decode import requests_of
 from tests.tiny_models import tiny_model
@@ -83,6 +83,22 @@ def test_full_cache_and_compressed_rows_decode_in_their_own_lanes(monkeypatch):
     assert sorted(slots_by_batch.values()) == [256, 512]
     # both lanes' rows decoded in the same steps (one forward for both)
     assert max(lanes_a_step) == 2
+
+
+def test_stream_stats_count_each_decoded_token_once_and_the_steps_both_lanes_shared(monkeypatch):
+    monkeypatch.setattr(generate_module, "LANE_BASE_SLOTS", 48)
+    model, methods = full_cache_and_snapkv()
+    requests = requests_of(LENGTHS, NEW_TOKENS)
+    for request in requests:
+        request.configurations = (0, 1)
+    stats = StreamStats()
+    generations = list(generate_stream(model, methods, requests, 3, stats=stats))
+    # a step gives each of its active rows one token; the first token is the prefill's
+    assert stats.row_steps == sum(len(generation.token_ids) - 1 for generation in generations)
+    assert max(NEW_TOKENS) - 1 <= stats.steps <= sum(NEW_TOKENS) * 2
+    assert 0 < stats.joint_steps < stats.steps
+    assert stats.captures == 0 and stats.capture_seconds == 0  # on the CPU steps run eagerly
+    assert stats.prefill_seconds > 0 and stats.step_seconds > 0 and stats.admit_seconds > 0
 
 
 def test_a_lane_that_memory_cannot_hold_waits_for_the_others_buffers(monkeypatch):
