@@ -171,7 +171,7 @@ def window_scores(votes: torch.Tensor, window_size: int, strategy: str) -> torch
     (about 5-20 us a window on a CPU).
     """
     if strategy != "max":
-        return torch.stack([window.mean() for window in votes.split(window_size, dim=-1)])
+        return torch.stack([window.mean() for window in votes.split(window_size, dim=-1)])  # strided views
     top = max(1, window_size // 2)
     full_windows = votes.shape[-1] // window_size
     # The full windows' top values in one topk: selections, so the same values in the same (descending) order
@@ -180,11 +180,48 @@ def window_scores(votes: torch.Tensor, window_size: int, strategy: str) -> torch
     # window halves the small operations of the loop (the cost of a grid's WindowKV on a GPU).
     tops = (votes[..., : full_windows * window_size].unflatten(-1, (full_windows, window_size))
             .topk(min(top, window_size)).values.permute(2, 0, 1, 3).contiguous())
-    scores = [block.mean() for block in tops.unbind(0)]
+    scores = [window_means(tops)] if full_windows else []
     rest = votes[..., full_windows * window_size:]
     if rest.shape[-1]:
-        scores.append(rest.topk(min(top, rest.shape[-1])).values.mean())
-    return torch.stack(scores)
+        scores.append(rest.topk(min(top, rest.shape[-1])).values.mean().view(1))
+    return torch.cat(scores)
+
+
+def _each_mean(blocks: torch.Tensor) -> torch.Tensor:
+    return torch.stack([block.mean() for block in blocks.unbind(0)])
+
+
+#: per (shape, dtype, device) of the blocks: a CUDA graph of `_each_mean`, its input and its output
+_WINDOW_MEAN_GRAPHS: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+#: shapes kept at most: prompts of one length (most of a benchmark's, truncated to the context) reuse one
+WINDOW_MEAN_GRAPHS_KEPT = 8
+
+
+def window_means(blocks: torch.Tensor) -> torch.Tensor:
+    """``blocks.mean()`` of each block along the first dimension, one reduction a block as the reference reduces
+    each window (see `window_scores`). On CUDA the hundreds of small reductions of a leader layer run as one CUDA
+    graph, captured once per shape: the same kernels with the same launch settings, so the same bits, without
+    a host launch each (most of a grid's WindowKV cost on a GPU)."""
+    if not blocks.is_cuda:
+        return _each_mean(blocks)
+    key = (tuple(blocks.shape), blocks.dtype, blocks.device)
+    if key not in _WINDOW_MEAN_GRAPHS:
+        if len(_WINDOW_MEAN_GRAPHS) >= WINDOW_MEAN_GRAPHS_KEPT:
+            del _WINDOW_MEAN_GRAPHS[next(iter(_WINDOW_MEAN_GRAPHS))]
+        static = blocks.clone()
+        stream = torch.cuda.Stream(blocks.device)
+        stream.wait_stream(torch.cuda.current_stream(blocks.device))
+        with torch.cuda.stream(stream):
+            _each_mean(static)  # warm-up outside the capture
+        torch.cuda.current_stream(blocks.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            means = _each_mean(static)
+        _WINDOW_MEAN_GRAPHS[key] = graph, static, means
+    graph, static, means = _WINDOW_MEAN_GRAPHS[key]
+    static.copy_(blocks)
+    graph.replay()
+    return means.clone()  # the next replay writes over it
 
 
 def review_window_scores(layer: LayerPrefill, suffix: int, window_size: int, strategy: str) -> torch.Tensor:

@@ -449,11 +449,20 @@ def test_uniform_attention_ties_break_as_in_the_reference():
     assert kvbench_kept(queries, keys, 8, 3, 8, "other") == expected
 
 
-def test_window_scores_are_the_references_window_reductions_bit_for_bit():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_window_scores_are_the_references_window_reductions_bit_for_bit(device):
+    """On CUDA the windows' means replay as a CUDA graph per shape: the second round (graphs reused on new votes)
+    must still give each window's own reduction."""
     generator = torch.Generator().manual_seed(11)
+    for _ in range(2 if device == "cuda" else 1):
+        check_window_scores_bit_for_bit(generator, device)
+
+
+def check_window_scores_bit_for_bit(generator, device):
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for length, windows in ((2, (3,)), (203, (1, 3, 8)), (4000, (8,))):
-            votes = torch.rand(1, 32, length, generator=generator).to(dtype) / 50
+            votes = (torch.rand(1, 32, length, generator=generator).to(dtype) / 50).to(device)
             for window in windows:
                 for strategy in ("average", "max"):
                     by_window = []
