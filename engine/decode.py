@@ -1,10 +1,13 @@
-"""A decode batch of compressed caches: preallocated buffers, valid-slot masks, one static step.
+"""A decode batch of compressed caches: a pool of cache pages, valid-slot masks, one static step.
 
-After its prefill a sample's compressed cache takes a free row of the batch. Each layer has
-one buffer of shape (rows, kv_heads, slots, head_dim) for keys and one for values; a row's
-layers hold different numbers of kept tokens (PyramidKV, WindowKV, PrefixKV budgets, or
-prompts of different lengths), so each (layer, row) has its own write position and a mask
-of valid slots, and attention runs over the valid slots only. Positions continue per row
+After its prefill a sample's compressed cache takes a free row of the batch and as many pages of the pool as
+it needs: its longest layer after prefill plus every token it may generate (`slots_needed`), in pages of
+PAGE_SLOTS slots. Each layer has one pool of shape (pages, kv_heads, PAGE_SLOTS, head_dim) for keys and one for
+values, and each row a page table: its slot ``s`` lies in page ``table[row, s // PAGE_SLOTS]`` at offset
+``s % PAGE_SLOTS``. So a row costs the memory it needs, whatever the other rows need: a grid's compressed rows
+(a few hundred slots) and its full-cache rows (the whole prompt) share one batch and one step. A row's layers
+hold different numbers of kept tokens (PyramidKV, WindowKV, PrefixKV budgets), so each (layer, row) has its own
+write position, and each slot a valid bit; attention runs over the valid slots only. Positions continue per row
 from the sample's own prompt length.
 
 Eviction while decoding (PrefixKV, Elastic Cache) clears a slot's valid bit instead of
@@ -14,15 +17,12 @@ shifting the cache. Keys are stored after RoPE, so attention over a row is a sum
 are worked out at admission for every step (`kvbench.engine.prefill.eviction_schedule`).
 
 A step is therefore a fixed sequence of tensor operations for a given number of rows and
-slots. Several batches (a grid's lanes, `kvbench.engine.generate`) step together
-(`JointStep`): the model runs once over all their rows, each attending within its own
-batch's buffers. On CUDA a step is captured once per combination of (batch, rows bucket)
-as a CUDA graph and replayed; on CPU it runs eagerly. If capture fails the batch says so
-once and runs eagerly.
+pool size. On CUDA it is captured once per rows bucket as a CUDA graph and replayed; on
+CPU it runs eagerly. If capture fails the batch says so once and runs eagerly.
 
 With ``batch_invariant`` the step's reductions run in kernels whose order a row fixes alone
 (`kvbench.engine.invariant`): a sample's tokens are then the same in any batch, beside any
-other samples, and whatever the buffers' capacity; the step is captured the same way.
+other samples, wherever its pages lie and whatever the pool's size; the step is captured the same way.
 """
 
 from __future__ import annotations
@@ -36,15 +36,24 @@ from dataclasses import dataclass, field
 import torch
 
 from kvbench.errors import error_line
-from kvbench.engine.hook import DecodeLane, DecodeSession, active, cache_keyword, install_hook
+from kvbench.engine.hook import DecodeSession, active, cache_keyword, install_hook
 from kvbench.engine.invariant import check_invariance, invariant_forwards
 from kvbench.engine.prefill import DecodeRequest, Prefilled, synchronize
 from kvbench.methods.base import SampleCompression
 
 log = logging.getLogger(__name__)
 
-#: slots are allocated in multiples of this, so that a new sample rarely changes the step's shapes
-SLOT_GRANULE = 256
+#: slots a page holds; the decode attention kernel reads a row one page a block, so this is also its block. On an
+#: H100, blocks of 32 to 256 slots with 2 to 8 warps and 2 or 3 stages, and a fixed split of each row's slots in
+#: chunks of 512 to 2,048 combined in order, all took within about 10% of 64 at a grid's shapes (512 rows of 600
+#: slots to 8 rows of 8,232: 0.2 to 0.6 ms a layer); only the split helped, and only the fewest long rows
+PAGE_SLOTS = 64
+#: pages no row owns: page-table entries past a row's own pages point at the empty page (never written, never
+#: valid, so a gathered row attends to nothing there); a free row's entries all point at the scratch page, which
+#: it writes and attends to (its output is ignored; it only has to stay finite)
+EMPTY_PAGE, SCRATCH_PAGE, FIRST_ROW_PAGE = 0, 1, 2
+#: page tables grow in steps of this many entries (2,048 slots), so that longer prompts rarely change the step
+TABLE_GRANULE = 32
 #: spare slots past the last write: warming up a CUDA graph runs two steps that write there
 SPARE_SLOTS = 2
 
@@ -58,7 +67,7 @@ def kv_head_layout(config) -> tuple[int, int]:
 
 class StepCache:
     """What the model's attention sees as its cache during a decode step: writes each row's new key and value
-    into its lane's buffers (`DecodeSession.write`); the hooked attention reads the buffers from the session."""
+    into its page (`DecodeSession.write`); the hooked attention reads the pages from the session."""
 
     def __init__(self, session: DecodeSession, true: torch.Tensor):
         self.session = session
@@ -89,7 +98,7 @@ class FinishedRow:
 
 @dataclass
 class DecodeBatch:
-    """Up to ``max_rows`` samples decoded together, one token each per step."""
+    """Up to ``max_rows`` samples decoded together, one token each per step, their caches in one page pool."""
 
     model: torch.nn.Module
     max_rows: int
@@ -110,77 +119,124 @@ class DecodeBatch:
         self.num_layers = config.num_hidden_layers
         self.num_kv_heads, self.head_dim = kv_head_layout(config)
         self.rows = [None] * self.max_rows
-        self.slots = 0
-        self.steps_capacity = 0
         self.use_cuda_graphs = self.use_cuda_graphs and self.device.type == "cuda"
-        #: counts the reallocations: a captured step that read older buffers is stale (`JointStep`)
-        self.epoch = 0
-        self._own_step: JointStep | None = None
+        #: pages in the pool, entries of a row's page table, steps of eviction schedule a row can hold
+        self.pages = self.table_pages = self.steps_capacity = 0
+        #: each row's pages, in slot order (empty: a free row)
+        self.row_pages: list[list[int]] = [[] for _ in self.rows]
+        self.free_pages: list[int] = []
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.evictions: torch.Tensor | None = None
-        self._allocate(self.max_rows, 0, 0)
+        self._short_circuit_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)
+        self._true = torch.ones((), dtype=torch.bool, device=self.device)
+        self._cache_keyword = cache_keyword(self.model)
+        #: captured steps by (rows, eviction); a reallocation makes them stale
+        self._graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graph_pool = None
+        #: graphs captured, and the seconds they took (warm-up steps included)
+        self.captures = 0
+        self.capture_seconds = 0.0
+        self.table_pages = TABLE_GRANULE
+        self._allocate(self.max_rows, FIRST_ROW_PAGE)
 
-    # -- buffers ------------------------------------------------------------------------------------
+    # -- memory -------------------------------------------------------------------------------------
 
-    def _allocate(self, rows: int, slots: int, steps: int) -> None:
-        """(Re)allocate every buffer for ``rows`` x ``slots`` (and ``steps`` of eviction schedule), keeping contents.
+    def _allocate(self, rows: int, pages: int) -> None:
+        """(Re)allocate the pool for ``pages`` pages and every row's state for ``rows`` rows, keeping the first
+        ``rows`` rows' contents: their pages move to the front of the new pool, in order.
 
-        Layer by layer, each old buffer released as soon as its contents moved, so that growing (or,
-        out of memory, shrinking) needs the new size plus one layer's buffers, not both sizes whole.
+        Layer by layer, each old pool released as soon as its pages moved, so that growing (or, out of memory,
+        shrinking) needs the new size plus one layer's pool, not both sizes whole.
         """
-        self.epoch += 1  # captured steps read the old buffers
-        old_slots = self.slots
-        kept_rows = min(rows, len(self.keys[0])) if self.keys else 0
-        kept_slots = min(slots, old_slots)
-        shape = (rows, self.num_kv_heads, slots, self.head_dim)
-        for buffers in (self.keys, self.values):
+        self._graphs.clear()  # captured steps read the old tensors
+        kept_rows = min(rows, len(self.row_pages))
+        live = [page for row in range(kept_rows) for page in self.row_pages[row]]
+        if pages < FIRST_ROW_PAGE + len(live):
+            raise ValueError(f"a pool of {pages} pages cannot hold the {len(live)} pages in use")
+        moved = slice(FIRST_ROW_PAGE, FIRST_ROW_PAGE + len(live))
+        live_index = torch.tensor(live, dtype=torch.long, device=self.device)
+        shape = (pages, self.num_kv_heads, PAGE_SLOTS, self.head_dim)
+        for pool in (self.keys, self.values):
             for layer in range(self.num_layers):
                 new = torch.zeros(shape, dtype=self.dtype, device=self.device)
-                if layer < len(buffers):
-                    if kept_rows and kept_slots:
-                        new[:kept_rows, :, :kept_slots] = buffers[layer][:kept_rows, :, :kept_slots]
-                    buffers[layer] = new
+                if layer < len(pool):
+                    if live:
+                        new[moved] = pool[layer][live_index]
+                    pool[layer] = new
                 else:
-                    buffers.append(new)
-        valid = torch.zeros(self.num_layers, rows, slots, dtype=torch.bool, device=self.device)
+                    pool.append(new)
+        valid = torch.zeros(self.num_layers, pages, PAGE_SLOTS, dtype=torch.bool, device=self.device)
+        if live:
+            valid[:, moved] = self.valid[:, live_index]
+        valid[:, SCRATCH_PAGE, 0] = True
+        renumbered, next_page = [], FIRST_ROW_PAGE
+        for row in range(rows):
+            own = self.row_pages[row] if row < kept_rows else []
+            renumbered.append(list(range(next_page, next_page + len(own))))
+            next_page += len(own)
+        self.row_pages = renumbered
+        self.free_pages = list(range(pages - 1, next_page - 1, -1))  # popped from the end: lowest first
+        page_table = torch.full((rows, self.table_pages), EMPTY_PAGE, dtype=torch.long)
+        for row, own in enumerate(renumbered):
+            if own:
+                page_table[row, : len(own)] = torch.tensor(own)
+            else:
+                page_table[row] = SCRATCH_PAGE
         write_pos = torch.zeros(self.num_layers, rows, dtype=torch.long, device=self.device)
-        tokens = torch.zeros(rows, dtype=torch.long, device=self.device)
-        positions = torch.zeros(rows, dtype=torch.long, device=self.device)
-        steps_taken = torch.zeros(rows, dtype=torch.long, device=self.device)
+        tokens, positions, steps_taken, live_rows = (torch.zeros(rows, dtype=torch.long, device=self.device)
+                                                    for _ in range(4))
         evictions = None
-        if steps:
-            evictions = torch.full((self.num_layers, rows, steps), -1, dtype=torch.int32, device=self.device)
-        if kept_rows:
-            valid[:, :kept_rows, :kept_slots] = self.valid[:, :kept_rows, :kept_slots]
+        if self.steps_capacity:
+            evictions = torch.full((self.num_layers, rows, self.steps_capacity), -1, dtype=torch.int32,
+                                   device=self.device)
+        if kept_rows and self.pages:
             write_pos[:, :kept_rows] = self.write_pos[:, :kept_rows]
-            tokens[:kept_rows] = self.tokens[:kept_rows]
-            positions[:kept_rows] = self.positions[:kept_rows]
-            steps_taken[:kept_rows] = self.steps_taken[:kept_rows]
-            if evictions is not None and self.evictions is not None:
-                evictions[:, :kept_rows, : self.steps_capacity] = self.evictions[:, :kept_rows]
-        self.valid, self.write_pos, self.tokens, self.positions, self.steps_taken = (
-            valid, write_pos, tokens, positions, steps_taken)
+            for new, old in ((tokens, self.tokens), (positions, self.positions), (steps_taken, self.steps_taken),
+                             (live_rows, self.live)):
+                new[:kept_rows] = old[:kept_rows]
+            if evictions is not None:
+                evictions[:, :kept_rows] = self.evictions[:, :kept_rows]
+        self.valid, self.page_table = valid, page_table.to(self.device)
+        self.write_pos, self.tokens, self.positions, self.steps_taken, self.live = (
+            write_pos, tokens, positions, steps_taken, live_rows)
         self.evictions = evictions
-        self.slots, self.steps_capacity = slots, steps
+        self.pages = pages
         self.row_index = torch.arange(rows, device=self.device)
-        for row in range(kept_rows, rows):
-            self._clear_row(row)
+
+    def _lengthen(self, table_pages: int, steps: int) -> None:
+        """Page tables of ``table_pages`` entries and eviction schedules of ``steps`` steps for every row, keeping
+        what they hold (the pool stays as it is)."""
+        self._graphs.clear()
+        rows = len(self.rows)
+        if table_pages > self.table_pages:
+            free = torch.tensor([not own for own in self.row_pages], device=self.device)
+            added = torch.where(free, SCRATCH_PAGE, EMPTY_PAGE)[:, None].expand(rows, table_pages - self.table_pages)
+            self.page_table = torch.cat([self.page_table, added], dim=1)
+            self.table_pages = table_pages
+        if steps > self.steps_capacity:
+            evictions = torch.full((self.num_layers, rows, steps), -1, dtype=torch.int32, device=self.device)
+            if self.evictions is not None:
+                evictions[:, :, : self.steps_capacity] = self.evictions
+            self.evictions, self.steps_capacity = evictions, steps
+
+    def page_bytes(self) -> int:
+        """Bytes one page costs over all layers (keys and values)."""
+        element = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.num_kv_heads * PAGE_SLOTS * self.head_dim * element
 
     def buffer_bytes(self) -> int:
-        """Bytes the key and value buffers hold now."""
-        return self.slots * len(self.rows) * self.bytes_per_slot_row()
+        """Bytes the key and value pools hold now."""
+        return self.pages * self.page_bytes()
 
-    def bytes_per_slot_row(self) -> int:
-        """Bytes one slot of one row costs over all layers (keys and values)."""
-        element = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * element
+    def pages_in_use(self) -> int:
+        """Pages the pool cannot do without: the rows' own and the two no row owns."""
+        return self.pages - len(self.free_pages)
 
-    def release_buffers(self) -> None:
-        """An idle batch gives its cache buffers back to the device (the next admit grows them again)."""
-        if self.active_rows:
-            raise RuntimeError("release_buffers() needs an idle batch")
-        self._allocate(len(self.rows), 0, 0)
+    def reserve(self, pages: int) -> None:
+        """Grow the pool to ``pages`` pages (keeping every row), if it has fewer."""
+        if pages > self.pages:
+            self._allocate(len(self.rows), pages)
 
     # -- rows -------------------------------------------------------------------------------------------
 
@@ -192,27 +248,38 @@ class DecodeBatch:
         return next((index for index, row in enumerate(self.rows) if row is None), None)
 
     def admit(self, prefilled: Prefilled) -> int:
-        """Copy a prefilled sample's cache into a free row (growing the slots if needed); its row index."""
+        """Copy a prefilled sample's cache into a free row and pages of the pool (growing it to just what is
+        needed, if `reserve` did not); its row index."""
         row = self.free_row()
         if row is None:
             raise RuntimeError("admit() needs a free row")
-        needed_slots = slots_needed(prefilled)
+        needed_pages = pages_needed(prefilled)
         needed_steps = prefilled.request.max_new_tokens - 1 if prefilled.evictions is not None else 0
-        if needed_slots > self.slots or needed_steps > self.steps_capacity:
-            steps = max(self.steps_capacity, needed_steps)
-            self._allocate(len(self.rows), max(self.slots, round_up_slots(needed_slots)), steps)
+        if needed_pages > self.table_pages or needed_steps > self.steps_capacity:
+            self._lengthen(-(-needed_pages // TABLE_GRANULE) * TABLE_GRANULE, needed_steps)
+        self.reserve(self.pages_in_use() + needed_pages)
+        own = [self.free_pages.pop() for _ in range(needed_pages)]
+        self.row_pages[row] = own
         with torch.inference_mode():
+            pages = torch.tensor(own, dtype=torch.long, device=self.device)
             for layer, (keys, values) in enumerate(prefilled.kept):
                 kept = keys.shape[-2]
-                self.keys[layer][row, :, :kept] = keys[0]
-                self.values[layer][row, :, :kept] = values[0]
+                filled = -(-kept // PAGE_SLOTS)
+                for pool, entries in ((self.keys[layer], keys[0]), (self.values[layer], values[0])):
+                    padded = torch.nn.functional.pad(entries, (0, 0, 0, filled * PAGE_SLOTS - kept))
+                    pool[pages[:filled]] = padded.view(self.num_kv_heads, filled, PAGE_SLOTS, self.head_dim
+                                                       ).transpose(0, 1)
             # every layer's mask and write position at once: a grid admits dozens of rows a sample
             kept_per_layer = torch.tensor(prefilled.kept_per_layer, device=self.device)
-            self.valid[:, row] = torch.arange(self.slots, device=self.device) < kept_per_layer[:, None]
+            slots = torch.arange(needed_pages * PAGE_SLOTS, device=self.device)
+            self.valid[:, pages] = (slots < kept_per_layer[:, None]).view(self.num_layers, needed_pages, PAGE_SLOTS)
+            self.page_table[row] = EMPTY_PAGE
+            self.page_table[row, :needed_pages] = pages
             self.write_pos[:, row] = kept_per_layer
             self.tokens[row] = prefilled.first_token
             self.positions[row] = len(prefilled.request.prompt_ids)
             self.steps_taken[row] = 0
+            self.live[row] = 1
             if self.evictions is not None:
                 self.evictions[:, row] = -1
                 if prefilled.evictions is not None:
@@ -223,14 +290,16 @@ class DecodeBatch:
         return row
 
     def _clear_row(self, row: int) -> None:
-        """A free row attends to one zero slot, so that its (ignored) output stays finite."""
-        self.valid[:, row] = False
-        if self.slots:
-            self.valid[:, row, 0] = True
+        """A row leaves: its pages go back to the pool, and as a free row it writes and reads the scratch page
+        and stays in place (its write position does not move)."""
+        self.free_pages += reversed(self.row_pages[row])
+        self.row_pages[row] = []
+        self.page_table[row] = SCRATCH_PAGE
+        for tensor in (self.tokens, self.positions, self.steps_taken, self.live):
+            tensor[row] = 0
         self.write_pos[:, row] = 0
-        self.tokens[row] = 0
-        self.positions[row] = 0
-        self.steps_taken[row] = 0
+        if self.evictions is not None:
+            self.evictions[:, row] = -1  # a free row evicts nothing
 
     def requeue_rows_from(self, first_row: int) -> list[Prefilled]:
         """Take rows ``first_row`` and beyond out of the batch unfinished (their samples must be redone)."""
@@ -239,29 +308,30 @@ class DecodeBatch:
             if self.rows[index] is not None:
                 taken.append(self.rows[index].prefilled)
                 self.rows[index] = None
+                self._clear_row(index)
         return taken
 
     def shrink(self, rows: int) -> None:
-        """Keep only the first ``rows`` rows (the caller requeued the others)."""
+        """Keep only the first ``rows`` rows (the caller requeued the others), in a pool of just their pages."""
         self.rows = self.rows[:rows]
-        self._allocate(rows, self.slots, self.steps_capacity)
+        live = sum(len(own) for own in self.row_pages[:rows])
+        self._allocate(rows, FIRST_ROW_PAGE + live)
 
     def compact(self) -> None:
-        """Move the active rows to the lowest indices, so that steps run on the smallest bucket."""
+        """Move the active rows to the lowest indices, so that steps run on the smallest bucket (their pages
+        stay where they are: only the page tables and the rows' state move)."""
         active = self.active_rows
         for target, source in enumerate(active):
             if target == source:
                 continue
             with torch.inference_mode():
-                for layer in range(self.num_layers):
-                    self.keys[layer][target] = self.keys[layer][source]
-                    self.values[layer][target] = self.values[layer][source]
-                for tensor in (self.valid, self.write_pos):
-                    tensor[:, target] = tensor[:, source]
-                for tensor in (self.tokens, self.positions, self.steps_taken):
+                self.page_table[target] = self.page_table[source]
+                self.write_pos[:, target] = self.write_pos[:, source]
+                for tensor in (self.tokens, self.positions, self.steps_taken, self.live):
                     tensor[target] = tensor[source]
                 if self.evictions is not None:
                     self.evictions[:, target] = self.evictions[:, source]
+                self.row_pages[target], self.row_pages[source] = self.row_pages[source], []
                 self._clear_row(source)
             self.rows[target], self.rows[source] = self.rows[source], None
 
@@ -272,29 +342,59 @@ class DecodeBatch:
         highest = max(self.active_rows) + 1
         return min(len(self.rows), 1 << math.ceil(math.log2(highest)))
 
+    def valid_slots(self, rows: int) -> torch.Tensor:
+        """(layers, rows, table entries x PAGE_SLOTS) bool: the first ``rows`` rows' valid bits in slot order."""
+        return self.valid[:, self.page_table[:rows]].flatten(2)
+
     def evict(self, rows: int) -> None:
         """Clear, in each layer and row, the valid slot the schedule names for this step: the
         (index + 1)-th valid slot is the index-th entry of the shifted cache."""
         step_index = self.steps_taken[:rows].clamp(max=self.steps_capacity - 1)
         index = self.evictions[:, :rows].gather(2, step_index.view(1, rows, 1).expand(self.num_layers, rows, 1))
-        valid = self.valid[:, :rows]
+        valid = self.valid_slots(rows)
         rank = valid.cumsum(dim=-1, dtype=torch.int32)
         target = (rank == index + 1) & valid
-        valid &= ~target
+        slot = target.to(torch.uint8).argmax(dim=-1)  # (layers, rows); 0 where nothing is evicted
+        evicted = target.any(dim=-1)
+        # nothing to evict: clear the empty page's first bit, which is clear already
+        page = torch.where(evicted, self.page_table[self.row_index[:rows], slot // PAGE_SLOTS], EMPTY_PAGE)
+        offset = torch.where(evicted, slot % PAGE_SLOTS, 0)
+        layer = torch.arange(self.num_layers, device=self.device)[:, None]
+        self.valid[layer, page, offset] = False
 
-    def lane(self, rows: int) -> DecodeLane:
-        """This batch's part of a decode step over its first ``rows`` rows."""
-        return DecodeLane(self.keys, self.values, self.valid, self.write_pos, rows, self.row_index)
+    def session(self, rows: int) -> DecodeSession:
+        """The first ``rows`` rows' part of a decode step: their page tables, and where each writes this step."""
+        write_pos = self.write_pos[:, :rows]
+        write_pages = self.page_table[self.row_index[:rows], write_pos // PAGE_SLOTS]
+        return DecodeSession(self.keys, self.values, self.valid, self.page_table[:rows], write_pos, write_pages,
+                             write_pos % PAGE_SLOTS, self.batch_invariant)
+
+    def logits(self, rows: int) -> torch.Tensor:
+        """Evict what each row's schedule says, then run the model on the first ``rows`` rows' next token:
+        logits (rows, vocab). Writes the tokens' keys and values into the pool; `advance` moves on."""
+        if self.evictions is not None:
+            self.evict(rows)
+        session = self.session(rows)
+        cache = {self._cache_keyword: StepCache(session, self._true)}
+        kernels = invariant_forwards(self.model) if self.batch_invariant else contextlib.nullcontext()
+        with active(self.model, session), kernels:
+            output = self.model(input_ids=self.tokens[:rows].view(rows, 1),
+                                position_ids=self.positions[:rows].view(rows, 1),
+                                attention_mask=self._short_circuit_mask, use_cache=True, logits_to_keep=1, **cache)
+        return output.logits[:, -1]
 
     def advance(self, rows: int, next_tokens: torch.Tensor) -> None:
-        """After a step: the first ``rows`` rows' next input tokens, one position and slot further on."""
+        """After a step: the first ``rows`` rows' next input tokens; each active row one position and slot further
+        on (a free row stays at its scratch slot)."""
+        live = self.live[:rows]
         self.tokens[:rows] = next_tokens
-        self.positions[:rows] += 1
-        self.steps_taken[:rows] += 1
-        self.write_pos[:, :rows] += 1
+        self.positions[:rows] += live
+        self.steps_taken[:rows] += live
+        self.write_pos[:, :rows] += live
 
     def step_state(self) -> tuple[torch.Tensor, ...]:
-        """What a step changes besides the cache buffers (a capture's warm-up steps are undone through it)."""
+        """What a step changes besides the pool's keys and values (a capture's warm-up steps are undone through
+        it)."""
         return self.valid, self.write_pos, self.tokens, self.positions, self.steps_taken
 
     def take_tokens(self, tokens: list[int], cost_seconds: float) -> list[FinishedRow]:
@@ -314,80 +414,19 @@ class DecodeBatch:
                 self._clear_row(index)
         return finished
 
-    def decode_logits(self, rows: int) -> torch.Tensor:
-        """This batch's first ``rows`` rows through one step (`JointStep.logits`): logits (rows, vocab)."""
-        return self._step().logits([(self, rows)])
-
-    def step(self) -> list[FinishedRow]:
-        """One decode step for every active row of this batch alone; the rows that finished (and left the batch)."""
-        return self._step().step([self])
-
-    def _step(self) -> JointStep:
-        if self._own_step is None:
-            self._own_step = JointStep(self.model)
-        return self._own_step
-
-
-class JointStep:
-    """Decode steps over the active rows of several decode batches (the lanes of `kvbench.engine.generate`) at once.
-
-    The model runs once on all their rows, laid lane after lane: every weight is read once a step whatever the
-    number of lanes, and each lane's attention reads its own buffers (`DecodeSession`). On CUDA a step is captured
-    as a CUDA graph per (lane, rows bucket, eviction) combination, all in one memory pool (steps never overlap);
-    a lane's reallocation makes the graphs that read its buffers stale. The batches must agree on
-    ``use_cuda_graphs`` and ``batch_invariant``.
-    """
-
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
-        device = model.get_input_embeddings().weight.device
-        # A 4-D mask makes transformers skip building one (it would be sized for a single cache length);
-        # the hook reads each lane's valid slots instead.
-        self._short_circuit_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)
-        self._true = torch.ones((), dtype=torch.bool, device=device)
-        self._cache_keyword = cache_keyword(model)
-        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._pool = None
-        #: graphs captured, and the seconds they took (warm-up steps included)
-        self.captures = 0
-        self.capture_seconds = 0.0
-
-    def logits(self, parts: list[tuple[DecodeBatch, int]]) -> torch.Tensor:
-        """Evict what each row's schedule says, then run the model on each part's first rows' next token: logits
-        (rows of all parts, vocab). Writes the tokens' keys and values into the buffers; `advance` moves on."""
-        for batch, rows in parts:
-            if batch.evictions is not None:
-                batch.evict(rows)
-        batch_invariant = parts[0][0].batch_invariant
-        session = DecodeSession([batch.lane(rows) for batch, rows in parts], batch_invariant)
-        tokens = _lane_after_lane([batch.tokens[:rows] for batch, rows in parts])
-        positions = _lane_after_lane([batch.positions[:rows] for batch, rows in parts])
-        total = tokens.shape[0]
-        cache = {self._cache_keyword: StepCache(session, self._true)}
-        kernels = invariant_forwards(self.model) if batch_invariant else contextlib.nullcontext()
-        with active(self.model, session), kernels:
-            output = self.model(input_ids=tokens.view(total, 1), position_ids=positions.view(total, 1),
-                                attention_mask=self._short_circuit_mask, use_cache=True, logits_to_keep=1, **cache)
-        return output.logits[:, -1]
-
-    def _eager_step(self, parts: list[tuple[DecodeBatch, int]]) -> torch.Tensor:
-        next_tokens = self.logits(parts).argmax(dim=-1)
-        start = 0
-        for batch, rows in parts:
-            batch.advance(rows, next_tokens[start: start + rows])
-            start += rows
+    def _eager_step(self, rows: int) -> torch.Tensor:
+        next_tokens = self.logits(rows).argmax(dim=-1)
+        self.advance(rows, next_tokens)
         return next_tokens
 
-    def _captured_step(self, parts: list[tuple[DecodeBatch, int]]) -> torch.Tensor | None:
+    def _captured_step(self, rows: int) -> torch.Tensor | None:
         global _capture_failure_said
-        key = tuple((id(batch), batch.epoch, rows, batch.evictions is not None) for batch, rows in parts)
+        key = (rows, self.evictions is not None)
         if key not in self._graphs:
-            self._drop_stale([batch for batch, _ in parts])
             try:
-                self._graphs[key] = self._capture(parts)
+                self._graphs[key] = self._capture(rows)
             except Exception as error:  # any capture failure: fall back to eager steps, said once a process
-                for batch, _ in parts:
-                    batch.use_cuda_graphs = False
+                self.use_cuda_graphs = False
                 if not _capture_failure_said:
                     log.warning("CUDA graph capture of the decode step failed (%s); decoding eagerly",
                                 error_line(error))
@@ -397,59 +436,40 @@ class JointStep:
         graph.replay()
         return output
 
-    def _drop_stale(self, batches: list[DecodeBatch]) -> None:
-        """Forget the graphs that read buffers one of ``batches`` has since reallocated."""
-        epochs = {id(batch): batch.epoch for batch in batches}
-        for key in [key for key in self._graphs
-                    if any(epochs.get(batch_id, epoch) != epoch for batch_id, epoch, _, _ in key)]:
-            del self._graphs[key]
-
-    def _capture(self, parts: list[tuple[DecodeBatch, int]]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _capture(self, rows: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         started = time.perf_counter()
-        state = [[tensor.clone() for tensor in batch.step_state()] for batch, _ in parts]
-        device = self._true.device
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
+        state = [tensor.clone() for tensor in self.step_state()]
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream), torch.inference_mode():
             for _ in range(SPARE_SLOTS):  # warm-up: allocations and lazy initialisation happen outside the graph
-                self._eager_step(parts)
-        torch.cuda.current_stream(device).wait_stream(stream)
-        self._restore(parts, state)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
+                self._eager_step(rows)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        self._restore(state)
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()  # one pool for every bucket: steps never overlap
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool), torch.inference_mode():
-            output = self._eager_step(parts)
-        self._restore(parts, state)
+        with torch.cuda.graph(graph, pool=self._graph_pool), torch.inference_mode():
+            output = self._eager_step(rows)
+        self._restore(state)
         self.captures += 1
         self.capture_seconds += time.perf_counter() - started
         return graph, output
 
-    @staticmethod
-    def _restore(parts: list[tuple[DecodeBatch, int]], state: list[list[torch.Tensor]]) -> None:
-        for (batch, _), saved in zip(parts, state):
-            for tensor, before in zip(batch.step_state(), saved):
-                tensor.copy_(before)
+    def _restore(self, state: list[torch.Tensor]) -> None:
+        for tensor, before in zip(self.step_state(), state):
+            tensor.copy_(before)
 
     @torch.inference_mode()
-    def step(self, batches: list[DecodeBatch]) -> list[FinishedRow]:
-        """One decode step for every active row of ``batches``; the rows that finished (and left their batch)."""
-        parts = [(batch, batch.bucket()) for batch in batches if batch.active_rows]
+    def step(self) -> list[FinishedRow]:
+        """One decode step for every active row; the rows that finished (and left the batch)."""
+        rows = self.bucket()
         started = time.perf_counter()
-        output = self._captured_step(parts) if parts[0][0].use_cuda_graphs else None
+        output = self._captured_step(rows) if self.use_cuda_graphs else None
         if output is None:
-            output = self._eager_step(parts)
+            output = self._eager_step(rows)
         tokens = output.tolist()  # waits for the step
-        cost_seconds = (time.perf_counter() - started) / sum(len(batch.active_rows) for batch, _ in parts)
-        finished, start = [], 0
-        for batch, rows in parts:
-            finished += batch.take_tokens(tokens[start: start + rows], cost_seconds)
-            start += rows
-        return finished
-
-
-def _lane_after_lane(tensors: list[torch.Tensor]) -> torch.Tensor:
-    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+        return self.take_tokens(tokens, (time.perf_counter() - started) / len(self.active_rows))
 
 
 _capture_failure_said = False
@@ -479,6 +499,18 @@ def synthetic_prefilled(kept: list[tuple[torch.Tensor, torch.Tensor]], max_new_t
                      prefill_seconds=0.0, prefill_cost_seconds=0.0, kv_cache_bytes=kv_bytes, peak_memory_bytes=None)
 
 
+def synthetic_batch(model, rows: int, kept: list[tuple[torch.Tensor, torch.Tensor]], max_new_tokens: int,
+                    **options) -> DecodeBatch:
+    """A decode batch (``options`` as `DecodeBatch` takes them) of ``rows`` rows, each a copy of ``kept``, in a pool
+    allocated once (admitting them one by one would grow it, and copy it, at every row)."""
+    batch = DecodeBatch(model, rows, **options)
+    one = synthetic_prefilled(kept, max_new_tokens)
+    batch.reserve(FIRST_ROW_PAGE + rows * pages_needed(one))
+    for _ in range(rows):
+        batch.admit(synthetic_prefilled(kept, max_new_tokens))
+    return batch
+
+
 def fastest_batch_size(model, candidates: tuple[int, ...], cache_tokens: int, steps: int = 6,
                        batch_invariant: bool = False) -> int:
     """The candidate row count whose decode step (CUDA graph, by the kernels ``batch_invariant`` chooses) costs
@@ -490,9 +522,7 @@ def fastest_batch_size(model, candidates: tuple[int, ...], cache_tokens: int, st
     for rows in candidates:
         batch = None
         try:
-            batch = DecodeBatch(model, rows, batch_invariant=batch_invariant)
-            for _ in range(rows):
-                batch.admit(synthetic_prefilled(kept, steps + 3))
+            batch = synthetic_batch(model, rows, kept, steps + 3, batch_invariant=batch_invariant)
             batch.step()  # capture (and warm-up) outside the timing
             synchronize(device)
             started = time.perf_counter()
@@ -516,6 +546,6 @@ def slots_needed(prefilled: Prefilled) -> int:
     return max(prefilled.kept_per_layer) + prefilled.request.max_new_tokens - 1 + SPARE_SLOTS
 
 
-def round_up_slots(slots: int) -> int:
-    """Slots allocated for ``slots`` needed: the next multiple of SLOT_GRANULE."""
-    return -(-slots // SLOT_GRANULE) * SLOT_GRANULE
+def pages_needed(prefilled: Prefilled) -> int:
+    """Pages of the pool a sample's row takes (`slots_needed`, in whole pages)."""
+    return -(-slots_needed(prefilled) // PAGE_SLOTS)

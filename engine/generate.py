@@ -7,7 +7,10 @@ methods and capacities decode side by side. A row that reaches a stop token or i
 generation length leaves at once, and the next waiting cache takes its place, so no step
 is spent on finished rows. Results come out as rows finish. The next sample is prefilled
 only once every cache of the previous one holds a row, so at most one sample's caches
-wait outside the batch.
+wait outside the batch. A row takes the pages of the batch's pool its cache needs, so a
+grid's compressed rows and its full-cache rows decode in one batch, each costing its own
+memory; on CUDA the pool grows within free memory (less the next prefill's room), and
+caches wait for rows to finish when it cannot.
 
 Out of GPU memory with several rows, the batch is halved (said once) and the rows that no
 longer fit are redone later; nothing finished is lost and nothing is produced twice. Out of
@@ -26,13 +29,14 @@ import torch
 
 from kvbench.errors import KvbenchError
 from kvbench.engine.chunked import DEFAULT_CHUNK_TOKENS
-from kvbench.engine.decode import (DecodeBatch, FinishedRow, JointStep, fastest_batch_size, round_up_slots,
-                                   slots_needed)
+from kvbench.engine.decode import DecodeBatch, FinishedRow, fastest_batch_size, pages_needed
 from kvbench.engine.prefill import DecodeRequest, Prefilled, prefill_shared
 from kvbench.methods.base import Compressor, Method, ModelInfo
 
-#: free memory kept aside when growing the decode buffers, beyond the next prefill's measured needs
+#: free memory kept aside when growing the decode pool, beyond the next prefill's measured needs
 GROWTH_MARGIN = 1.25
+#: the pool grows at least by this factor, so that it is copied (and its steps captured again) a few times only
+POOL_GROWTH = 2
 #: samples decoded together on CPU by default: more rows soon cost proportionally more (see the README)
 CPU_BATCH_SIZE = 4
 #: row counts ``auto`` times on CUDA, where a step costs nearly the same for 1 or 32 rows (it reads the
@@ -115,41 +119,6 @@ def _out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.cuda.OutOfMemoryError)
 
 
-#: a lane holds rows needing up to LANE_BASE_SLOTS slots, the next up to LANE_RATIO times that, and so on:
-#: rows share buffers sized for their lane's longest, so a grid's compressed rows (a few hundred slots) do not
-#: get buffers the length of its full-cache rows (the whole prompt), and at most LANE_RATIO x their needs
-LANE_BASE_SLOTS = 2048
-LANE_RATIO = 8
-
-
-def lane_class(slots: int) -> int:
-    """The lane of a row that needs ``slots`` slots: 0 up to LANE_BASE_SLOTS, one more per factor LANE_RATIO."""
-    lane, limit = 0, LANE_BASE_SLOTS
-    while slots > limit:
-        lane, limit = lane + 1, limit * LANE_RATIO
-    return lane
-
-
-@dataclass
-class Lane:
-    """One decode batch of the stream, for the rows of one `lane_class`, and what it has been asked to hold."""
-
-    batch: DecodeBatch
-    caches_seen: int = 0
-    most_slots: int = 0
-    sizing_said: bool = False
-
-    def note(self, prefilled: Prefilled) -> None:
-        self.caches_seen += 1
-        self.most_slots = max(self.most_slots, slots_needed(prefilled))
-
-    @property
-    def demand(self) -> int:
-        """Slots its caches so far would take at its longest: lanes split free memory in this proportion, so
-        that each keeps about as many samples in flight as the others."""
-        return self.caches_seen * round_up_slots(self.most_slots)
-
-
 @dataclass
 class StreamStats:
     """Where a stream's wall time went, filled as it runs (`kvbench bench` prints it): what decoding costs beside
@@ -157,7 +126,7 @@ class StreamStats:
 
     #: in the shared prefills (forward, compression, first token)
     prefill_seconds: float = 0.0
-    #: copying prefilled caches into decode rows (and sizing the lanes for them)
+    #: copying prefilled caches into decode rows (and growing the pool for them)
     admit_seconds: float = 0.0
     #: in decode steps, from launch to their tokens on the host, CUDA graph captures included
     step_seconds: float = 0.0
@@ -167,8 +136,6 @@ class StreamStats:
     steps: int = 0
     #: active rows over all steps (the tokens the steps produced)
     row_steps: int = 0
-    #: steps that ran rows of more than one lane
-    joint_steps: int = 0
 
 
 def generate_stream(model, methods: Method | Compressor | Sequence[Method | Compressor],
@@ -183,31 +150,22 @@ def generate_stream(model, methods: Method | Compressor | Sequence[Method | Comp
     (`kvbench.engine.invariant`), so a row's tokens do not depend on the other rows. ``stats``, if given, is
     filled as the stream runs.
 
-    Rows decode in lanes by the slots they need (`lane_class`): each lane is a batch of its own buffers, and
-    every lane's rows decode in one step (`JointStep`: the weights are read once a step). On CUDA the rows are also bounded by memory: when a cache needs longer buffers than its lane has, the
-    lane keeps the rows that fit in its share of free memory (`Lane.demand`), less what the largest prefill so
-    far needed beyond the memory in use (the next prefill's room); caches wait for rows to finish when their
-    lane's active rows do not leave room."""
+    Every row's cache lies in pages of the batch's pool, as many as it needs. On CUDA the pool grows within the
+    free memory less what the largest prefill so far needed beyond the memory in use (the next prefill's room);
+    caches wait for rows to finish (and free their pages) when it cannot grow enough."""
     single = isinstance(methods, (Method, Compressor))
     compressors = [as_compressor(method, model) for method in ([methods] if single else methods)]
-    rows_per_lane = batch_size or auto_batch_size(model, batch_invariant)
-    lanes: dict[int, Lane] = {}
+    batch = DecodeBatch(model, batch_size or auto_batch_size(model, batch_invariant), use_cuda_graphs=use_cuda_graphs,
+                        batch_invariant=batch_invariant)
     prefill_room = 0
     source = iter(requests)
     redo: deque[DecodeRequest] = deque()
     #: caches of the last prefilled sample still waiting for a row
     waiting: deque[Prefilled] = deque()
     exhausted = False
-    halving_said = False
+    halving_said = memory_said = False
     #: after running out of memory, no prefill before a decode step
     decode_first = False
-
-    def lane_of(prefilled: Prefilled) -> Lane:
-        lane = lane_class(slots_needed(prefilled))
-        if lane not in lanes:
-            lanes[lane] = Lane(DecodeBatch(model, rows_per_lane, use_cuda_graphs=use_cuda_graphs,
-                                           batch_invariant=batch_invariant))
-        return lanes[lane]
 
     def next_request() -> DecodeRequest | None:
         nonlocal exhausted
@@ -223,61 +181,42 @@ def generate_stream(model, methods: Method | Compressor | Sequence[Method | Comp
         """A sample's request for the configurations of ``prefilled`` only (to be prefilled again)."""
         return replace(prefilled[0].request, configurations=tuple(one.configuration for one in prefilled))
 
-    def busy() -> bool:
-        return any(lane.batch.active_rows for lane in lanes.values())
-
-    def halve(batch: DecodeBatch, request_in_hand: DecodeRequest | None) -> None:
-        """Out of memory: keep half of the batch's rows (all of one); the rest and the request in hand are redone,
-        after at least one decode step (`decode_first`), so that finishing rows can free what the retry needs."""
+    def halve(request_in_hand: DecodeRequest | None) -> None:
+        """Out of memory: keep half of the batch's rows (all of one) in a pool of just their pages; the rest and the
+        request in hand are redone, after at least one decode step (`decode_first`), so that finishing rows can
+        free what the retry needs."""
         nonlocal halving_said, decode_first
         rows = max(1, len(batch.rows) // 2)
         if rows < len(batch.rows) and not halving_said and say is not None:
             say(f"out of GPU memory with {len(batch.rows)} decode rows: continuing with {rows}")
             halving_said = True
+        batch.compact()  # the active rows first, so that halving keeps as many as it can
         requeued = [unfinished([prefilled]) for prefilled in batch.requeue_rows_from(rows)]
-        batch.shrink(rows)  # also evens out buffers a failed growth left half grown
+        batch.shrink(rows)
         redo.extendleft(reversed(([request_in_hand] if request_in_hand is not None else []) + requeued))
         decode_first = True
         torch.cuda.empty_cache()
 
-    def release_idle(keep: DecodeBatch | None = None) -> bool:
-        """Give back the buffers of every lane with no active row (but ``keep``'s); whether any held some."""
-        idle = [lane.batch for lane in lanes.values()
-                if lane.batch is not keep and not lane.batch.active_rows and lane.batch.slots]
-        for batch in idle:
-            batch.release_buffers()
-        return bool(idle)
-
     def admit(prefilled: Prefilled) -> bool:
-        """Give a waiting cache a row of its lane, sizing the lane by memory; False if it must wait."""
-        lane = lane_of(prefilled)
-        batch = lane.batch
+        """Give a waiting cache a row and its pages, growing the pool within memory; False if it must wait."""
+        nonlocal memory_said
         if batch.free_row() is None:
             return False
-        def rows_that_fit() -> int:
-            share = lane.demand / sum(other.demand for other in lanes.values())
-            lanes_bytes = sum(other.batch.buffer_bytes() for other in lanes.values())
-            return _rows_that_fit(batch, prefilled, prefill_room, share, lanes_bytes)
-
-        rows = rows_that_fit()
-        if rows < 1 and not busy() and release_idle(keep=batch):
-            rows = rows_that_fit()  # nothing decodes: the idle lanes' buffers went back, their memory is free
-        if rows < len(batch.rows):
-            batch.compact()  # the active rows first, so that shrinking keeps them
-            if batch.active_rows and rows <= len(batch.active_rows):
-                return False  # no row would be left for this cache: wait for rows to finish
-            if rows < 1 and busy():
-                return False  # other lanes hold the memory: wait for their rows to finish
-            if not lane.sizing_said and say is not None:
-                say(f"decode batch of {max(1, rows)} rows: what free GPU memory holds "
-                    f"at {slots_needed(prefilled)} cache slots a row")
-                lane.sizing_said = True
-            batch.shrink(max(1, rows))
+        required = batch.pages_in_use() + pages_needed(prefilled)
+        if required > batch.pages:
+            pages = _pool_pages(batch, required, prefill_room)
+            if pages < required and batch.active_rows:
+                if not memory_said and say is not None:
+                    say(f"decode rows bounded by GPU memory: {len(batch.active_rows)} rows hold "
+                        f"{batch.pages_in_use()} pages of {batch.page_bytes() / 2**20:.1f} MiB")
+                    memory_said = True
+                return False  # wait for rows to finish and give their pages back
+            batch.reserve(max(pages, required))  # alone, it is tried (and said, if it does not fit)
         batch.admit(prefilled)
         return True
 
     def place_waiting() -> None:
-        """Admit every waiting cache whose lane has room; out of memory, halve its lane and redo the sample's rest."""
+        """Admit every waiting cache there is room for; out of memory, halve the batch and redo the sample's rest."""
         pending = list(waiting)
         waiting.clear()
         for position, prefilled in enumerate(pending):
@@ -287,16 +226,14 @@ def generate_stream(model, methods: Method | Compressor | Sequence[Method | Comp
             except Exception as error:
                 if not _out_of_memory(error):
                     raise
-                batch = lane_of(prefilled).batch
-                if not release_idle(keep=batch) and not busy():
+                if not batch.active_rows:
                     raise KvbenchError(f"out of GPU memory decoding {_describe(prefilled.request)} alone") from None
                 rest = unfinished(list(waiting) + pending[position:])
                 waiting.clear()
-                halve(batch, rest)
+                halve(rest)
                 return
 
     device = model.get_input_embeddings().weight.device
-    joint_step = JointStep(model)
     stats = stats if stats is not None else StreamStats()
     while True:
         while True:
@@ -305,11 +242,11 @@ def generate_stream(model, methods: Method | Compressor | Sequence[Method | Comp
                 place_waiting()
                 stats.admit_seconds += time.perf_counter() - started
                 if waiting:
-                    break  # a cache waits for a row of its lane: decode first
+                    break  # a cache waits for a row or pages: decode first
                 continue
-            if lanes and all(lane.batch.free_row() is None for lane in lanes.values()):
+            if batch.free_row() is None:
                 break  # every row is taken: decode before prefilling more
-            if decode_first and busy():
+            if decode_first and batch.active_rows:
                 break
             request = next_request()
             if request is None:
@@ -321,14 +258,14 @@ def generate_stream(model, methods: Method | Compressor | Sequence[Method | Comp
             except Exception as error:
                 if not _out_of_memory(error):
                     raise
-                released = release_idle()  # the idle lanes' buffers first
-                if not busy():
-                    if not released:
-                        raise KvbenchError(f"out of GPU memory prefilling {_describe(request)} alone") from None
+                if batch.pages > batch.pages_in_use():  # first the free pages: a pool of just the rows' own
+                    batch.shrink(len(batch.rows))
+                    torch.cuda.empty_cache()
                     redo.appendleft(request)
                     continue
-                halve(max((lane.batch for lane in lanes.values() if lane.batch.active_rows),
-                          key=DecodeBatch.buffer_bytes), request)
+                if not batch.active_rows:
+                    raise KvbenchError(f"out of GPU memory prefilling {_describe(request)} alone") from None
+                halve(request)
                 continue
             stats.prefill_seconds += time.perf_counter() - started
             if prefilled[0].peak_memory_bytes is not None:
@@ -337,57 +274,46 @@ def generate_stream(model, methods: Method | Compressor | Sequence[Method | Comp
                 if one.finished:
                     yield _generation(one, [one.first_token], 0.0, 0.0)
                 else:
-                    lane_of(one).note(one)
                     waiting.append(one)
-        if not busy():
+        if not batch.active_rows:
             if not waiting and exhausted and not redo:
                 return
             continue
         decode_first = False
-        stepping = [lane.batch for lane in lanes.values() if lane.batch.active_rows]
-        started, active_rows = time.perf_counter(), sum(len(batch.active_rows) for batch in stepping)
+        started, active_rows = time.perf_counter(), len(batch.active_rows)
         try:
-            finished: list[FinishedRow] = joint_step.step(stepping)
+            finished: list[FinishedRow] = batch.step()
         except Exception as error:
-            if not _out_of_memory(error) or all(len(batch.rows) == 1 for batch in stepping):
+            if not _out_of_memory(error) or len(batch.rows) == 1:
                 raise
-            halve(max((batch for batch in stepping if len(batch.rows) > 1), key=DecodeBatch.buffer_bytes), None)
+            halve(None)
             continue
         stats.step_seconds += time.perf_counter() - started
-        stats.capture_seconds, stats.captures = joint_step.capture_seconds, joint_step.captures
+        stats.capture_seconds, stats.captures = batch.capture_seconds, batch.captures
         stats.steps += 1
         stats.row_steps += active_rows
-        stats.joint_steps += len(stepping) > 1
         for row in finished:
             yield _generation(row.prefilled, row.tokens, row.decode_seconds, row.decode_cost_seconds)
         if not waiting and exhausted and not redo:
-            for batch in stepping:
-                batch.compact()  # draining: the remaining rows move down, so steps run on a smaller bucket
+            batch.compact()  # draining: the remaining rows move down, so steps run on a smaller bucket
 
 
-def _rows_that_fit(batch: DecodeBatch, prefilled: Prefilled, prefill_room: int, share: float,
-                   lanes_bytes: int) -> int:
-    """Rows the decode buffers can have once grown for this sample's cache (`rows_within_memory`; the batch's
-    rows when no growth is needed, and always on CPU)."""
-    needed = slots_needed(prefilled)
-    if needed <= batch.slots or batch.device.type != "cuda":
-        return len(batch.rows)
+def _pool_pages(batch: DecodeBatch, required: int, prefill_room: int) -> int:
+    """Pages the pool should grow to for ``required`` pages in use: at least POOL_GROWTH times its size (fewer
+    copies), on CUDA at most what free memory holds (`pages_within_memory`), which may be fewer than required."""
+    wanted = max(required, batch.pages * POOL_GROWTH)
+    if batch.device.type != "cuda":
+        return wanted
     free, _ = torch.cuda.mem_get_info(batch.device)
     reusable = torch.cuda.memory_reserved(batch.device) - torch.cuda.memory_allocated(batch.device)
-    # the old buffers are released layer by layer while the new ones fill: one layer's worth coexists
-    per_row = round_up_slots(needed) * batch.bytes_per_slot_row() * (1 + 1 / batch.num_layers)
-    return rows_within_memory(free + reusable, batch.buffer_bytes(), lanes_bytes, prefill_room, share, per_row,
-                              len(batch.rows))
+    return min(wanted, pages_within_memory(free + reusable, batch.buffer_bytes(), prefill_room, batch.page_bytes()))
 
 
-def rows_within_memory(available: int, own_bytes: int, lanes_bytes: int, prefill_room: int, share: float,
-                       per_row: float, most_rows: int) -> int:
-    """Rows of ``per_row`` bytes a lane can have (at most ``most_rows``): what the ``available`` device memory and
-    its own buffers (``own_bytes``) hold, less ``prefill_room`` for the next prefill, and within its ``share``
-    of the memory available and held by every lane's buffers (``lanes_bytes``), though at least a row's worth."""
-    own = (available + own_bytes - prefill_room) / GROWTH_MARGIN
-    lanes_share = (available + lanes_bytes - prefill_room) / GROWTH_MARGIN * share
-    return min(most_rows, int(min(own, max(lanes_share, per_row)) // per_row))
+def pages_within_memory(available: int, pool_bytes: int, prefill_room: int, page_bytes: int) -> int:
+    """Pages a pool may have: what the ``available`` device memory and its present pages (``pool_bytes``) hold,
+    less ``prefill_room`` for the next prefill, less the growth margin; a new pool is filled while the old one is
+    still held, one layer at a time, which the margin covers."""
+    return int((available + pool_bytes - prefill_room) / GROWTH_MARGIN // page_bytes)
 
 
 def generate_greedy(model, prompt_ids, method: Method | Compressor, max_new_tokens: int, eos_token_ids: set[int],

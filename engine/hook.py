@@ -11,11 +11,11 @@ depends on the session active on the attention module:
   after that layer's full attention, so they all see the same tensors), and only what
   each keeps is stored, before the next layer runs: the full cache of all layers never
   coexists. In the scoring pre-pass the layer is only observed.
-* a `DecodeSession` (one token for each row of one or more decode batches, the lanes): the
-  keys and values are each lane's preallocated buffers, where each layer and row holds its
-  own number of valid slots; attention runs over the valid slots only
-  (`masked_decode_attention`, or in a batch-invariant step the Triton kernel
-  `kvbench.engine.invariant_kernels.decode_attention`), lane by lane.
+* a `DecodeSession` (one token for each row of a decode batch): the keys and values are
+  pages of the batch's pool, where each layer and row holds its own number of valid slots;
+  attention runs over the valid slots only (on CUDA by the paged Triton kernel
+  `kvbench.engine.invariant_kernels.decode_attention`, on the CPU by `masked_decode_attention`
+  over the row's pages in slot order).
 * an `ExtendSession` (several new tokens over one sample's compressed cache, batch 1: the
   question of a question-agnostic run, `kvbench.engine.extend`): the keys and values are
   the layer's kept entries followed by the new tokens' own; each new token attends to all
@@ -78,60 +78,54 @@ class PrefillSession:
 
 
 @dataclass
-class DecodeLane:
-    """One decode batch's part of a decode step: its first ``rows`` rows, over its own buffers."""
-
-    #: per layer, the (batch, num_kv_heads, slots, head_dim) key and value buffers
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
-    #: (num_layers, batch, slots) bool: which slots each row may attend to
-    valid: torch.Tensor
-    #: (num_layers, batch) the slot each row writes this step; no valid slot lies after it
-    write_pos: torch.Tensor
-    #: rows in this step (the buffers may hold more)
-    rows: int
-    #: 0, 1, ... (at least ``rows`` of them, on the buffers' device): the rows' indices for writing
-    row_index: torch.Tensor
-
-
-@dataclass
 class DecodeSession:
-    """A decode step over the rows of one or more decode batches (lanes), laid one after the other in the model's
-    input: the linear layers run once over all of them, and each lane's attention reads its own buffers."""
+    """A decode step over the first rows of a decode batch (`kvbench.engine.decode`), whose keys and values lie in
+    pages of a pool: each row's slot ``s`` is in page ``page_table[row, s // page]`` at offset ``s % page``."""
 
-    lanes: list[DecodeLane]
-    #: attention by the batch-invariant kernel (`kvbench.engine.invariant`)
+    #: per layer, the (pages, num_kv_heads, page, head_dim) key and value pools
+    key_pages: list[torch.Tensor]
+    value_pages: list[torch.Tensor]
+    #: (num_layers, pages, page) bool: which slots may be attended to
+    valid: torch.Tensor
+    #: (rows, entries) each row's pages in slot order
+    page_table: torch.Tensor
+    #: (num_layers, rows) the slot each row writes this step; no valid slot lies after it
+    write_pos: torch.Tensor
+    #: (num_layers, rows) that slot's page and offset in it
+    write_pages: torch.Tensor
+    write_offsets: torch.Tensor
+    #: the batch-invariant step (`kvbench.engine.invariant`)
     batch_invariant: bool = False
 
     def write(self, layer: int, key_states: torch.Tensor, value_states: torch.Tensor, true: torch.Tensor) -> None:
         """Store each row's new key and value (rows, kv_heads, 1, d) at its write position and mark the slot valid
         (``true``: a device tensor, so a CUDA graph copies no host value)."""
-        start = 0
-        for lane in self.lanes:
-            rows = slice(start, start + lane.rows)
-            row_index = lane.row_index[: lane.rows]
-            slot = lane.write_pos[layer, : lane.rows]
-            lane.keys[layer][row_index, :, slot] = key_states[rows, :, 0]
-            lane.values[layer][row_index, :, slot] = value_states[rows, :, 0]
-            lane.valid[layer, row_index, slot] = true
-            start += lane.rows
+        page, offset = self.write_pages[layer], self.write_offsets[layer]
+        self.key_pages[layer][page, :, offset] = key_states[:, :, 0]
+        self.value_pages[layer][page, :, offset] = value_states[:, :, 0]
+        self.valid[layer, page, offset] = true
 
     def attention(self, layer: int, query: torch.Tensor, scaling: float) -> torch.Tensor:
-        """Each row's query (rows, Hq, 1, d) over its lane's valid slots: (rows, 1, Hq, d)."""
-        outputs, start = [], 0
-        for lane in self.lanes:
-            lane_query = query[start: start + lane.rows]
-            keys, values = lane.keys[layer][: lane.rows], lane.values[layer][: lane.rows]
-            valid = lane.valid[layer, : lane.rows]
-            if self.batch_invariant:
-                from kvbench.engine.invariant_kernels import decode_attention
+        """Each row's query (rows, Hq, 1, d) over its valid slots: (rows, 1, Hq, d). On CUDA (and in a
+        batch-invariant step anywhere) by the paged Triton kernel, which reads the pages in place; on the CPU
+        by SDPA over the rows' pages gathered in slot order."""
+        if self.batch_invariant or query.is_cuda:
+            from kvbench.engine.invariant_kernels import decode_attention
 
-                write_pos = lane.write_pos[layer, : lane.rows]
-                outputs.append(decode_attention(lane_query, keys, values, valid, write_pos, scaling))
-            else:
-                outputs.append(masked_decode_attention(lane_query, keys, values, valid, scaling))
-            start += lane.rows
-        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+            return decode_attention(query, self.key_pages[layer], self.value_pages[layer], self.valid[layer],
+                                    self.page_table, self.write_pos[layer], scaling)
+        _, kv_heads, page, head_dim = self.key_pages[layer].shape
+        # only the table entries up to the furthest write position: no valid slot lies beyond it
+        entries = int(self.write_pos[layer].max()) // page + 1
+        table = self.page_table[:, :entries]
+        rows = table.shape[0]
+
+        def in_slot_order(pages: torch.Tensor) -> torch.Tensor:
+            return pages[table].transpose(1, 2).reshape(rows, kv_heads, entries * page, head_dim)
+
+        valid = self.valid[layer][table].view(rows, entries * page)
+        return masked_decode_attention(query, in_slot_order(self.key_pages[layer]),
+                                       in_slot_order(self.value_pages[layer]), valid, scaling)
 
 
 def masked_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -176,7 +170,7 @@ def _hooked(backend_name: str):
     def attention(module, query, key, value, attention_mask, **kwargs):
         session = getattr(module, "kvbench_session", None)
         scaling = kwargs.get("scaling") or module.scaling
-        if isinstance(session, DecodeSession):  # the step's keys and values are in the lanes' buffers
+        if isinstance(session, DecodeSession):  # the step's keys and values are in the batch's pages
             return session.attention(module.layer_idx, query, scaling), None
         if isinstance(session, ExtendSession):
             return extend_attention(query, key, value, scaling), None

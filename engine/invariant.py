@@ -32,6 +32,13 @@ SUPPORTED_MODEL_TYPES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2
 _MISSING = object()
 
 
+def check_batch_invariant_device(requested: bool | None, device: str) -> None:
+    """--batch-invariant refused off CUDA: checked before the model's config is read (a GGUF model converts then)."""
+    if requested and not device.startswith("cuda"):
+        raise KvbenchError("--batch-invariant needs a CUDA device (its kernels are Triton's); "
+                           "CPU decoding takes the plain path")
+
+
 def resolve_batch_invariant(requested: bool | None, device: str, model_type: str | None) -> bool:
     """Whether to decode batch-invariantly: as asked (refused in one line where it cannot run), else the default
     (on for CUDA and a supported family, see `BATCH_INVARIANT_ON_CUDA`)."""
@@ -39,9 +46,7 @@ def resolve_batch_invariant(requested: bool | None, device: str, model_type: str
     supported = model_type in SUPPORTED_MODEL_TYPES
     if requested is None:
         return BATCH_INVARIANT_ON_CUDA and cuda and supported
-    if requested and not cuda:
-        raise KvbenchError("--batch-invariant needs a CUDA device (its kernels are Triton's); "
-                           "CPU decoding takes the plain path")
+    check_batch_invariant_device(requested, device)
     if requested and not supported:
         raise KvbenchError(f"--batch-invariant supports the model types {', '.join(SUPPORTED_MODEL_TYPES)}, "
                            f"not {model_type!r}; pass --no-batch-invariant")

@@ -13,8 +13,9 @@ token flips. These kernels fix every reduction's order by what a row is, never b
   never stored. Large batches take larger output tiles (`tiles_for`), only where they give the same bits.
 * `invariant_rms_norm`: one program per row, the whole row's sum of squares in one block.
 * `decode_attention`: one program per (row, KV head), holding the head's GQA group of queries; the row's
-  slots are read in blocks of ``BLOCK_S`` from slot 0 up to its write position (never up to the buffers'
-  capacity), with an online softmax in float32; invalid slots (evicted, or never written) weigh exactly 0.
+  slots are read a page at a time (the decode batch's paged pool, `kvbench.engine.decode`) from slot 0 up to
+  its write position, in slot order wherever its pages lie, with an online softmax in float32; invalid slots
+  (evicted, or never written) weigh exactly 0.
 
 Each computes what the PyTorch op computes, up to float32 summation order and the final rounding
 (tests/test_batch_invariant.py derives the tolerances). They run on CUDA, and on the CPU under Triton's
@@ -91,11 +92,6 @@ def _large_tiles_agree(device: torch.device, dtype: torch.dtype) -> bool:
     return agree
 
 
-#: slots per block of `decode_attention`. On an H100, blocks of 32 to 256 slots with 2 to 8 warps and 2 or 3 stages,
-#: and a fixed split of each row's slots in chunks of 512 to 2,048 combined in order, all took within about 10% of
-#: this at a grid's lane shapes (512 rows of 600 slots to 8 rows of 8,232: 0.2 to 0.6 ms a layer, about 1.2 TB/s);
-#: only the split helped, and only the fewest long rows
-ATTENTION_BLOCK_SLOTS = 64
 
 
 def _on_device(tensor: torch.Tensor):
@@ -179,14 +175,14 @@ def invariant_rms_norm(x: torch.Tensor, weight: torch.Tensor, epsilon: float) ->
 
 @triton.jit
 def _decode_attention(
-    Q, K, V, VALID, WRITE_POS, OUT, scaling,
+    Q, K, V, VALID, PAGE_TABLE, WRITE_POS, OUT, scaling,
     stride_qb, stride_qh, stride_qd,
-    stride_kb, stride_kh, stride_ks, stride_kd,
-    stride_vb, stride_vh, stride_vs, stride_vd,
-    stride_valid_b, stride_valid_s, stride_write_pos,
+    stride_kp, stride_kh, stride_ks, stride_kd,
+    stride_vp, stride_vh, stride_vs, stride_vd,
+    stride_valid_p, stride_valid_s, stride_table_b, stride_table_p, stride_write_pos,
     stride_ob, stride_oh, stride_od,
     GROUPS: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+    PAGE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
@@ -197,26 +193,28 @@ def _decode_attention(
     in_head = dims < HEAD_DIM
     q = tl.load(Q + row * stride_qb + heads[:, None] * stride_qh + dims[None, :] * stride_qd,
                 mask=in_group[:, None] & in_head[None, :], other=0.0)
-    keys = K + row * stride_kb + kv_head * stride_kh + dims[None, :] * stride_kd
-    values = V + row * stride_vb + kv_head * stride_vh + dims[None, :] * stride_vd
+    offsets = tl.arange(0, PAGE)
     # Every valid slot lies at or before the slot this step just wrote: the loop's length is the row's own.
     limit = (tl.load(WRITE_POS + row * stride_write_pos) + 1).to(tl.int32)
     # A finite start: a block with no valid slot then leaves the running max finite and adds exactly 0.
     row_max = tl.full([BLOCK_G], -1.0e30, tl.float32)
     row_sum = tl.zeros([BLOCK_G], tl.float32)
     accumulator = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    for start in range(0, limit, BLOCK_S):
-        slots = start + tl.arange(0, BLOCK_S)
-        in_row = slots < limit
-        k = tl.load(keys + slots[:, None] * stride_ks, mask=in_row[:, None] & in_head[None, :], other=0.0)
+    for start in range(0, limit, PAGE):
+        # one page a block: the row's logical slots start .. start + PAGE, wherever the page lies in the pool
+        page = tl.load(PAGE_TABLE + row * stride_table_b + (start // PAGE) * stride_table_p).to(tl.int64)
+        in_row = start + offsets < limit
+        k = tl.load(K + page * stride_kp + kv_head * stride_kh + offsets[:, None] * stride_ks + dims[None, :] * stride_kd,
+                    mask=in_row[:, None] & in_head[None, :], other=0.0)
         logits = tl.dot(q, tl.trans(k), input_precision="ieee") * (scaling * _LOG2E)
-        valid = tl.load(VALID + row * stride_valid_b + slots * stride_valid_s, mask=in_row, other=0) != 0
+        valid = tl.load(VALID + page * stride_valid_p + offsets * stride_valid_s, mask=in_row, other=0) != 0
         logits = tl.where(valid[None, :], logits, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(logits, 1))
         rescale = tl.exp2(row_max - new_max)
         probabilities = tl.exp2(logits - new_max[:, None])
         row_sum = row_sum * rescale + tl.sum(probabilities, 1)
-        v = tl.load(values + slots[:, None] * stride_vs, mask=in_row[:, None] & in_head[None, :], other=0.0)
+        v = tl.load(V + page * stride_vp + kv_head * stride_vh + offsets[:, None] * stride_vs + dims[None, :] * stride_vd,
+                    mask=in_row[:, None] & in_head[None, :], other=0.0)
         accumulator = accumulator * rescale[:, None] + tl.dot(probabilities.to(v.dtype), v, input_precision="ieee")
         row_max = new_max
     output = accumulator / row_sum[:, None]
@@ -224,28 +222,30 @@ def _decode_attention(
              output.to(OUT.dtype.element_ty), mask=in_group[:, None] & in_head[None, :])
 
 
-def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, valid: torch.Tensor,
-                     write_pos: torch.Tensor, scaling: float) -> torch.Tensor:
-    """`kvbench.engine.hook.masked_decode_attention` with each row's reduction order its own: (batch, 1, Hq, d).
+def decode_attention(query: torch.Tensor, key_pages: torch.Tensor, value_pages: torch.Tensor, valid: torch.Tensor,
+                     page_table: torch.Tensor, write_pos: torch.Tensor, scaling: float) -> torch.Tensor:
+    """`kvbench.engine.hook.masked_decode_attention` over paged keys and values, each row's reduction order its own
+    (a page a block, in the row's slot order, wherever its pages lie): (batch, 1, Hq, d).
 
-    query (B, Hq, 1, d); key/value (B, Hkv, S, d) un-repeated; valid (B, S) bool; write_pos (B,): the slot
-    each row wrote this step (no valid slot lies after it).
+    query (B, Hq, 1, d); key_pages/value_pages (pages, Hkv, page, d) un-repeated; valid (pages, page) bool;
+    page_table (B, pages a row): the pool page of each row's slots ``i * page ..``; write_pos (B,): the slot each
+    row wrote this step (no valid slot lies after it).
     """
     batch, num_heads, _, head_dim = query.shape
-    num_kv_heads = key.shape[1]
+    num_kv_heads, page = key_pages.shape[1], key_pages.shape[2]
     groups = num_heads // num_kv_heads
     output = torch.empty(batch, 1, num_heads, head_dim, dtype=query.dtype, device=query.device)
     valid_bytes = valid.view(torch.uint8)
     with _on_device(query):
         _decode_attention[(batch, num_kv_heads)](
-            query, key, value, valid_bytes, write_pos, output, scaling,
+            query, key_pages, value_pages, valid_bytes, page_table, write_pos, output, scaling,
             query.stride(0), query.stride(1), query.stride(3),
-            *key.stride(), *value.stride(),
-            *valid_bytes.stride(), write_pos.stride(0),
+            *key_pages.stride(), *value_pages.stride(),
+            *valid_bytes.stride(), *page_table.stride(), write_pos.stride(0),
             output.stride(0), output.stride(2), output.stride(3),
             GROUPS=groups, BLOCK_G=max(16, triton.next_power_of_2(groups)), HEAD_DIM=head_dim,
-            BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_S=ATTENTION_BLOCK_SLOTS,
+            BLOCK_D=max(16, triton.next_power_of_2(head_dim)), PAGE=page,
             # float32 key and value tiles are twice the size: fewer in flight keeps them within shared memory
-            num_warps=4, num_stages=2 if key.element_size() == 4 else 3,
+            num_warps=4, num_stages=2 if key_pages.element_size() == 4 else 3,
         )
     return output

@@ -36,9 +36,9 @@ import pandas as pd
 import torch
 
 from kvbench.errors import KvbenchError, error_line
-from kvbench.engine.decode import DecodeBatch, kv_head_layout, synthetic_cache, synthetic_prefilled
+from kvbench.engine.decode import kv_head_layout, synthetic_batch, synthetic_cache
 from kvbench.engine.generate import Generation, StreamStats, auto_batch_size, generate_greedy, generate_stream
-from kvbench.engine.invariant import resolve_batch_invariant
+from kvbench.engine.invariant import check_batch_invariant_device, resolve_batch_invariant
 from kvbench.engine.prefill import DecodeRequest, synchronize
 from kvbench.harness.run import max_prompt_length, method_label, sample_request
 from kvbench.tasks import build_tasks
@@ -231,6 +231,7 @@ def workload_tokenizer(loaded: LoadedModel, tokenizer: str | None):
 
 def bench_batch_invariant(requested: bool | None, model: str | None, device: str) -> bool:
     """--batch-invariant resolved as `kvbench run` resolves it (before the weights load)."""
+    check_batch_invariant_device(requested, resolve_device(device))
     if model in MODEL_SHAPES:
         model_type = MODEL_SHAPES[model]["model_type"]
     else:
@@ -259,9 +260,8 @@ def run_decode_step_bench(loaded: LoadedModel, batch_sizes: list[int], cache_tok
     for rows in batch_sizes:
         for graphs in modes:
             for invariant in kernels:
-                batch = DecodeBatch(model, rows, use_cuda_graphs=graphs, batch_invariant=invariant)
-                for _ in range(rows):
-                    batch.admit(synthetic_prefilled(kept, steps * rounds + 2))
+                batch = synthetic_batch(model, rows, kept, steps * rounds + 2, use_cuda_graphs=graphs,
+                                        batch_invariant=invariant)
                 batches[rows, graphs, invariant] = batch
     timings: dict[tuple[int, bool, bool], list[float]] = {key: [] for key in batches}
     for round_index in range(rounds):
@@ -464,7 +464,7 @@ def stream_figures(stats: StreamStats) -> dict:
     captures), and how many rows a step ran on average."""
     return {"admit_s": round(stats.admit_seconds, 2), "step_s": round(stats.step_seconds, 2),
             "capture_s": round(stats.capture_seconds, 2), "captures": stats.captures, "decode_steps": stats.steps,
-            "joint_steps": stats.joint_steps, "rows_per_step": round(stats.row_steps / max(stats.steps, 1), 1),
+            "rows_per_step": round(stats.row_steps / max(stats.steps, 1), 1),
             "step_ms": round(stats.step_seconds / max(stats.steps, 1) * 1e3, 2)}
 
 

@@ -30,7 +30,7 @@ from kvbench.harness.model import (
     resolve_dtype,
     resolve_model_source,
 )
-from kvbench.engine.invariant import check_invariance, resolve_batch_invariant
+from kvbench.engine.invariant import check_batch_invariant_device, check_invariance, resolve_batch_invariant
 from kvbench.harness.parallel import current_world, device_for, finish, start
 from kvbench.harness.run import RunPlan, execute_runs, open_run
 from kvbench.methods import build_method, check_options_exist, get_method_class
@@ -127,12 +127,13 @@ def run_grid(request: GridRequest, echo: Callable[[str], None] = print,
     resolve_dtype(request.dtype, resolve_device(device))
     output_dir = Path(request.output) if request.output else default_output_dir()
     check_writable_folder(output_dir, "--output")
+    decode_device = "cpu" if request.device_map == "cpu" else resolve_device(device)
+    check_batch_invariant_device(request.batch_invariant, decode_device)
     source = resolve_model_source(request.model)
     config = load_model_config(source, request.trust_remote_code)
     description, info = describe_model(source, config, request.dtype, request.attn, device)
     shared: dict = {}
     compressors = [method.prepare(info, shared) for method in methods]
-    decode_device = "cpu" if request.device_map == "cpu" else resolve_device(device)
     batch_invariant = resolve_batch_invariant(request.batch_invariant, decode_device, getattr(config, "model_type", None))
     plan = RunPlan(tasks=tasks, data_dir=request.data_dir, limit=request.limit, max_length=request.max_length,
                    output_dir=output_dir, batch_invariant=batch_invariant,

@@ -6,8 +6,8 @@ bound derived from the kernel's arithmetic: float32 sums of n terms err by at mo
 (2^-23 each, chopping as tensor cores may, where a rounded sum would need half), an approximate exp2 or
 rsqrt by 2^-21 relative, and each rounding to the tensors' dtype by its unit roundoff u (2^-8 bfloat16,
 2^-11 float16, 2^-24 float32). The invariance itself is bitwise: a row's result is the same in batches of
-1, 3 and 8 rows (and more rows than one tile holds), at any position in the batch, and in buffers of any
-capacity; slots past a row's write position hold NaN, which the kernel never reads.
+1, 3 and 8 rows (and more rows than one tile holds), at any position in the batch, and wherever its pages lie
+in a pool of any size; slots past a row's write position hold NaN, which the kernel never reads.
 """
 
 import contextlib
@@ -15,7 +15,7 @@ import contextlib
 import torch
 from tiny_models import random_prompt, tiny_model
 
-from kvbench.engine.decode import JointStep
+from kvbench.engine.decode import PAGE_SLOTS, DecodeBatch
 from kvbench.engine.generate import generate_stream
 from kvbench.engine.invariant_kernels import (LARGE_TILES, LARGE_TILES_FROM_ROWS, LINEAR_TILES, decode_attention,
                                               invariant_linear, invariant_rms_norm)
@@ -137,30 +137,40 @@ def decode_rows(count, num_heads, num_kv_heads, head_dim, dtype, device, seed=2)
     return rows
 
 
-def pack(rows, capacity, device):
-    """The rows in buffers of ``capacity`` slots; every slot past a row's write position holds NaN."""
+def pack(rows, device, spare_pages=0, seed=0):
+    """The rows in a page pool as the decode batch holds them: each row's pages drawn at random from a pool with
+    ``spare_pages`` pages no row owns, page-table entries past a row's own (never read) pointing at some page;
+    every slot past a row's write position holds NaN."""
     first = rows[0]
     num_heads, head_dim = first["query"].shape
     num_kv_heads, dtype = first["keys"].shape[0], first["keys"].dtype
     query = torch.stack([row["query"] for row in rows]).unsqueeze(2)  # (B, Hq, 1, d)
-    keys = torch.full((len(rows), num_kv_heads, capacity, head_dim), float("nan"), dtype=dtype, device=device)
+    own_pages = [-(-(row["write_pos"] + 1) // PAGE_SLOTS) for row in rows]
+    pool_pages = sum(own_pages) + spare_pages
+    order = torch.randperm(pool_pages, generator=torch.Generator().manual_seed(seed)).tolist()
+    keys = torch.full((pool_pages, num_kv_heads, PAGE_SLOTS, head_dim), float("nan"), dtype=dtype, device=device)
     values = keys.clone()
-    valid = torch.zeros(len(rows), capacity, dtype=torch.bool, device=device)
-    for index, row in enumerate(rows):
+    valid = torch.zeros(pool_pages, PAGE_SLOTS, dtype=torch.bool, device=device)
+    page_table = torch.full((len(rows), max(own_pages) + 1), order[-1], dtype=torch.long)
+    for index, (row, pages) in enumerate(zip(rows, own_pages)):
+        table, order = order[:pages], order[pages:]
+        page_table[index, :pages] = torch.tensor(table)
         length = row["write_pos"] + 1
-        keys[index, :, :length] = row["keys"]
-        values[index, :, :length] = row["values"]
-        valid[index, :length] = row["valid"]
+        for entry, page in enumerate(table):
+            slots = slice(entry * PAGE_SLOTS, min(length, (entry + 1) * PAGE_SLOTS))
+            filled = slots.stop - slots.start
+            keys[page, :, :filled] = row["keys"][:, slots]
+            values[page, :, :filled] = row["values"][:, slots]
+            valid[page, :filled] = row["valid"][slots]
     write_pos = torch.tensor([row["write_pos"] for row in rows], device=device)
     # the model's query layout: (B, 1, Hq, d) transposed, so the kernel's strides are exercised
     query = query.transpose(1, 2).contiguous().transpose(1, 2)
-    return query, keys, values, valid, write_pos
+    return query, keys, values, valid, page_table.to(device), write_pos
 
 
 def attention_excess(row, scaling) -> float:
     """The kernel's error over its bound for one row alone."""
-    query, keys, values, valid, write_pos = pack([row], row["write_pos"] + 1, row["query"].device)
-    result = decode_attention(query, keys, values, valid, write_pos, scaling)[0, 0].double()  # (Hq, d)
+    result = decode_attention(*pack([row], row["query"].device), scaling)[0, 0].double()  # (Hq, d)
     num_heads, head_dim = row["query"].shape
     groups = num_heads // row["keys"].shape[0]
     q = row["query"].double()
@@ -194,11 +204,11 @@ def attention_checks(device: str) -> tuple[dict, dict]:
             rows = decode_rows(8, num_heads, num_kv_heads, head_dim, dtype, device)
             scaling = head_dim**-0.5
             excess[case] = max(attention_excess(row, scaling) for row in rows)
-            alone = [decode_attention(*pack([row], row["write_pos"] + 1, device), scaling)[0] for row in rows]
+            alone = [decode_attention(*pack([row], device), scaling)[0] for row in rows]
             same = True
-            for capacity in (201, 256, 333):
+            for seed, spare_pages in enumerate((1, 4, 9)):
                 for order in (list(range(8)), [5, 2, 7], [6]):
-                    batch = decode_attention(*pack([rows[i] for i in order], capacity, device), scaling)
+                    batch = decode_attention(*pack([rows[i] for i in order], device, spare_pages, seed), scaling)
                     same &= all(torch.equal(batch[position], alone[i]) for position, i in enumerate(order))
             invariant[case] = bool(same)
     return excess, invariant
@@ -215,7 +225,7 @@ def kernel_checks(device: str) -> dict:
 
 # -- the decode mode in the engine -------------------------------------------------------------------
 
-#: prompts spanning one to three slot granules, so batches of different rows hold buffers of different capacity
+#: prompts from one page to ten, so rows take different numbers of pages, freed and reused as rows finish
 ENGINE_LENGTHS = [300, 40, 600, 90, 150, 35, 520]
 ENGINE_NEW_TOKENS = [6, 3, 8, 2, 5, 4, 7]
 
@@ -228,32 +238,29 @@ def engine_requests():
 @contextlib.contextmanager
 def recording_logits(logits: dict):
     """Record each active row's logits at every eager decode step, by (configuration, request tag, tokens so far)."""
-    real = JointStep.logits
+    real = DecodeBatch.logits
 
-    def recording(joint_step, parts):
-        step_logits = real(joint_step, parts)
-        start = 0
-        for batch, rows in parts:
-            for index in batch.active_rows:
-                row = batch.rows[index]
-                key = row.prefilled.configuration, row.prefilled.request.tag, len(row.tokens)
-                logits[key] = step_logits[start + index].clone()
-            start += rows
+    def recording(batch, rows):
+        step_logits = real(batch, rows)
+        for index in batch.active_rows:
+            row = batch.rows[index]
+            key = row.prefilled.configuration, row.prefilled.request.tag, len(row.tokens)
+            logits[key] = step_logits[index].clone()
         return step_logits
 
-    JointStep.logits = recording
+    DecodeBatch.logits = recording
     try:
         yield logits
     finally:
-        JointStep.logits = real
+        DecodeBatch.logits = real
 
 
 def engine_checks(device: str, use_cuda_graphs: bool = False) -> dict:
-    """A tiny bfloat16 model decoding batch-invariantly in batches of 1, 3 and 8 (rows joining and leaving, buffers
-    of 512 to 1024 slots), with the full cache and with Elastic Cache (slots evicted while decoding): whether each
+    """A tiny bfloat16 model decoding batch-invariantly in batches of 1, 3 and 8 (rows joining and leaving, taking
+    and freeing pages of pools of different sizes), with the full cache and with Elastic Cache (slots evicted while decoding): whether each
     sample's tokens, and (eagerly) its logits at every step, are bitwise the same in every batch; whether the first
     token (the prefill's) is the plain path's; and whether the model's forwards are back to what they were. Then both
-    methods as one grid decoding in two lanes (`grid_check`)."""
+    methods as one grid decoding in one batch (`grid_check`)."""
     model = tiny_model("llama", num_layers=2).to(device=device, dtype=torch.bfloat16)
     outcome, alone = {}, {}
     for method in (build_method("fullkv"), build_method("elastic", capacity=40)):
@@ -288,33 +295,31 @@ def same_logits(logits: dict, reference: dict) -> bool:
 
 
 def grid_check(model, alone: dict, use_cuda_graphs: bool) -> dict:
-    """The two methods as one grid in batches of 3, the full caches of the longer prompts in a lane of their own
-    (lanes from 128 slots): whether both lanes' rows decoded in the same steps, and each row's tokens and (eagerly)
+    """The two methods as one grid in batches of 3, full-cache rows of up to ten pages beside compressed rows of
+    one or two: the most configurations whose rows decoded in one step, and whether each row's tokens and (eagerly)
     logits at every step are bitwise those it gives alone in a batch of 1."""
-    from kvbench.engine import generate as generate_module
-
     methods = [build_method("fullkv"), build_method("elastic", capacity=40)]
     requests = engine_requests()
     for request in requests:
         request.configurations = (0, 1)
-    lanes_a_step, logits = [], {}
-    real_step, real_lane_slots = JointStep.step, generate_module.LANE_BASE_SLOTS
+    configurations_a_step, logits = [], {}
+    real_step = DecodeBatch.step
 
-    def recording_step(joint_step, batches):
-        lanes_a_step.append(sum(bool(batch.active_rows) for batch in batches))
-        return real_step(joint_step, batches)
+    def recording_step(batch):
+        configurations_a_step.append(len({batch.rows[index].prefilled.configuration for index in batch.active_rows}))
+        return real_step(batch)
 
-    JointStep.step, generate_module.LANE_BASE_SLOTS = recording_step, 128
+    DecodeBatch.step = recording_step
     try:
         with recording_logits(logits):
             generations = list(generate_stream(model, methods, requests, 3, use_cuda_graphs=use_cuda_graphs,
                                                batch_invariant=True))
     finally:
-        JointStep.step, generate_module.LANE_BASE_SLOTS = real_step, real_lane_slots
+        DecodeBatch.step = real_step
     tokens = {(generation.configuration, generation.tag): generation.token_ids for generation in generations}
     alone_tokens = {(configuration, tag): ids for configuration, method in enumerate(methods)
                     for tag, ids in alone[method.name][0].items()}
     alone_logits = {(configuration, *key[1:]): value for configuration, method in enumerate(methods)
                     for key, value in alone[method.name][1].items()}
-    return {"lanes in one step": max(lanes_a_step), "tokens identical": tokens == alone_tokens,
+    return {"configurations in one step": max(configurations_a_step), "tokens identical": tokens == alone_tokens,
             "logits identical": same_logits(logits, alone_logits)}

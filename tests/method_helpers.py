@@ -57,21 +57,21 @@ def recording(method: Method, num_layers: int) -> RecordingCompressor:
 
 @contextlib.contextmanager
 def recording_graph_captures():
-    """The row counts (all lanes' together) of every CUDA graph the decode step captures inside the block (a list, filled as it goes)."""
+    """The row counts of every CUDA graph the decode step captures inside the block (a list, filled as it goes)."""
     from kvbench.engine import decode as decode_module
 
     captured = []
-    real_capture = decode_module.JointStep._capture
+    real_capture = decode_module.DecodeBatch._capture
 
-    def counting_capture(joint_step, parts):
-        captured.append(sum(rows for _, rows in parts))
-        return real_capture(joint_step, parts)
+    def counting_capture(batch, rows):
+        captured.append(rows)
+        return real_capture(batch, rows)
 
-    decode_module.JointStep._capture = counting_capture
+    decode_module.DecodeBatch._capture = counting_capture
     try:
         yield captured
     finally:
-        decode_module.JointStep._capture = real_capture
+        decode_module.DecodeBatch._capture = real_capture
 
 
 @contextlib.contextmanager

@@ -58,7 +58,7 @@ def assert_engine_invariant(outcome: dict, logits_recorded: bool) -> None:
         if logits_recorded:
             assert checks["steps recorded"] > 0 and checks["logits identical"], (method, checks)
     grid = outcome["grid"]
-    assert grid["lanes in one step"] == 2 and grid["tokens identical"], grid
+    assert grid["configurations in one step"] == 2 and grid["tokens identical"], grid
     if logits_recorded:
         assert grid["logits identical"], grid
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from kvbench.engine import generate as generate_module
+from kvbench.engine.decode import DecodeBatch
 from kvbench.engine.generate import generate_greedy, generate_stream
 from kvbench.engine.hook import masked_decode_attention
 from kvbench.engine.prefill import DecodeRequest
@@ -104,19 +105,16 @@ def test_out_of_memory_halves_the_batch_and_loses_or_repeats_nothing(monkeypatch
     method = build_method("pyramidkv", capacity=32)
     lengths, new_tokens = [70, 90, 50, 110, 60, 80], [8, 12, 5, 10, 7, 9]
     expected = {r.tag: r.token_ids for r in generate_stream(model, method, requests_of(lengths, new_tokens), 1)}
-    from kvbench.engine.decode import JointStep
-
-    real_step = JointStep.step
+    real_step = DecodeBatch.step
     failures = []
 
-    def step_failing_with_many_rows(joint_step, batches):
-        (batch,) = batches  # one lane
+    def step_failing_with_many_rows(batch):
         if len(batch.active_rows) > 2 and not failures:
             failures.append(len(batch.rows))
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real_step(joint_step, batches)
+        return real_step(batch)
 
-    monkeypatch.setattr(JointStep, "step", step_failing_with_many_rows)
+    monkeypatch.setattr(DecodeBatch, "step", step_failing_with_many_rows)
     said = []
     results = list(generate_stream(model, method, requests_of(lengths, new_tokens), 4, say=said.append))
     assert failures == [4]

@@ -271,16 +271,16 @@ def test_rows_of_several_configurations_decode_in_one_batch():
 
 
 def test_rows_that_memory_cannot_hold_are_scheduled_not_refused(monkeypatch):
-    """Free memory holding 2 rows of the grown buffers (the CUDA check, simulated): a batch of 8 runs with 2,
-    says so once, and every configuration's tokens stay those it gives alone."""
+    """Free memory holding a pool of 12 pages (the CUDA bound, simulated) under a batch of 8 rows: caches wait for
+    rows to finish and give their pages back, it is said once, and every configuration's tokens stay those it
+    gives alone."""
     model = tiny_model("llama", num_layers=2)
     methods = [build_method("fullkv"), build_method("snapkv", capacity=32)]
-    lengths, new_tokens = [30, 290, 120, 64], [10, 3, 12, 6]  # the second needs longer buffers
+    lengths, new_tokens = [30, 290, 120, 64], [10, 3, 12, 6]  # the second's full cache takes 5 pages
     alone = [{r.tag: r.token_ids for r in generate_stream(model, method, requests_of(lengths, new_tokens), 1)}
              for method in methods]
-    # the first cache fits 3 rows, the longer ones later only 2: rows wait for others to finish
-    monkeypatch.setattr(generate_module, "_rows_that_fit", lambda batch, prefilled, room, share, lanes_bytes:
-                        len(batch.rows) if slots_needed(prefilled) <= batch.slots else 3 if batch.slots == 0 else 2)
+    memory_pages = 12
+    monkeypatch.setattr(generate_module, "_pool_pages", lambda batch, required, room: memory_pages)
     requests = requests_of(lengths, new_tokens)
     for request in requests:
         request.configurations = (0, 1)
@@ -288,7 +288,7 @@ def test_rows_that_memory_cannot_hold_are_scheduled_not_refused(monkeypatch):
     results = list(generate_stream(model, methods, requests, 8, say=said.append))
     assert {(r.configuration, r.tag): r.token_ids for r in results} == {
         (configuration, tag): tokens for configuration, by_tag in enumerate(alone) for tag, tokens in by_tag.items()}
-    assert len(said) == 1 and said[0].startswith("decode batch of 3 rows: what free GPU memory holds")
+    assert len(said) == 1 and said[0].startswith("decode rows bounded by GPU memory: ")
 
 
 def random_layer_inputs(query_heads, kv_heads, length, head_dim):

@@ -93,8 +93,8 @@ def test_decoding_logits_equal_attention_over_the_kept_keys_at_original_position
     batch.admit(prefilled)
     batch.tokens[0] = next_token
     with torch.inference_mode():
-        hooked = batch.decode_logits(1)[0]
-    assert batch.valid[:, 0].sum(dim=-1).tolist() == [24 + 1] * 4  # the kept prompt and the new token
+        hooked = batch.logits(1)[0]
+    assert batch.valid_slots(1)[:, 0].sum(dim=-1).tolist() == [24 + 1] * 4  # the kept prompt and the new token
 
     AttentionInterface.register("by_hand", masked_last_row_attention({layer: selection.indices[0] for layer, selection in method.selections.items()}, 120))
     AttentionMaskInterface.register("by_hand", ALL_MASK_ATTENTION_FUNCTIONS["eager"])

@@ -70,16 +70,14 @@ def decode_kernels(rows_and_slots: list[tuple[int, int]]) -> str:
     """The eager decode step's kernels, by the profiler, at each (rows, cached tokens) shape."""
     from torch.profiler import ProfilerActivity, profile
 
-    from kvbench.engine.decode import DecodeBatch, synthetic_cache, synthetic_prefilled
+    from kvbench.engine.decode import synthetic_batch, synthetic_cache
     from kvbench.harness.bench import random_weight_model
 
     loaded = random_weight_model("llama3-8b", "bf16", "cuda", "sdpa")
     parts = []
     for rows, cache_tokens in rows_and_slots:
         kept = synthetic_cache(loaded.model, cache_tokens)
-        batch = DecodeBatch(loaded.model, rows, use_cuda_graphs=False, batch_invariant=True)
-        for _ in range(rows):
-            batch.admit(synthetic_prefilled(kept, 40))
+        batch = synthetic_batch(loaded.model, rows, kept, 40, use_cuda_graphs=False, batch_invariant=True)
         for _ in range(3):
             batch.step()
         del kept

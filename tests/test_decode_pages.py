@@ -1,0 +1,158 @@
+"""The decode batch's page pool: each row takes the pages its cache needs and gives them back when it finishes,
+so a grid's full-cache and compressed rows decode in one batch at their own cost; every row's tokens stay those
+it gives alone, wherever its pages lie and whatever memory allows."""
+
+import pytest
+import torch
+
+from kvbench.engine import generate as generate_module
+from kvbench.engine.decode import FIRST_ROW_PAGE, PAGE_SLOTS, DecodeBatch, pages_needed
+from kvbench.engine.generate import StreamStats, as_compressor, generate_stream, pages_within_memory
+from kvbench.engine.prefill import prefill
+from kvbench.methods import build_method
+from tests.test_decode import requests_of
+from tests.tiny_models import tiny_model
+
+GIB = 2 ** 30
+
+#: prompts and generation lengths: the 300-token prompt's full cache needs 313 slots (5 pages), a SnapKV-16 row 1
+LENGTHS, NEW_TOKENS = [90, 30, 300, 64, 200, 140], [10, 3, 12, 6, 9, 4]
+
+
+def full_cache_and_snapkv():
+    return tiny_model("llama", num_layers=2), [build_method("fullkv"), build_method("snapkv", capacity=16)]
+
+
+def decoded_alone(model, methods) -> dict:
+    """Each configuration's tokens decoding each request alone, by (configuration, tag)."""
+    return {(configuration, r.tag): r.token_ids for configuration, method in enumerate(methods)
+            for r in generate_stream(model, method, requests_of(LENGTHS, NEW_TOKENS), 1)}
+
+
+def grid_requests(methods):
+    requests = requests_of(LENGTHS, NEW_TOKENS)
+    for request in requests:
+        request.configurations = tuple(range(len(methods)))
+    return requests
+
+
+def decoded_as_a_grid(model, methods, batch_size, **options) -> dict:
+    """The configurations' tokens decoding the requests as one grid, by (configuration, tag)."""
+    return {(r.configuration, r.tag): r.token_ids
+            for r in generate_stream(model, methods, grid_requests(methods), batch_size, **options)}
+
+
+def test_rows_take_their_own_pages_and_decode_in_one_batch_as_they_would_alone(monkeypatch):
+    """Before every step: each active row holds exactly `pages_needed` pages, no page is held twice, the pool's
+    count of pages in use is theirs (plus the two no row owns), and rows of both configurations share steps; pages
+    freed by finished rows are reused, so some row's pages are not one run in order. Tokens are those alone."""
+    model, methods = full_cache_and_snapkv()
+    alone = decoded_alone(model, methods)
+    configurations_a_step, scattered = [], []
+    real_step = DecodeBatch.step
+
+    def checking_step(batch):
+        held = [page for index in batch.active_rows for page in batch.row_pages[index]]
+        assert len(held) == len(set(held)) and batch.pages_in_use() == FIRST_ROW_PAGE + len(held)
+        for index in batch.active_rows:
+            own = batch.row_pages[index]
+            assert len(own) == pages_needed(batch.rows[index].prefilled)
+            assert batch.page_table[index, : len(own)].tolist() == own
+            scattered.append(own != list(range(own[0], own[0] + len(own))))
+        configurations_a_step.append(len({batch.rows[index].prefilled.configuration for index in batch.active_rows}))
+        return real_step(batch)
+
+    monkeypatch.setattr(DecodeBatch, "step", checking_step)
+    assert decoded_as_a_grid(model, methods, 5) == alone
+    assert max(configurations_a_step) == 2
+    assert any(scattered)
+
+
+def test_a_row_pads_its_kept_cache_to_whole_pages_and_marks_only_the_kept_slots_valid():
+    model, (_, snapkv) = full_cache_and_snapkv()
+    batch = DecodeBatch(model, 2)
+    prefilled = prefill(model, as_compressor(snapkv, model), requests_of([100], [70])[0])
+    kept_keys = [keys[0].clone() for keys, _ in prefilled.kept]
+    row = batch.admit(prefilled)
+    assert len(batch.row_pages[row]) == pages_needed(prefilled) == -(-(16 + 69 + 2) // PAGE_SLOTS) == 2
+    valid = batch.valid_slots(1)[:, row]  # (layers, slots in table order)
+    assert valid.sum(dim=-1).tolist() == [16, 16] and bool(valid[:, :16].all())
+    first_page = batch.row_pages[row][0]
+    for layer, keys in enumerate(kept_keys):
+        assert torch.equal(batch.keys[layer][first_page, :, :16], keys)
+
+
+def test_stream_stats_count_each_decoded_token_once():
+    model, methods = full_cache_and_snapkv()
+    stats = StreamStats()
+    generations = list(generate_stream(model, methods, grid_requests(methods), 3, stats=stats))
+    # a step gives each of its active rows one token; the first token is the prefill's
+    assert stats.row_steps == sum(len(generation.token_ids) - 1 for generation in generations)
+    assert max(NEW_TOKENS) - 1 <= stats.steps <= sum(NEW_TOKENS) * 2
+    assert stats.captures == 0 and stats.capture_seconds == 0  # on the CPU steps run eagerly
+    assert stats.prefill_seconds > 0 and stats.step_seconds > 0 and stats.admit_seconds > 0
+
+
+def test_pages_within_memory_leave_the_next_prefill_and_the_growth_margin():
+    page = 2 * 32 * 8 * PAGE_SLOTS * 128 * 2  # Llama-3-8B in bf16: 8 MiB a page over its 32 layers
+    margin = generate_module.GROWTH_MARGIN
+    assert pages_within_memory(10 * GIB, 0, 0, page) == int(10 * GIB / margin // page)
+    # the present pool counts as available (it is copied into the new one), the next prefill's room does not
+    assert pages_within_memory(8 * GIB, 2 * GIB, 5 * GIB, page) == int(5 * GIB / margin // page)
+    assert pages_within_memory(GIB, 0, 2 * GIB, page) <= 0
+
+
+def test_caches_that_memory_cannot_hold_wait_for_pages_and_the_pool_stays_within_it(monkeypatch):
+    """Simulated memory of 8 pages (less than the grid's rows of one sample need at once): the pool never grows
+    past it while rows decode, waiting is said once, and every row still gets the tokens it gives alone."""
+    model, methods = full_cache_and_snapkv()
+    alone = decoded_alone(model, methods)
+    memory_pages, pool_sizes = 8, []
+    real_step = DecodeBatch.step
+
+    def recording_step(batch):
+        pool_sizes.append(batch.pages)
+        return real_step(batch)
+
+    monkeypatch.setattr(DecodeBatch, "step", recording_step)
+    monkeypatch.setattr(generate_module, "_pool_pages", lambda batch, required, room: min(required * 2, memory_pages))
+    said = []
+    assert decoded_as_a_grid(model, methods, 6, say=said.append) == alone
+    assert max(pool_sizes) == memory_pages
+    assert len(said) == 1 and said[0].startswith("decode rows bounded by GPU memory: ")
+
+
+def test_memory_that_holds_a_prefill_only_while_nothing_decodes_still_finishes_every_row(monkeypatch):
+    """Every prefill runs out of memory while any row decodes: the pool first drops its free pages, then the batch
+    is halved and the sample redone after a decode step, so the rows drain, the sample is prefilled alone, and
+    nothing is lost or repeated (no loop of retries without a step between them)."""
+    model, methods = full_cache_and_snapkv()
+    alone = decoded_alone(model, methods)
+    batches, shrunk = [], []
+    real_admit, real_prefill, real_shrink = DecodeBatch.admit, generate_module.prefill_shared, DecodeBatch.shrink
+
+    def recording_admit(batch, prefilled):
+        if batch not in batches:
+            batches.append(batch)
+        return real_admit(batch, prefilled)
+
+    def recording_shrink(batch, rows):
+        shrunk.append((rows, batch.pages_in_use()))
+        real_shrink(batch, rows)
+        assert batch.pages == batch.pages_in_use()  # a pool of just the rows' own pages
+
+    attempts = []
+
+    def prefill_only_when_idle(*args, **kwargs):
+        attempts.append(any(batch.active_rows for batch in batches))
+        if attempts.count(True) > 50:
+            pytest.fail("prefill retried again and again without a decode step between")
+        if attempts[-1]:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_prefill(*args, **kwargs)
+
+    monkeypatch.setattr(DecodeBatch, "admit", recording_admit)
+    monkeypatch.setattr(DecodeBatch, "shrink", recording_shrink)
+    monkeypatch.setattr(generate_module, "prefill_shared", prefill_only_when_idle)
+    assert decoded_as_a_grid(model, methods, 4) == alone
+    assert any(attempts) and shrunk  # it did run out of memory, and gave pages back
