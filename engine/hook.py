@@ -114,18 +114,46 @@ class DecodeSession:
 
             return decode_attention(query, self.key_pages[layer], self.value_pages[layer], self.valid[layer],
                                     self.page_table, self.write_pos[layer], scaling)
+        page = self.key_pages[layer].shape[2]
+        # each row's table entries up to its own write position (no valid slot lies beyond it); rows of similar
+        # length gather together, so that a full-cache row does not make every compressed row gather its length
+        entries = (self.write_pos[layer] // page + 1).tolist()
+        groups = _similar_lengths(entries)
+        if len(groups) == 1:
+            return self._gathered_attention(layer, query, self.page_table, max(entries), scaling)
+        output = query.new_empty(query.shape[0], 1, query.shape[1], query.shape[3])
+        for rows in groups:
+            index = torch.tensor(rows, device=query.device)
+            output[index] = self._gathered_attention(layer, query[index], self.page_table[index],
+                                                     max(entries[row] for row in rows), scaling)
+        return output
+
+    def _gathered_attention(self, layer: int, query: torch.Tensor, table: torch.Tensor, entries: int,
+                            scaling: float) -> torch.Tensor:
+        """SDPA over the first ``entries`` pages of each of ``table``'s rows, gathered in slot order (one copy:
+        heads first, so the gather lays each head's slots out contiguously)."""
         _, kv_heads, page, head_dim = self.key_pages[layer].shape
-        # only the table entries up to the furthest write position: no valid slot lies beyond it
-        entries = int(self.write_pos[layer].max()) // page + 1
-        table = self.page_table[:, :entries]
+        table = table[:, :entries]
         rows = table.shape[0]
 
         def in_slot_order(pages: torch.Tensor) -> torch.Tensor:
-            return pages[table].transpose(1, 2).reshape(rows, kv_heads, entries * page, head_dim)
+            return pages.transpose(0, 1)[:, table].view(kv_heads, rows, entries * page, head_dim).transpose(0, 1)
 
         valid = self.valid[layer][table].view(rows, entries * page)
         return masked_decode_attention(query, in_slot_order(self.key_pages[layer]),
                                        in_slot_order(self.value_pages[layer]), valid, scaling)
+
+
+def _similar_lengths(entries: list[int]) -> list[list[int]]:
+    """The rows grouped by length: longest first, a row joins the current group while it is more than half the
+    group's longest (so no row gathers more than twice its own pages, and mixed batches make few groups)."""
+    groups: list[list[int]] = []
+    for row in sorted(range(len(entries)), key=lambda row: -entries[row]):
+        if groups and 2 * entries[row] > entries[groups[-1][0]]:
+            groups[-1].append(row)
+        else:
+            groups.append([row])
+    return groups
 
 
 def masked_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

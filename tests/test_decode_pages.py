@@ -156,3 +156,33 @@ def test_memory_that_holds_a_prefill_only_while_nothing_decodes_still_finishes_e
     monkeypatch.setattr(generate_module, "prefill_shared", prefill_only_when_idle)
     assert decoded_as_a_grid(model, methods, 4) == alone
     assert any(attempts) and shrunk  # it did run out of memory, and gave pages back
+
+
+def test_cpu_attention_over_rows_of_very_different_lengths_is_each_rows_own_softmax():
+    """Rows 5, 1 and 2 pages long (gathered in two groups on the CPU): each query head attends to exactly its row's
+    valid slots up to the write position, through its KV head, as a per-row softmax computed slot by slot gives."""
+    from kvbench.engine.hook import DecodeSession
+
+    torch.manual_seed(0)
+    heads, kv_heads, dim, scaling = 4, 2, 8, 0.3
+    key_pages, value_pages = torch.randn(10, kv_heads, PAGE_SLOTS, dim), torch.randn(10, kv_heads, PAGE_SLOTS, dim)
+    table = torch.tensor([[3, 7, 1, 9, 4], [5, 0, 0, 0, 0], [2, 8, 0, 0, 0]])
+    write_pos = torch.tensor([4 * PAGE_SLOTS + 10, 20, PAGE_SLOTS + 5])
+    valid = torch.rand(10, PAGE_SLOTS) > 0.3
+    for row, last in enumerate(write_pos.tolist()):  # nothing valid after a row's write position
+        for slot in range(last + 1, table.shape[1] * PAGE_SLOTS):
+            valid[table[row, slot // PAGE_SLOTS], slot % PAGE_SLOTS] = False
+    valid[table[1, 0], :21] = valid[table[1, 0], :21] | torch.arange(21).eq(3)  # every row has a valid slot
+    session = DecodeSession([key_pages], [value_pages], valid[None], table, write_pos[None], None, None)
+    query = torch.randn(3, heads, 1, dim)
+    output = session.attention(0, query, scaling)
+    assert output.shape == (3, 1, heads, dim)
+    for row, last in enumerate(write_pos.tolist()):
+        slots = [(table[row, slot // PAGE_SLOTS], slot % PAGE_SLOTS) for slot in range(last + 1)
+                 if valid[table[row, slot // PAGE_SLOTS], slot % PAGE_SLOTS]]
+        for head in range(heads):
+            keys = torch.stack([key_pages[page, head // 2, offset] for page, offset in slots])
+            values = torch.stack([value_pages[page, head // 2, offset] for page, offset in slots])
+            expected = torch.softmax(keys @ query[row, head, 0] * scaling, dim=0) @ values
+            # fp32 sums of at most 330 terms: a few ulps of values of order one
+            torch.testing.assert_close(output[row, 0, head], expected, rtol=1e-5, atol=1e-5)
