@@ -129,7 +129,10 @@ class DecodeBatch:
         self.values: list[torch.Tensor] = []
         self.evictions: torch.Tensor | None = None
         self._short_circuit_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)
+        # device scalars for the step's masked writes: a Python value would be copied from the host, which a CUDA
+        # graph capture refuses
         self._true = torch.ones((), dtype=torch.bool, device=self.device)
+        self._false = torch.zeros((), dtype=torch.bool, device=self.device)
         self._cache_keyword = cache_keyword(self.model)
         #: captured steps by (rows, eviction); a reallocation makes them stale
         self._graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -360,7 +363,7 @@ class DecodeBatch:
         page = torch.where(evicted, self.page_table[self.row_index[:rows], slot // PAGE_SLOTS], EMPTY_PAGE)
         offset = torch.where(evicted, slot % PAGE_SLOTS, 0)
         layer = torch.arange(self.num_layers, device=self.device)[:, None]
-        self.valid[layer, page, offset] = False
+        self.valid[layer, page, offset] = self._false
 
     def session(self, rows: int) -> DecodeSession:
         """The first ``rows`` rows' part of a decode step: their page tables, and where each writes this step."""

@@ -57,21 +57,29 @@ def recording(method: Method, num_layers: int) -> RecordingCompressor:
 
 @contextlib.contextmanager
 def recording_graph_captures():
-    """The row counts of every CUDA graph the decode step captures inside the block (a list, filled as it goes)."""
+    """The row counts of every CUDA graph the decode step captures inside the block (a list, filled as it goes).
+    A capture that fails fails the block: the batch would quietly decode eagerly, and graphed tokens would then
+    equal eager ones trivially."""
     from kvbench.engine import decode as decode_module
 
-    captured = []
+    captured, failures = [], []
     real_capture = decode_module.DecodeBatch._capture
 
     def counting_capture(batch, rows):
+        try:
+            graph = real_capture(batch, rows)
+        except Exception as error:
+            failures.append(f"{rows} rows: {error}")
+            raise
         captured.append(rows)
-        return real_capture(batch, rows)
+        return graph
 
     decode_module.DecodeBatch._capture = counting_capture
     try:
         yield captured
     finally:
         decode_module.DecodeBatch._capture = real_capture
+    assert not failures, f"CUDA graph capture failed ({'; '.join(failures)})"
 
 
 @contextlib.contextmanager
