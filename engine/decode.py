@@ -152,7 +152,7 @@ class DecodeBatch:
         Layer by layer, each old pool released as soon as its pages moved, so that growing (or, out of memory,
         shrinking) needs the new size plus one layer's pool, not both sizes whole.
         """
-        self._graphs.clear()  # captured steps read the old tensors
+        self._drop_graphs()  # captured steps read the old tensors
         kept_rows = min(rows, len(self.row_pages))
         live = [page for row in range(kept_rows) for page in self.row_pages[row]]
         if pages < FIRST_ROW_PAGE + len(live):
@@ -210,7 +210,7 @@ class DecodeBatch:
     def _lengthen(self, table_pages: int, steps: int) -> None:
         """Page tables of ``table_pages`` entries and eviction schedules of ``steps`` steps for every row, keeping
         what they hold (the pool stays as it is)."""
-        self._graphs.clear()
+        self._drop_graphs()
         rows = len(self.rows)
         if table_pages > self.table_pages:
             free = torch.tensor([not own for own in self.row_pages], device=self.device)
@@ -222,6 +222,13 @@ class DecodeBatch:
             if self.evictions is not None:
                 evictions[:, :, : self.steps_capacity] = self.evictions
             self.evictions, self.steps_capacity = evictions, steps
+
+    def _drop_graphs(self) -> None:
+        """Forget the captured steps, and their memory pool: the allocator keeps a pool whose graphs are all gone
+        (while any of its blocks lives) with no user, and asserts when a later capture shares it, so the next
+        capture starts a new one."""
+        self._graphs.clear()
+        self._graph_pool = None
 
     def page_bytes(self) -> int:
         """Bytes one page costs over all layers (keys and values)."""
