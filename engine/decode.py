@@ -272,13 +272,17 @@ class DecodeBatch:
         self.row_pages[row] = own
         with torch.inference_mode():
             pages = torch.tensor(own, dtype=torch.long, device=self.device)
+            # each kept slot's page and offset, written in one indexed copy a layer's keys (and one its values):
+            # a grid admits dozens of rows a sample, and on CUDA their launches, not their bytes, are the cost.
+            # The rest of a row's pages is left as it is: slots past the row's write position are never read,
+            # and the row writes each one before it becomes valid
+            slots = torch.arange(max(prefilled.kept_per_layer), device=self.device)
+            slot_pages, slot_offsets = pages[slots // PAGE_SLOTS], slots % PAGE_SLOTS
             for layer, (keys, values) in enumerate(prefilled.kept):
                 kept = keys.shape[-2]
-                filled = -(-kept // PAGE_SLOTS)
-                for pool, entries in ((self.keys[layer], keys[0]), (self.values[layer], values[0])):
-                    padded = torch.nn.functional.pad(entries, (0, 0, 0, filled * PAGE_SLOTS - kept))
-                    pool[pages[:filled]] = padded.view(self.num_kv_heads, filled, PAGE_SLOTS, self.head_dim
-                                                       ).transpose(0, 1)
+                at = (slot_pages[:kept], slice(None), slot_offsets[:kept])
+                self.keys[layer][at] = keys[0].transpose(0, 1)
+                self.values[layer][at] = values[0].transpose(0, 1)
             # every layer's mask and write position at once: a grid admits dozens of rows a sample
             kept_per_layer = torch.tensor(prefilled.kept_per_layer, device=self.device)
             slots = torch.arange(needed_pages * PAGE_SLOTS, device=self.device)
