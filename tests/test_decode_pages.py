@@ -93,6 +93,17 @@ def test_stream_stats_count_each_decoded_token_once():
     assert stats.prefill_seconds > 0 and stats.step_seconds > 0 and stats.admit_seconds > 0
 
 
+def test_growing_the_pool_or_a_page_table_drops_the_captured_steps_and_their_memory_pool():
+    """Captured steps read the old tensors, and CUDA's caching allocator asserts when a capture shares the memory
+    pool of graphs that are all gone (an H100 run showed it): both go, so the next capture makes a new pool."""
+    model, _ = full_cache_and_snapkv()
+    batch = DecodeBatch(model, 2)
+    for grow in (lambda: batch.reserve(batch.pages * 2), lambda: batch._lengthen(batch.table_pages * 2, 0)):
+        batch._graphs[(1, False)], batch._graph_pool = ("graph", "output"), ("pool", 0)
+        grow()
+        assert batch._graphs == {} and batch._graph_pool is None
+
+
 def test_pages_within_memory_leave_the_next_prefill_and_the_growth_margin():
     page = 2 * 32 * 8 * PAGE_SLOTS * 128 * 2  # Llama-3-8B in bf16: 8 MiB a page over its 32 layers
     margin = generate_module.GROWTH_MARGIN
