@@ -272,11 +272,11 @@ class DecodeBatch:
         self.row_pages[row] = own
         with torch.inference_mode():
             pages = torch.tensor(own, dtype=torch.long, device=self.device)
-            # each kept slot's page and offset, written in one indexed copy a layer's keys (and one its values):
-            # a grid admits dozens of rows a sample, and on CUDA their launches, not their bytes, are the cost.
-            # The rest of a row's pages is left as it is: slots past the row's write position are never read,
-            # and the row writes each one before it becomes valid
-            slots = torch.arange(max(prefilled.kept_per_layer), device=self.device)
+            # the row's slots, their pages and offsets: the kept ones written in one indexed copy a layer's keys (and
+            # one its values), as a grid admits dozens of rows a sample and on CUDA their launches, not their bytes,
+            # are the cost. The rest is left as it is: slots past the row's write position are never read, and the
+            # row writes each one before it becomes valid
+            slots = torch.arange(needed_pages * PAGE_SLOTS, device=self.device)
             slot_pages, slot_offsets = pages[slots // PAGE_SLOTS], slots % PAGE_SLOTS
             for layer, (keys, values) in enumerate(prefilled.kept):
                 kept = keys.shape[-2]
@@ -285,7 +285,6 @@ class DecodeBatch:
                 self.values[layer][at] = values[0].transpose(0, 1)
             # every layer's mask and write position at once: a grid admits dozens of rows a sample
             kept_per_layer = torch.tensor(prefilled.kept_per_layer, device=self.device)
-            slots = torch.arange(needed_pages * PAGE_SLOTS, device=self.device)
             self.valid[:, pages] = (slots < kept_per_layer[:, None]).view(self.num_layers, needed_pages, PAGE_SLOTS)
             self.page_table[row] = EMPTY_PAGE
             self.page_table[row, :needed_pages] = pages

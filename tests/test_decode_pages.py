@@ -68,7 +68,7 @@ def test_rows_take_their_own_pages_and_decode_in_one_batch_as_they_would_alone(m
     assert any(scattered)
 
 
-def test_a_row_pads_its_kept_cache_to_whole_pages_and_marks_only_the_kept_slots_valid():
+def test_a_row_takes_whole_pages_for_its_cache_and_marks_only_the_kept_slots_valid():
     model, (_, snapkv) = full_cache_and_snapkv()
     batch = DecodeBatch(model, 2)
     prefilled = prefill(model, as_compressor(snapkv, model), requests_of([100], [70])[0])
