@@ -295,8 +295,6 @@ def generate_stream(model, methods: Method | Compressor | Sequence[Method | Comp
         stats.row_steps += active_rows
         for row in finished:
             yield _generation(row.prefilled, row.tokens, row.decode_seconds, row.decode_cost_seconds)
-        if not waiting and exhausted and not redo:
-            batch.compact()  # draining: the remaining rows move down, so steps run on a smaller bucket
 
 
 def _pool_pages(batch: DecodeBatch, required: int, prefill_room: int) -> int:

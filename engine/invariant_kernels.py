@@ -57,12 +57,15 @@ class LinearTiles(NamedTuple):
 #: (cuBLAS, not batch-invariant: 4.82 / 4.91 / 5.10 / 6.79 / 11.41 ms). Small row tiles read each weight tile
 #: once per 32 rows; these trade a millisecond at one row for half the time at the batches grids decode.
 LINEAR_TILES = LinearTiles()
-#: tiles for more than LARGE_TILES_FROM_ROWS rows: on an H100, 26.0 against 31.9 ms at 512 rows
-#: (tests/gpu/linear_tiles.py). The reduced dimension is walked in the same steps, and the tensor cores add each
-#: step's products into the accumulator in the same order whatever the output tile, so every output element is the
-#: same sequence of operations: on that H100 eleven tile settings gave the same bits as LINEAR_TILES on every
-#: weight shape at 1 to 512 rows. `tiles_for` still checks this once per device and dtype before relying on it.
-LARGE_TILES = LinearTiles(128, 128, 128, 8, 3)
+#: tiles for more than LARGE_TILES_FROM_ROWS rows: on an H100 (tests/gpu/linear_tiles.py, each shape's launches
+#: replayed as a CUDA graph, as the decode step runs them) every linear layer of a step took 14.0 / 14.1 / 16.4 ms
+#: at 320 / 384 / 512 rows, against 15.2 / 15.0 / 17.6 with 128 x 128 x 128 tiles and 17.4 / 19.5 / 22.6 with
+#: LINEAR_TILES (cuBLAS: 8.4 / 9.7 / 11.4). The reduced dimension is walked in the same order in steps of 16, and the
+#: tensor cores add each step's products into the accumulator in the same order whatever the tiles, so every output
+#: element is the same sequence of operations: on that H100 seven tile settings (reduced tiles of 64 and 128 among
+#: them) gave the same bits as LINEAR_TILES on every weight shape at 64 to 512 rows, as eleven had on an earlier one
+#: at 1 to 512. `tiles_for` still checks this once per device and dtype before relying on it.
+LARGE_TILES = LinearTiles(128, 128, 64, 8, 4)
 LARGE_TILES_FROM_ROWS = 257
 
 

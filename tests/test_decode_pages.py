@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kvbench.engine import generate as generate_module
-from kvbench.engine.decode import FIRST_ROW_PAGE, PAGE_SLOTS, DecodeBatch, pages_needed
+from kvbench.engine.decode import BUCKET_STEP, FIRST_ROW_PAGE, PAGE_SLOTS, DecodeBatch, pages_needed, step_rows
 from kvbench.engine.generate import StreamStats, as_compressor, generate_stream, pages_within_memory
 from kvbench.engine.prefill import prefill
 from kvbench.methods import build_method
@@ -91,6 +91,36 @@ def test_stream_stats_count_each_decoded_token_once():
     assert max(NEW_TOKENS) - 1 <= stats.steps <= sum(NEW_TOKENS) * 2
     assert stats.captures == 0 and stats.capture_seconds == 0  # on the CPU steps run eagerly
     assert stats.prefill_seconds > 0 and stats.step_seconds > 0 and stats.admit_seconds > 0
+
+
+def test_steps_run_on_a_power_of_two_of_rows_then_on_multiples_of_the_bucket_step():
+    assert [step_rows(rows, 512) for rows in (1, 3, 33, 64, 65, 128, 130, 286, 431, 500)] == [
+        1, 4, 64, 64, 128, 128, 192, 320, 448, 512]
+    assert step_rows(286, 300) == 300  # never more than the batch holds
+    assert BUCKET_STEP == 64
+
+
+def test_every_step_runs_on_the_smallest_bucket_its_active_rows_need_and_tokens_stay_those_alone(monkeypatch):
+    """Rows finishing out of order leave gaps below the highest active row; the step first moves the rows down, so
+    it runs on `step_rows` of how many rows are active, not of where the highest one lies."""
+    model, methods = full_cache_and_snapkv()
+    alone = decoded_alone(model, methods)
+    steps, compactions = [], []
+    real_eager_step, real_compact = DecodeBatch._eager_step, DecodeBatch.compact
+
+    def recording_eager_step(batch, rows):
+        steps.append((rows, len(batch.active_rows), max(batch.active_rows) + 1))
+        return real_eager_step(batch, rows)
+
+    def recording_compact(batch):
+        compactions.append(1)
+        real_compact(batch)
+
+    monkeypatch.setattr(DecodeBatch, "_eager_step", recording_eager_step)
+    monkeypatch.setattr(DecodeBatch, "compact", recording_compact)
+    assert decoded_as_a_grid(model, methods, 6) == alone
+    assert all(rows == step_rows(active, 6) and highest <= rows for rows, active, highest in steps)
+    assert compactions and any(rows < 6 for rows, _, _ in steps)
 
 
 def test_growing_the_pool_or_a_page_table_drops_the_captured_steps_and_their_memory_pool():

@@ -4,8 +4,9 @@
     python tests/gpu/linear_tiles.py --out DIR
 
 Random weights of Llama-3-8B's linear shapes (bf16). For every candidate tile setting and row count: the
-milliseconds of one decode step's linear layers (each shape timed alone, CUDA events, median of ``--repeats``,
-times its count in the model: 32 layers of seven weights and the output layer), beside cuBLAS (``F.linear``),
+milliseconds of one decode step's linear layers (each shape timed alone: several launches captured as one CUDA
+graph, as the decode step runs them, so that no launch gap is counted; CUDA events, median of ``--repeats``; times
+its count in the model: 32 layers of seven weights and the output layer), beside cuBLAS (``F.linear``),
 and whether the outputs equal the default tiles' bit for bit on every shape. A row count can take other tiles
 than another only where the two give the same bits: then a row's result still does not depend on the batch.
 Also the decode step's kernels at a grid's two lane shapes (eager, by the profiler). Writes tiles.csv,
@@ -24,13 +25,28 @@ from attention_mass import milliseconds  # tests/gpu, the script's folder
 
 from kvbench.engine.invariant_kernels import LINEAR_TILES, LinearTiles, invariant_linear
 
-ROWS = (1, 16, 32, 64, 128, 256, 512)
+ROWS = (1, 16, 32, 64, 128, 256, 320, 384, 512)
 CANDIDATES = [LINEAR_TILES, LinearTiles(64, 128, 64, 4, 4), LinearTiles(64, 128, 128, 4, 3),
-              LinearTiles(128, 128, 64, 8, 3), LinearTiles(128, 128, 128, 8, 3), LinearTiles(128, 256, 64, 8, 3),
-              LinearTiles(128, 64, 64, 4, 4), LinearTiles(64, 64, 64, 4, 4), LinearTiles(64, 256, 64, 8, 3),
-              LinearTiles(32, 64, 128, 4, 4), LinearTiles(16, 64, 128, 4, 4)]
+              LinearTiles(128, 128, 64, 8, 3), LinearTiles(128, 128, 64, 8, 4), LinearTiles(128, 128, 128, 8, 3),
+              LinearTiles(128, 256, 64, 8, 3), LinearTiles(128, 64, 64, 4, 4), LinearTiles(64, 64, 64, 4, 4),
+              LinearTiles(64, 256, 64, 8, 3), LinearTiles(32, 64, 128, 4, 4), LinearTiles(16, 64, 128, 4, 4)]
 #: (outputs, reduced): how many of that shape one decode step runs, Llama-3-8B
 SHAPES = {(4096, 4096): 64, (1024, 4096): 64, (14336, 4096): 64, (4096, 14336): 32, (128256, 4096): 1}
+
+
+def graph_milliseconds(run, repeats: int, launches: int = 8) -> float:
+    """GPU milliseconds of one run() call: ``launches`` calls replayed as one CUDA graph (timed alone, a small
+    kernel's time would be mostly its launch)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()  # compiles, outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(launches):
+            run()
+    return milliseconds(graph.replay, repeats) / launches
 
 
 def name(tiles: LinearTiles) -> str:
@@ -48,12 +64,12 @@ def sweep(repeats: int) -> tuple[pd.DataFrame, pd.DataFrame]:
         for shape, count in SHAPES.items():
             x = torch.randn(rows, shape[1], device="cuda", dtype=torch.bfloat16, generator=generator)
             weight = weights[shape]
-            step["cublas"] += count * milliseconds(lambda: F.linear(x, weight), repeats)
+            step["cublas"] += count * graph_milliseconds(lambda: F.linear(x, weight), repeats)
             reference = invariant_linear(x, weight, None, LINEAR_TILES)
             for tiles in CANDIDATES:
                 key = name(tiles)
                 try:
-                    step[key] = step.get(key, 0.0) + count * milliseconds(
+                    step[key] = step.get(key, 0.0) + count * graph_milliseconds(
                         lambda: invariant_linear(x, weight, None, tiles), repeats)
                     same[key] = same.get(key, True) and torch.equal(invariant_linear(x, weight, None, tiles), reference)
                 except Exception as error:  # too large for this GPU's shared memory
