@@ -261,50 +261,86 @@ class DecodeBatch:
     def free_row(self) -> int | None:
         return next((index for index, row in enumerate(self.rows) if row is None), None)
 
-    def admit(self, prefilled: Prefilled) -> int:
-        """Copy a prefilled sample's cache into a free row and pages of the pool (growing it to just what is
-        needed, if `reserve` did not); its row index."""
-        row = self.free_row()
-        if row is None:
-            raise RuntimeError("admit() needs a free row")
-        needed_pages = pages_needed(prefilled)
-        needed_steps = prefilled.request.max_new_tokens - 1 if prefilled.evictions is not None else 0
-        if needed_pages > self.table_pages or needed_steps > self.steps_capacity:
-            self._lengthen(-(-needed_pages // TABLE_GRANULE) * TABLE_GRANULE, needed_steps)
-        self.reserve(self.pages_in_use() + needed_pages)
-        own = [self.free_pages.pop() for _ in range(needed_pages)]
-        self.row_pages[row] = own
+    def admit(self, samples: list[Prefilled]) -> list[int]:
+        """Copy prefilled samples' caches into free rows and pages of the pool (growing it to just what is needed, if
+        `reserve` did not); their row indices. All in one go: a grid admits dozens of rows a sample, and on CUDA their
+        launches, not their bytes, are the cost, so each layer's keys (and values) of every sample are written in one
+        indexed copy. If it fails (out of memory) no sample is admitted and the pool's pages stay free."""
+        rows = [index for index, row in enumerate(self.rows) if row is None][: len(samples)]
+        if len(rows) < len(samples):
+            raise RuntimeError(f"admit() needs {len(samples)} free rows, the batch has {len(rows)}")
+        needed = [pages_needed(prefilled) for prefilled in samples]
+        needed_steps = max((prefilled.request.max_new_tokens - 1 for prefilled in samples
+                            if prefilled.evictions is not None), default=0)
+        if max(needed) > self.table_pages or needed_steps > self.steps_capacity:
+            self._lengthen(-(-max(needed) // TABLE_GRANULE) * TABLE_GRANULE, needed_steps)
+        self.reserve(self.pages_in_use() + sum(needed))
+        # the lowest free pages, taken from the free list only once the copies are done
+        taken = self.free_pages[len(self.free_pages) - sum(needed):][::-1]
         with torch.inference_mode():
-            pages = torch.tensor(own, dtype=torch.long, device=self.device)
-            # the row's slots, their pages and offsets: the kept ones written in one indexed copy a layer's keys (and
-            # one its values), as a grid admits dozens of rows a sample and on CUDA their launches, not their bytes,
-            # are the cost. The rest is left as it is: slots past the row's write position are never read, and the
-            # row writes each one before it becomes valid
-            slots = torch.arange(needed_pages * PAGE_SLOTS, device=self.device)
-            slot_pages, slot_offsets = pages[slots // PAGE_SLOTS], slots % PAGE_SLOTS
-            for layer, (keys, values) in enumerate(prefilled.kept):
-                kept = keys.shape[-2]
-                at = (slot_pages[:kept], slice(None), slot_offsets[:kept])
-                self.keys[layer][at] = keys[0].transpose(0, 1)
-                self.values[layer][at] = values[0].transpose(0, 1)
-            # every layer's mask and write position at once: a grid admits dozens of rows a sample
-            kept_per_layer = torch.tensor(prefilled.kept_per_layer, device=self.device)
-            self.valid[:, pages] = (slots < kept_per_layer[:, None]).view(self.num_layers, needed_pages, PAGE_SLOTS)
-            self.page_table[row] = EMPTY_PAGE
-            self.page_table[row, :needed_pages] = pages
-            self.write_pos[:, row] = kept_per_layer
-            self.tokens[row] = prefilled.first_token
-            self.positions[row] = len(prefilled.request.prompt_ids)
-            self.steps_taken[row] = 0
-            self.live[row] = 1
-            if self.evictions is not None:
-                self.evictions[:, row] = -1
+            try:
+                self._write_rows(samples, rows, needed, taken)
+            except BaseException:
+                for row in rows:  # a failed admission leaves its rows free, reading and writing the scratch page
+                    self._clear_row(row)
+                raise
+        del self.free_pages[len(self.free_pages) - len(taken):]
+        first = 0
+        for row, prefilled, count in zip(rows, samples, needed):
+            self.row_pages[row] = taken[first: first + count]
+            first += count
+            prefilled.kept = None  # the batch holds the cache now
+            self.rows[row] = Row(prefilled, [prefilled.first_token], time.perf_counter())
+        return rows
+
+    def _write_rows(self, samples: list[Prefilled], rows: list[int], needed: list[int], taken: list[int]) -> None:
+        """The device side of `admit`: the samples' kept keys and values into pages ``taken`` (each sample its
+        ``needed`` ones, in order), their valid bits, page tables, write positions, tokens and eviction schedules.
+
+        Slots past a row's write position are left as they are: they are never read, and the row writes each one
+        before it becomes valid."""
+        device, count = self.device, len(samples)
+        pages = torch.tensor(taken, dtype=torch.long, device=device)
+        row_index = torch.tensor(rows, dtype=torch.long, device=device)
+        page_counts = torch.tensor(needed, dtype=torch.long, device=device)
+        kept = torch.tensor([prefilled.kept_per_layer for prefilled in samples], dtype=torch.long, device=device)
+        # each new page's sample and its place among that sample's pages
+        page_sample = torch.repeat_interleave(torch.arange(count, device=device), page_counts, output_size=len(taken))
+        first_page = torch.cumsum(page_counts, 0) - page_counts
+        page_in_row = torch.arange(len(taken), device=device) - first_page[page_sample]
+        # every kept slot of every layer and sample, layer by layer: its page and offset in the pool
+        layer_counts = kept.T.reshape(-1)  # (layers x samples), layer-major
+        kept_slots = sum(sum(prefilled.kept_per_layer) for prefilled in samples)
+        segment = torch.repeat_interleave(torch.arange(layer_counts.numel(), device=device), layer_counts,
+                                          output_size=kept_slots)
+        slot = torch.arange(kept_slots, device=device) - (torch.cumsum(layer_counts, 0) - layer_counts)[segment]
+        slot_pages = pages[first_page[segment % count] + slot // PAGE_SLOTS]
+        slot_offsets = slot % PAGE_SLOTS
+        first_slot = 0
+        for layer in range(self.num_layers):
+            layer_slots = sum(prefilled.kept_per_layer[layer] for prefilled in samples)
+            at = (slot_pages[first_slot: first_slot + layer_slots], slice(None),
+                  slot_offsets[first_slot: first_slot + layer_slots])
+            first_slot += layer_slots
+            for pool, part in ((self.keys, 0), (self.values, 1)):
+                pool[layer][at] = torch.cat([prefilled.kept[layer][part][0].transpose(0, 1) for prefilled in samples])
+        page_slots = page_in_row[:, None] * PAGE_SLOTS + torch.arange(PAGE_SLOTS, device=device)
+        self.valid[:, pages] = page_slots[None] < kept.T[:, page_sample, None]
+        self.page_table[row_index] = EMPTY_PAGE
+        self.page_table[row_index[page_sample], page_in_row] = pages
+        self.write_pos[:, row_index] = kept.T
+        self.tokens[row_index] = torch.tensor([prefilled.first_token for prefilled in samples], device=device)
+        self.positions[row_index] = torch.tensor([len(prefilled.request.prompt_ids) for prefilled in samples],
+                                                 device=device)
+        self.steps_taken[row_index] = 0
+        self.live[row_index] = 1
+        if self.evictions is not None:
+            schedules = torch.full((self.num_layers, count, self.steps_capacity), -1, dtype=torch.int32)
+            for sample, prefilled in enumerate(samples):
                 if prefilled.evictions is not None:
-                    schedule = torch.tensor(prefilled.evictions, dtype=torch.int32, device=self.device)
-                    self.evictions[:, row, : schedule.shape[1]] = schedule
-        prefilled.kept = None  # the batch holds the cache now
-        self.rows[row] = Row(prefilled, [prefilled.first_token], time.perf_counter())
-        return row
+                    schedule = torch.tensor(prefilled.evictions, dtype=torch.int32)
+                    schedules[:, sample, : schedule.shape[1]] = schedule
+            self.evictions[:, row_index] = schedules.to(device)
 
     def _clear_row(self, row: int) -> None:
         """A row leaves: its pages go back to the pool, and as a free row it writes and reads the scratch page
@@ -528,12 +564,9 @@ def synthetic_prefilled(kept: list[tuple[torch.Tensor, torch.Tensor]], max_new_t
 def synthetic_batch(model, rows: int, kept: list[tuple[torch.Tensor, torch.Tensor]], max_new_tokens: int,
                     **options) -> DecodeBatch:
     """A decode batch (``options`` as `DecodeBatch` takes them) of ``rows`` rows, each a copy of ``kept``, in a pool
-    allocated once (admitting them one by one would grow it, and copy it, at every row)."""
+    allocated once."""
     batch = DecodeBatch(model, rows, **options)
-    one = synthetic_prefilled(kept, max_new_tokens)
-    batch.reserve(FIRST_ROW_PAGE + rows * pages_needed(one))
-    for _ in range(rows):
-        batch.admit(synthetic_prefilled(kept, max_new_tokens))
+    batch.admit([synthetic_prefilled(kept, max_new_tokens) for _ in range(rows)])
     return batch
 
 

@@ -198,41 +198,49 @@ def generate_stream(model, methods: Method | Compressor | Sequence[Method | Comp
         decode_first = True
         torch.cuda.empty_cache()
 
-    def admit(prefilled: Prefilled) -> bool:
-        """Give a waiting cache a row and its pages, growing the pool within memory; False if it must wait."""
+    def admissible(pending: list[Prefilled]) -> list[Prefilled]:
+        """The waiting caches that get a row and pages now, in order, after growing the pool within memory (a cache
+        that does not fit waits for rows to finish and give their pages back; a later, smaller one may still fit).
+        With no row decoding the first is taken whatever memory says: alone, it is tried (and said, if it does not
+        fit)."""
         nonlocal memory_said
-        if batch.free_row() is None:
-            return False
-        required = batch.pages_in_use() + pages_needed(prefilled)
-        if required > batch.pages:
-            pages = _pool_pages(batch, required, prefill_room)
-            if pages < required and batch.active_rows:
-                if not memory_said and say is not None:
-                    say(f"decode rows bounded by GPU memory: {len(batch.active_rows)} rows hold "
-                        f"{batch.pages_in_use()} pages of {batch.page_bytes() / 2**20:.1f} MiB")
-                    memory_said = True
-                return False  # wait for rows to finish and give their pages back
-            batch.reserve(max(pages, required))  # alone, it is tried (and said, if it does not fit)
-        batch.admit(prefilled)
-        return True
+        candidates = pending[: len(batch.rows) - len(batch.active_rows)]
+        in_use = batch.pages_in_use()
+        required = in_use + sum(pages_needed(prefilled) for prefilled in candidates)
+        pages = batch.pages if required <= batch.pages else max(batch.pages, _pool_pages(batch, required, prefill_room))
+        taken, used = [], in_use
+        for prefilled in candidates:
+            if used + pages_needed(prefilled) <= pages:
+                taken.append(prefilled)
+                used += pages_needed(prefilled)
+        if len(taken) < len(candidates) and batch.active_rows and not memory_said and say is not None:
+            say(f"decode rows bounded by GPU memory: {len(batch.active_rows)} rows hold "
+                f"{batch.pages_in_use()} pages of {batch.page_bytes() / 2**20:.1f} MiB")
+            memory_said = True
+        if not taken and candidates and not batch.active_rows:
+            taken, used = candidates[:1], in_use + pages_needed(candidates[0])
+        if taken:
+            batch.reserve(max(pages, used))
+        return taken
 
     def place_waiting() -> None:
-        """Admit every waiting cache there is room for; out of memory, halve the batch and redo the sample's rest."""
+        """Admit every waiting cache there is room for, in one admission; out of memory, halve the batch and redo the
+        sample's rest."""
         pending = list(waiting)
         waiting.clear()
-        for position, prefilled in enumerate(pending):
-            try:
-                if not admit(prefilled):
-                    waiting.append(prefilled)
-            except Exception as error:
-                if not _out_of_memory(error):
-                    raise
-                if not batch.active_rows:
-                    raise KvbenchError(f"out of GPU memory decoding {_describe(prefilled.request)} alone") from None
-                rest = unfinished(list(waiting) + pending[position:])
-                waiting.clear()
-                halve(rest)
-                return
+        try:
+            taken = admissible(pending)
+            if taken:
+                batch.admit(taken)
+        except Exception as error:
+            if not _out_of_memory(error):
+                raise
+            if not batch.active_rows:
+                raise KvbenchError(f"out of GPU memory decoding {_describe(pending[0].request)} alone") from None
+            halve(unfinished(pending))  # an admission that fails admits none of its caches
+            return
+        admitted = {id(prefilled) for prefilled in taken}
+        waiting.extend(prefilled for prefilled in pending if id(prefilled) not in admitted)
 
     device = model.get_input_embeddings().weight.device
     stats = stats if stats is not None else StreamStats()

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from kvbench.engine import generate as generate_module
-from kvbench.engine.decode import BUCKET_STEP, FIRST_ROW_PAGE, PAGE_SLOTS, DecodeBatch, pages_needed, step_rows
+from kvbench.engine.decode import (BUCKET_STEP, FIRST_ROW_PAGE, PAGE_SLOTS, SCRATCH_PAGE, DecodeBatch, pages_needed,
+                                   step_rows)
 from kvbench.engine.generate import StreamStats, as_compressor, generate_stream, pages_within_memory
 from kvbench.engine.prefill import prefill
 from kvbench.methods import build_method
@@ -73,13 +74,79 @@ def test_a_row_takes_whole_pages_for_its_cache_and_marks_only_the_kept_slots_val
     batch = DecodeBatch(model, 2)
     prefilled = prefill(model, as_compressor(snapkv, model), requests_of([100], [70])[0])
     kept_keys = [keys[0].clone() for keys, _ in prefilled.kept]
-    row = batch.admit(prefilled)
+    [row] = batch.admit([prefilled])
     assert len(batch.row_pages[row]) == pages_needed(prefilled) == -(-(16 + 69 + 2) // PAGE_SLOTS) == 2
     valid = batch.valid_slots(1)[:, row]  # (layers, slots in table order)
     assert valid.sum(dim=-1).tolist() == [16, 16] and bool(valid[:, :16].all())
     first_page = batch.row_pages[row][0]
     for layer, keys in enumerate(kept_keys):
         assert torch.equal(batch.keys[layer][first_page, :, :16], keys)
+
+
+def test_samples_admitted_together_each_hold_their_own_kept_keys_values_and_valid_slots():
+    """One admission of three caches (per-layer budgets, a full cache, a SnapKV one): each row's slots hold its own
+    kept keys and values in order, only they are valid, and the rows' pages are their own."""
+    model, (fullkv, snapkv) = full_cache_and_snapkv()
+    methods = [build_method("pyramidkv", capacity=24), fullkv, snapkv]
+    prefilled = [prefill(model, as_compressor(method, model), request)
+                 for method, request in zip(methods, requests_of([100, 300, 60], [70, 5, 9]))]
+    assert len(set(prefilled[0].kept_per_layer)) == 2  # the layers keep different numbers of tokens
+    kept = [[(keys.clone(), values.clone()) for keys, values in one.kept] for one in prefilled]
+    batch = DecodeBatch(model, 4)
+    rows = batch.admit(prefilled)
+    assert rows == [0, 1, 2]
+    held = [page for row in rows for page in batch.row_pages[row]]
+    assert len(held) == len(set(held)) == sum(pages_needed(one) for one in prefilled)
+    for row, one, layers in zip(rows, prefilled, kept):
+        table = batch.page_table[row]
+        assert table[: len(batch.row_pages[row])].tolist() == batch.row_pages[row]
+        assert batch.write_pos[:, row].tolist() == one.kept_per_layer
+        assert batch.tokens[row] == one.first_token and batch.positions[row] == len(one.request.prompt_ids)
+        for layer, (keys, values) in enumerate(layers):
+            slots = torch.arange(keys.shape[-2])
+            at = (table[slots // PAGE_SLOTS], slice(None), slots % PAGE_SLOTS)
+            assert torch.equal(batch.keys[layer][at], keys[0].transpose(0, 1))
+            assert torch.equal(batch.values[layer][at], values[0].transpose(0, 1))
+            valid = batch.valid[layer][table].flatten()
+            assert bool(valid[: len(slots)].all()) and int(valid.sum()) == len(slots)
+
+
+def test_an_admission_that_fails_admits_none_of_its_caches_and_keeps_its_pages_free(monkeypatch):
+    model, methods = full_cache_and_snapkv()
+    prefilled = [prefill(model, as_compressor(method, model), requests_of([90], [10])[0]) for method in methods]
+    batch = DecodeBatch(model, 3)
+    batch.reserve(FIRST_ROW_PAGE + sum(pages_needed(one) for one in prefilled))
+    free_pages = list(batch.free_pages)
+
+    def failing_write(batch, samples, rows, needed, taken):
+        batch.page_table[rows] = taken[0]
+        batch.live[rows] = 1
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(DecodeBatch, "_write_rows", failing_write)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        batch.admit(prefilled)
+    assert batch.active_rows == [] and batch.free_pages == free_pages
+    assert (batch.page_table == SCRATCH_PAGE).all() and not batch.live.any()
+
+
+def test_out_of_memory_admitting_a_samples_caches_halves_the_batch_and_redoes_them_once(monkeypatch):
+    model, methods = full_cache_and_snapkv()
+    alone = decoded_alone(model, methods)
+    real_admit = DecodeBatch.admit
+    failures = []
+
+    def admit_failing_once_rows_decode(batch, samples):
+        if batch.active_rows and not failures:
+            failures.append(len(samples))
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_admit(batch, samples)
+
+    monkeypatch.setattr(DecodeBatch, "admit", admit_failing_once_rows_decode)
+    results = list(generate_stream(model, methods, grid_requests(methods), 4))
+    assert failures == [2]  # a sample's two configurations, admitted together
+    assert len(results) == len(alone)
+    assert {(r.configuration, r.tag): r.token_ids for r in results} == alone
 
 
 def test_stream_stats_count_each_decoded_token_once():

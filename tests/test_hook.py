@@ -90,7 +90,7 @@ def test_decoding_logits_equal_attention_over_the_kept_keys_at_original_position
 
     prefilled = prefill(model, method, DecodeRequest(prompt, 2, set()))
     batch = DecodeBatch(model, max_rows=2)
-    batch.admit(prefilled)
+    batch.admit([prefilled])
     batch.tokens[0] = next_token
     with torch.inference_mode():
         hooked = batch.logits(1)[0]
