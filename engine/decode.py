@@ -151,10 +151,11 @@ class DecodeBatch:
 
     def _allocate(self, rows: int, pages: int) -> None:
         """(Re)allocate the pool for ``pages`` pages and every row's state for ``rows`` rows, keeping the first
-        ``rows`` rows' contents: their pages move to the front of the new pool, in order.
+        ``rows`` rows' contents: their pages move to the front of the new pool, in order (a new batch, and `shrink`;
+        `reserve` grows the pool without moving pages).
 
-        Layer by layer, each old pool released as soon as its pages moved, so that growing (or, out of memory,
-        shrinking) needs the new size plus one layer's pool, not both sizes whole.
+        Layer by layer, each old pool released as soon as its pages moved, so that shrinking (out of memory) needs
+        the new size plus one layer's pool, not both sizes whole.
         """
         self._drop_graphs()  # captured steps read the old tensors
         kept_rows = min(rows, len(self.row_pages))
@@ -211,6 +212,27 @@ class DecodeBatch:
         self.pages = pages
         self.row_index = torch.arange(rows, device=self.device)
 
+    def _grow(self, pages: int) -> None:
+        """A pool of ``pages`` pages, each page keeping its number (the rows and their state stay as they are).
+
+        Layer by layer, each old pool released as soon as it is copied, so that growing needs the new size plus one
+        layer's pool, not both sizes whole. If an allocation fails part way (out of memory), the layers already grown
+        hold every page at its number and the pool goes on at its old size."""
+        self._drop_graphs()  # captured steps read the old tensors
+        old = self.pages
+        for pool in (self.keys, self.values):
+            for layer in range(self.num_layers):
+                if pool[layer].shape[0] >= pages:  # grown by an earlier attempt that failed part way
+                    continue
+                new = torch.zeros((pages, *pool[layer].shape[1:]), dtype=self.dtype, device=self.device)
+                new[:old] = pool[layer][:old]
+                pool[layer] = new
+        valid = torch.zeros(self.num_layers, pages, PAGE_SLOTS, dtype=torch.bool, device=self.device)
+        valid[:, :old] = self.valid
+        self.valid = valid
+        self.free_pages = list(range(pages - 1, old - 1, -1)) + self.free_pages  # popped from the end: lowest first
+        self.pages = pages
+
     def _lengthen(self, table_pages: int, steps: int) -> None:
         """Page tables of ``table_pages`` entries and eviction schedules of ``steps`` steps for every row, keeping
         what they hold (the pool stays as it is)."""
@@ -248,9 +270,9 @@ class DecodeBatch:
         return self.pages - len(self.free_pages)
 
     def reserve(self, pages: int) -> None:
-        """Grow the pool to ``pages`` pages (keeping every row), if it has fewer."""
+        """Grow the pool to ``pages`` pages (keeping every row and page), if it has fewer."""
         if pages > self.pages:
-            self._allocate(len(self.rows), pages)
+            self._grow(pages)
 
     # -- rows -------------------------------------------------------------------------------------------
 

@@ -205,22 +205,25 @@ def generate_stream(model, methods: Method | Compressor | Sequence[Method | Comp
         fit)."""
         nonlocal memory_said
         candidates = pending[: len(batch.rows) - len(batch.active_rows)]
-        in_use = batch.pages_in_use()
-        required = in_use + sum(pages_needed(prefilled) for prefilled in candidates)
+        required = batch.pages_in_use() + sum(pages_needed(prefilled) for prefilled in candidates)
         pages = batch.pages if required <= batch.pages else max(batch.pages, _pool_pages(batch, required, prefill_room))
-        taken, used = [], in_use
-        for prefilled in candidates:
-            if used + pages_needed(prefilled) <= pages:
-                taken.append(prefilled)
-                used += pages_needed(prefilled)
+        taken = _fitting(batch, candidates, pages)
+        if not taken and candidates and not batch.active_rows:
+            taken = candidates[:1]
+        if taken:
+            try:
+                batch.reserve(max(pages, batch.pages_in_use() + sum(pages_needed(prefilled) for prefilled in taken)))
+            except Exception as error:
+                if not _out_of_memory(error) or not batch.active_rows:
+                    raise
+                # the free memory is there but in pieces too small for a layer's grown pool: the caches that fit the
+                # pool as it is go in, the others wait for rows to finish
+                torch.cuda.empty_cache()
+                taken = _fitting(batch, candidates, batch.pages)
         if len(taken) < len(candidates) and batch.active_rows and not memory_said and say is not None:
             say(f"decode rows bounded by GPU memory: {len(batch.active_rows)} rows hold "
                 f"{batch.pages_in_use()} pages of {batch.page_bytes() / 2**20:.1f} MiB")
             memory_said = True
-        if not taken and candidates and not batch.active_rows:
-            taken, used = candidates[:1], in_use + pages_needed(candidates[0])
-        if taken:
-            batch.reserve(max(pages, used))
         return taken
 
     def place_waiting() -> None:
@@ -303,6 +306,16 @@ def generate_stream(model, methods: Method | Compressor | Sequence[Method | Comp
         stats.row_steps += active_rows
         for row in finished:
             yield _generation(row.prefilled, row.tokens, row.decode_seconds, row.decode_cost_seconds)
+
+
+def _fitting(batch: DecodeBatch, candidates: list[Prefilled], pages: int) -> list[Prefilled]:
+    """The candidates, in order, whose pages fit beside those in use in a pool of ``pages`` pages."""
+    taken, used = [], batch.pages_in_use()
+    for prefilled in candidates:
+        if used + pages_needed(prefilled) <= pages:
+            taken.append(prefilled)
+            used += pages_needed(prefilled)
+    return taken
 
 
 def _pool_pages(batch: DecodeBatch, required: int, prefill_room: int) -> int:

@@ -149,6 +149,58 @@ def test_out_of_memory_admitting_a_samples_caches_halves_the_batch_and_redoes_th
     assert {(r.configuration, r.tag): r.token_ids for r in results} == alone
 
 
+def test_growing_the_pool_keeps_every_page_at_its_number_even_when_it_fails_part_way(monkeypatch):
+    model, methods = full_cache_and_snapkv()
+    prefilled = [prefill(model, as_compressor(method, model), request)
+                 for method, request in zip(methods, requests_of([300, 90], [10, 10]))]
+    batch = DecodeBatch(model, 2)
+    rows = batch.admit(prefilled)
+    pages_before, row_pages = batch.pages, [list(batch.row_pages[row]) for row in rows]
+    contents = [(keys.clone(), values.clone()) for keys, values in zip(batch.keys, batch.values)]
+    grown = batch.pages + 7
+    real_zeros, calls = torch.zeros, []
+
+    def zeros_failing_on_the_third_layer_pool(*shape, **kwargs):  # the keys' two layers grow, the values' first fails
+        if shape and shape[0] == (grown, *batch.keys[0].shape[1:]):
+            calls.append(1)
+            if len(calls) == 3:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_zeros(*shape, **kwargs)
+
+    monkeypatch.setattr(torch, "zeros", zeros_failing_on_the_third_layer_pool)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        batch.reserve(grown)
+    assert batch.pages == pages_before and [len(batch.keys), len(batch.values)] == [2, 2]
+    assert [pool.shape[0] for pool in batch.keys + batch.values] == [grown, grown, pages_before, pages_before]
+    batch.reserve(grown)  # the rest of the layers
+    assert batch.pages == grown and all(pool.shape[0] == grown for pool in batch.keys + batch.values)
+    assert [batch.row_pages[row] for row in rows] == row_pages
+    assert sorted(batch.free_pages) == sorted(set(range(FIRST_ROW_PAGE, grown)) - {p for own in row_pages for p in own})
+    for (keys, values), new_keys, new_values in zip(contents, batch.keys, batch.values):
+        assert torch.equal(new_keys[:pages_before], keys) and torch.equal(new_values[:pages_before], values)
+
+
+def test_a_pool_that_cannot_grow_while_rows_decode_makes_the_caches_wait_not_the_batch_halve(monkeypatch):
+    """Free memory in pieces too small for a grown layer (an H100 grid met it): the caches that fit go in, the rest
+    wait for pages, and every row decodes as alone."""
+    model, methods = full_cache_and_snapkv()
+    alone = decoded_alone(model, methods)
+    real_grow, failures = DecodeBatch._grow, []
+
+    def grow_failing_while_rows_decode(batch, pages):
+        if batch.active_rows:
+            failures.append(pages)
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        real_grow(batch, pages)
+
+    monkeypatch.setattr(DecodeBatch, "_grow", grow_failing_while_rows_decode)
+    said = []
+    results = list(generate_stream(model, methods, grid_requests(methods), 6, say=said.append))
+    assert failures and not any("continuing with" in line for line in said)
+    assert any(line.startswith("decode rows bounded by GPU memory") for line in said)
+    assert len(results) == len(alone) and {(r.configuration, r.tag): r.token_ids for r in results} == alone
+
+
 def test_stream_stats_count_each_decoded_token_once():
     model, methods = full_cache_and_snapkv()
     stats = StreamStats()
