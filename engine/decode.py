@@ -145,6 +145,9 @@ class DecodeBatch:
         self.captures = 0
         self.capture_seconds = 0.0
         self.table_pages = TABLE_GRANULE
+        #: page-table entries the eviction reads: enough for the longest row that evicts (a grid's full-cache rows,
+        #: as long as their prompts, evict nothing), in steps of TABLE_GRANULE
+        self.evict_table_pages = TABLE_GRANULE
         self._allocate(self.max_rows, FIRST_ROW_PAGE)
 
     # -- memory -------------------------------------------------------------------------------------
@@ -296,6 +299,11 @@ class DecodeBatch:
                             if prefilled.evictions is not None), default=0)
         if max(needed) > self.table_pages or needed_steps > self.steps_capacity:
             self._lengthen(-(-max(needed) // TABLE_GRANULE) * TABLE_GRANULE, needed_steps)
+        evicting = max((count for prefilled, count in zip(samples, needed) if prefilled.evictions is not None),
+                       default=0)
+        if evicting > self.evict_table_pages:
+            self._drop_graphs()  # captured steps evict over the old width
+            self.evict_table_pages = -(-evicting // TABLE_GRANULE) * TABLE_GRANULE
         self.reserve(self.pages_in_use() + sum(needed))
         # the lowest free pages, taken from the free list only once the copies are done
         taken = self.free_pages[len(self.free_pages) - sum(needed):][::-1]
@@ -422,10 +430,13 @@ class DecodeBatch:
 
     def evict(self, rows: int) -> None:
         """Clear, in each layer and row, the valid slot the schedule names for this step: the
-        (index + 1)-th valid slot is the index-th entry of the shifted cache."""
+        (index + 1)-th valid slot is the index-th entry of the shifted cache. Over the first `evict_table_pages`
+        entries of the page tables, which hold every slot of a row that evicts."""
         step_index = self.steps_taken[:rows].clamp(max=self.steps_capacity - 1)
         index = self.evictions[:, :rows].gather(2, step_index.view(1, rows, 1).expand(self.num_layers, rows, 1))
-        valid = self.valid_slots(rows)
+        # only as far as the longest evicting row: a row that evicts nothing (index -1) is never cut short, as no
+        # valid slot has rank 0
+        valid = self.valid[:, self.page_table[:rows, : self.evict_table_pages]].flatten(2)
         rank = valid.cumsum(dim=-1, dtype=torch.int32)
         target = (rank == index + 1) & valid
         slot = target.to(torch.uint8).argmax(dim=-1)  # (layers, rows); 0 where nothing is evicted

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from kvbench.engine import generate as generate_module
-from kvbench.engine.decode import (BUCKET_STEP, FIRST_ROW_PAGE, PAGE_SLOTS, SCRATCH_PAGE, DecodeBatch, pages_needed,
-                                   step_rows)
+from kvbench.engine.decode import (BUCKET_STEP, FIRST_ROW_PAGE, PAGE_SLOTS, SCRATCH_PAGE, TABLE_GRANULE, DecodeBatch,
+                                   pages_needed, step_rows, synthetic_cache, synthetic_prefilled)
 from kvbench.engine.generate import StreamStats, as_compressor, generate_stream, pages_within_memory
 from kvbench.engine.prefill import prefill
 from kvbench.methods import build_method
@@ -199,6 +199,39 @@ def test_a_pool_that_cannot_grow_while_rows_decode_makes_the_caches_wait_not_the
     assert failures and not any("continuing with" in line for line in said)
     assert any(line.startswith("decode rows bounded by GPU memory") for line in said)
     assert len(results) == len(alone) and {(r.configuration, r.tag): r.token_ids for r in results} == alone
+
+
+def test_eviction_reads_the_page_tables_only_as_far_as_the_longest_evicting_row(monkeypatch):
+    """A full-cache row of 2,200 slots lengthens every page table to 64 entries; Elastic Cache's rows (the ones that
+    evict) need one page, so the eviction reads 32 entries, and every row decodes as alone."""
+    model = tiny_model("llama", num_layers=2)
+    methods = [build_method("fullkv"), build_method("elastic", capacity=16)]
+    lengths, new_tokens = [2200, 90], [6, 8]
+    alone = {(configuration, r.tag): r.token_ids for configuration, method in enumerate(methods)
+             for r in generate_stream(model, method, requests_of(lengths, new_tokens), 1)}
+    widths, real_evict = [], DecodeBatch.evict
+
+    def recording_evict(batch, rows):
+        widths.append((batch.evict_table_pages, batch.table_pages))
+        real_evict(batch, rows)
+
+    monkeypatch.setattr(DecodeBatch, "evict", recording_evict)
+    requests = requests_of(lengths, new_tokens)
+    for request in requests:
+        request.configurations = (0, 1)
+    results = {(r.configuration, r.tag): r.token_ids for r in generate_stream(model, methods, requests, 4)}
+    assert results == alone
+    assert widths and set(widths) == {(TABLE_GRANULE, 2 * TABLE_GRANULE)}
+
+
+def test_admitting_a_longer_evicting_row_widens_the_eviction_and_drops_the_captured_steps():
+    model, _ = full_cache_and_snapkv()
+    batch = DecodeBatch(model, 2)
+    long_row = synthetic_prefilled(synthetic_cache(model, TABLE_GRANULE * PAGE_SLOTS + 10), 4)
+    long_row.evictions = [[-1] * 3 for _ in range(2)]
+    batch._graphs[(1, True)], batch._graph_pool = ("graph", "output"), ("pool", 0)
+    batch.admit([long_row])
+    assert batch.evict_table_pages == 2 * TABLE_GRANULE and batch._graphs == {} and batch._graph_pool is None
 
 
 def test_stream_stats_count_each_decoded_token_once():
