@@ -333,13 +333,14 @@ class DecodeBatch:
         pages = torch.tensor(taken, dtype=torch.long, device=device)
         row_index = torch.tensor(rows, dtype=torch.long, device=device)
         page_counts = torch.tensor(needed, dtype=torch.long, device=device)
-        kept = torch.tensor([prefilled.kept_per_layer for prefilled in samples], dtype=torch.long, device=device)
+        kept_counts = torch.tensor([prefilled.kept_per_layer for prefilled in samples], dtype=torch.long,
+                                   device=device)  # (samples, layers)
         # each new page's sample and its place among that sample's pages
         page_sample = torch.repeat_interleave(torch.arange(count, device=device), page_counts, output_size=len(taken))
         first_page = torch.cumsum(page_counts, 0) - page_counts
         page_in_row = torch.arange(len(taken), device=device) - first_page[page_sample]
         # every kept slot of every layer and sample, layer by layer: its page and offset in the pool
-        layer_counts = kept.T.reshape(-1)  # (layers x samples), layer-major
+        layer_counts = kept_counts.T.reshape(-1)  # (layers x samples), layer-major
         kept_slots = sum(sum(prefilled.kept_per_layer) for prefilled in samples)
         segment = torch.repeat_interleave(torch.arange(layer_counts.numel(), device=device), layer_counts,
                                           output_size=kept_slots)
@@ -355,10 +356,10 @@ class DecodeBatch:
             for pool, part in ((self.keys, 0), (self.values, 1)):
                 pool[layer][at] = torch.cat([prefilled.kept[layer][part][0].transpose(0, 1) for prefilled in samples])
         page_slots = page_in_row[:, None] * PAGE_SLOTS + torch.arange(PAGE_SLOTS, device=device)
-        self.valid[:, pages] = page_slots[None] < kept.T[:, page_sample, None]
+        self.valid[:, pages] = page_slots[None] < kept_counts.T[:, page_sample, None]
         self.page_table[row_index] = EMPTY_PAGE
         self.page_table[row_index[page_sample], page_in_row] = pages
-        self.write_pos[:, row_index] = kept.T
+        self.write_pos[:, row_index] = kept_counts.T
         self.tokens[row_index] = torch.tensor([prefilled.first_token for prefilled in samples], device=device)
         self.positions[row_index] = torch.tensor([len(prefilled.request.prompt_ids) for prefilled in samples],
                                                  device=device)
