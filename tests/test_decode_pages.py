@@ -380,3 +380,20 @@ def test_cpu_attention_over_rows_of_very_different_lengths_is_each_rows_own_soft
             expected = torch.softmax(keys @ query[row, head, 0] * scaling, dim=0) @ values
             # fp32 sums of at most 330 terms: a few ulps of values of order one
             torch.testing.assert_close(output[row, 0, head], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_gpu_grid_step_script_runs_on_a_tiny_model():
+    """tests/gpu/grid_step.py's measurement, on CPU (eager steps, the plain kernels: the invariant ones are Triton's),
+    so that it works on its first GPU run."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("grid_step_gpu", Path(__file__).parent / "gpu" / "grid_step.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    model, _ = full_cache_and_snapkv()
+    table = script.measure(model, [(1, 130), (3, 20)], [4, 8], steps=2, batch_invariant=False)
+    assert table.bucket.tolist() == [4, 8] and (table.active_rows == 4).all()
+    assert not table.cuda_graph.any() and (table.ms_per_step > 0).all()
+    with pytest.raises(ValueError, match="cannot hold 4 active rows"):
+        script.measure(model, [(1, 130), (3, 20)], [2], steps=1, batch_invariant=False)
