@@ -298,12 +298,12 @@ class DecodeBatch:
         needed_steps = max((prefilled.request.max_new_tokens - 1 for prefilled in samples
                             if prefilled.evictions is not None), default=0)
         if max(needed) > self.table_pages or needed_steps > self.steps_capacity:
-            self._lengthen(-(-max(needed) // TABLE_GRANULE) * TABLE_GRANULE, needed_steps)
+            self._lengthen(_round_up(max(needed), TABLE_GRANULE), needed_steps)
         evicting = max((count for prefilled, count in zip(samples, needed) if prefilled.evictions is not None),
                        default=0)
         if evicting > self.evict_table_pages:
             self._drop_graphs()  # captured steps evict over the old width
-            self.evict_table_pages = -(-evicting // TABLE_GRANULE) * TABLE_GRANULE
+            self.evict_table_pages = _round_up(evicting, TABLE_GRANULE)
         self.reserve(self.pages_in_use() + sum(needed))
         # the lowest free pages, taken from the free list only once the copies are done
         taken = self.free_pages[len(self.free_pages) - sum(needed):][::-1]
@@ -425,9 +425,10 @@ class DecodeBatch:
         """Rows a step runs on: `step_rows` of the highest active row."""
         return step_rows(max(self.active_rows) + 1, len(self.rows))
 
-    def valid_slots(self, rows: int) -> torch.Tensor:
-        """(layers, rows, table entries x PAGE_SLOTS) bool: the first ``rows`` rows' valid bits in slot order."""
-        return self.valid[:, self.page_table[:rows]].flatten(2)
+    def valid_slots(self, rows: int, entries: int | None = None) -> torch.Tensor:
+        """(layers, rows, entries x PAGE_SLOTS) bool: the first ``rows`` rows' valid bits in slot order, over their
+        first ``entries`` page-table entries (all of them if None)."""
+        return self.valid[:, self.page_table[:rows, :entries]].flatten(2)
 
     def evict(self, rows: int) -> None:
         """Clear, in each layer and row, the valid slot the schedule names for this step: the
@@ -437,7 +438,7 @@ class DecodeBatch:
         index = self.evictions[:, :rows].gather(2, step_index.view(1, rows, 1).expand(self.num_layers, rows, 1))
         # only as far as the longest evicting row: a row that evicts nothing (index -1) is never cut short, as no
         # valid slot has rank 0
-        valid = self.valid[:, self.page_table[:rows, : self.evict_table_pages]].flatten(2)
+        valid = self.valid_slots(rows, self.evict_table_pages)
         rank = valid.cumsum(dim=-1, dtype=torch.int32)
         target = (rank == index + 1) & valid
         slot = target.to(torch.uint8).argmax(dim=-1)  # (layers, rows); 0 where nothing is evicted
@@ -568,7 +569,12 @@ def step_rows(rows: int, max_rows: int) -> int:
     multiple of it beyond (each bucket is a CUDA graph of its own)."""
     if rows <= BUCKET_STEP:
         return min(max_rows, 1 << math.ceil(math.log2(rows)))
-    return min(max_rows, -(-rows // BUCKET_STEP) * BUCKET_STEP)
+    return min(max_rows, _round_up(rows, BUCKET_STEP))
+
+
+def _round_up(value: int, step: int) -> int:
+    """The least multiple of ``step`` that is at least ``value``."""
+    return -(-value // step) * step
 
 
 def synthetic_cache(model, cache_tokens: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
