@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -36,6 +37,7 @@ class KvbenchGroup(click.Group):
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         quiet_third_party_progress_bars()
+        use_expandable_cuda_segments()
         try:
             result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except KvbenchError as error:
@@ -54,6 +56,15 @@ class KvbenchGroup(click.Group):
         if standalone_mode:
             sys.exit(result if isinstance(result, int) else 0)
         return result
+
+
+def use_expandable_cuda_segments() -> None:
+    """Let PyTorch's CUDA allocator grow segments in place (unless the user configured it): a grid's decode pool grows
+    layer by layer beside prefills of different lengths, and on an H100 grid the memory that left in pieces (15.8 GiB
+    reserved but unallocated) made the decode step's CUDA graph capture fail for 112 MiB; with expandable segments
+    every capture held. It must be set before CUDA's first allocation, so here, before any command runs."""
+    if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ and "PYTORCH_ALLOC_CONF" not in os.environ:
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
 
 
 @click.group(cls=KvbenchGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -20,6 +20,12 @@ A step is therefore a fixed sequence of tensor operations for a given number of 
 pool size. On CUDA it is captured once per rows bucket as a CUDA graph and replayed; on
 CPU it runs eagerly. If capture fails the batch says so once and runs eagerly.
 
+On CUDA the steps run on a stream of their own, launched (`DecodeBatch.launch`) and collected
+(`DecodeBatch.collect`) apart, so that a step can run on the device while the host prefills the
+next sample on the default stream: a grid's prefill spends much of its time launching small
+kernels, time in which the device would otherwise idle. Whatever changes the batch (admission,
+the pool's growth, halving) first collects the step in flight, and the next step waits for it.
+
 With ``batch_invariant`` the step's reductions run in kernels whose order a row fixes alone
 (`kvbench.engine.invariant`): a sample's tokens are then the same in any batch, beside any
 other samples, wherever its pages lie and whatever the pool's size; the step is captured the same way.
@@ -93,6 +99,17 @@ class Row:
 
 
 @dataclass
+class StepInFlight:
+    """A launched step: its rows, its active rows, when it was launched, and its tokens' arrival on the host (None on
+    CPU, where a step is done when launched)."""
+
+    rows: int
+    active: int
+    launched_at: float
+    done: torch.cuda.Event | None
+
+
+@dataclass
 class FinishedRow:
     prefilled: Prefilled
     tokens: list[int]
@@ -124,6 +141,18 @@ class DecodeBatch:
         self.num_kv_heads, self.head_dim = kv_head_layout(config)
         self.rows = [None] * self.max_rows
         self.use_cuda_graphs = self.use_cuda_graphs and self.device.type == "cuda"
+        on_cuda = self.device.type == "cuda"
+        #: the steps' stream (high priority: a step's latency bounds how many steps fit in a prefill)
+        self._stream = torch.cuda.Stream(self.device, priority=-1) if on_cuda else None
+        #: recorded on the default stream after a change to the batch there; the next step waits for it
+        self._changed: torch.cuda.Event | None = None
+        self._in_flight: StepInFlight | None = None
+        #: each step's tokens land here (pinned, so that the copy does not hold the host)
+        self._host_tokens = torch.zeros(self.max_rows, dtype=torch.long, pin_memory=on_cuda)
+        #: rows finished by collected steps and not yet taken (`take_finished`)
+        self.finished: list[FinishedRow] = []
+        #: steps collected, and their active rows summed (the tokens they produced)
+        self.steps = self.row_steps = 0
         #: pages in the pool, entries of a row's page table, steps of eviction schedule a row can hold
         self.pages = self.table_pages = self.steps_capacity = 0
         #: each row's pages, in slot order (empty: a free row)
@@ -275,7 +304,39 @@ class DecodeBatch:
     def reserve(self, pages: int) -> None:
         """Grow the pool to ``pages`` pages (keeping every row and page), if it has fewer."""
         if pages > self.pages:
-            self._grow(pages)
+            with self._changing():
+                self._grow(pages)
+
+    @contextlib.contextmanager
+    def _changing(self):
+        """Around a change to the batch on the current stream: the step in flight is collected first (its finished
+        rows kept for `take_finished`) and the current stream waits for the steps' stream; the next step waits for
+        the change."""
+        if self._in_flight is not None:
+            self.collect(wait=True)
+        if self._stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self._stream)
+        yield
+        if self._stream is not None:
+            self._changed = torch.cuda.Event()
+            self._changed.record(torch.cuda.current_stream(self.device))
+
+    @contextlib.contextmanager
+    def _on_step_stream(self):
+        """Where steps and what follows them (rows leaving, rows moving down) run: with CUDA graphs the steps' stream,
+        after the last change to the batch; else the current stream (eager steps allocate, and memory cached for one
+        stream is not reused for another: on an H100 grid, eager steps on their own stream ran out of memory)."""
+        if self._stream is None or not self.use_cuda_graphs:
+            if self._stream is not None:  # after anything still running there (a capture that failed, say)
+                torch.cuda.current_stream(self.device).wait_stream(self._stream)
+            with torch.inference_mode():
+                yield
+            return
+        if self._changed is not None:
+            self._stream.wait_event(self._changed)
+            self._changed = None
+        with torch.cuda.stream(self._stream), torch.inference_mode():
+            yield
 
     # -- rows -------------------------------------------------------------------------------------------
 
@@ -291,6 +352,10 @@ class DecodeBatch:
         `reserve` did not); their row indices. All in one go: a grid admits dozens of rows a sample, and on CUDA their
         launches, not their bytes, are the cost, so each layer's keys (and values) of every sample are written in one
         indexed copy. If it fails (out of memory) no sample is admitted and the pool's pages stay free."""
+        with self._changing():
+            return self._admit(samples)
+
+    def _admit(self, samples: list[Prefilled]) -> list[int]:
         rows = [index for index, row in enumerate(self.rows) if row is None][: len(samples)]
         if len(rows) < len(samples):
             raise RuntimeError(f"admit() needs {len(samples)} free rows, the batch has {len(rows)}")
@@ -388,22 +453,28 @@ class DecodeBatch:
     def requeue_rows_from(self, first_row: int) -> list[Prefilled]:
         """Take rows ``first_row`` and beyond out of the batch unfinished (their samples must be redone)."""
         taken = []
-        for index in range(first_row, len(self.rows)):
-            if self.rows[index] is not None:
-                taken.append(self.rows[index].prefilled)
-                self.rows[index] = None
-                self._clear_row(index)
+        with self._changing():
+            for index in range(first_row, len(self.rows)):
+                if self.rows[index] is not None:
+                    taken.append(self.rows[index].prefilled)
+                    self.rows[index] = None
+                    self._clear_row(index)
         return taken
 
     def shrink(self, rows: int) -> None:
         """Keep only the first ``rows`` rows (the caller requeued the others), in a pool of just their pages."""
-        self.rows = self.rows[:rows]
-        live = sum(len(own) for own in self.row_pages[:rows])
-        self._allocate(rows, FIRST_ROW_PAGE + live)
+        with self._changing():
+            self.rows = self.rows[:rows]
+            live = sum(len(own) for own in self.row_pages[:rows])
+            self._allocate(rows, FIRST_ROW_PAGE + live)
 
     def compact(self) -> None:
         """Move the active rows to the lowest indices, so that steps run on the smallest bucket (their pages
         stay where they are: only the page tables and the rows' state move)."""
+        with self._changing():
+            self._compact()
+
+    def _compact(self) -> None:
         active = self.active_rows
         for target, source in enumerate(active):
             if target == source:
@@ -484,7 +555,7 @@ class DecodeBatch:
         it)."""
         return self.valid, self.write_pos, self.tokens, self.positions, self.steps_taken
 
-    def take_tokens(self, tokens: list[int], cost_seconds: float) -> list[FinishedRow]:
+    def _take_tokens(self, tokens: list[int], cost_seconds: float) -> list[FinishedRow]:
         """Each active row's token of a step (``tokens``: one per row of the step, by row index), its share of the
         step's time; the rows that finished leave the batch."""
         finished = []
@@ -526,19 +597,21 @@ class DecodeBatch:
     def _capture(self, rows: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         started = time.perf_counter()
         state = [tensor.clone() for tensor in self.step_state()]
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream), torch.inference_mode():
-            for _ in range(SPARE_SLOTS):  # warm-up: allocations and lazy initialisation happen outside the graph
-                self._eager_step(rows)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        self._restore(state)
-        if self._graph_pool is None:
-            self._graph_pool = torch.cuda.graph_pool_handle()  # one pool for every bucket: steps never overlap
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._graph_pool), torch.inference_mode():
-            output = self._eager_step(rows)
-        self._restore(state)
+        try:
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream), torch.inference_mode():
+                for _ in range(SPARE_SLOTS):  # warm-up: allocations and lazy initialisation happen outside the graph
+                    self._eager_step(rows)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            self._restore(state)
+            if self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()  # one pool for every bucket: steps never overlap
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._graph_pool), torch.inference_mode():
+                output = self._eager_step(rows)
+        finally:  # also when the warm-up or the capture fails (out of memory, say): the rows go on from where they were
+            self._restore(state)
         self.captures += 1
         self.capture_seconds += time.perf_counter() - started
         return graph, output
@@ -547,18 +620,84 @@ class DecodeBatch:
         for tensor, before in zip(self.step_state(), state):
             tensor.copy_(before)
 
-    @torch.inference_mode()
+    @property
+    def in_flight(self) -> bool:
+        """A step was launched and not yet collected."""
+        return self._in_flight is not None
+
+    def launch(self, replay_only: bool = False) -> bool:
+        """Start a decode step for every active row (on CUDA returning at once); whether one started. With
+        ``replay_only`` only a step that replays a graph already captured, as the prefill launches them between its
+        layers (a capture would synchronize the device and take memory): the smallest that holds the rows where they
+        are, else, once they moved down, the smallest that holds them."""
+        if self._in_flight is not None:
+            raise RuntimeError("a decode step is already in flight: collect it first")
+        active_rows = self.active_rows
+        active = len(active_rows)
+        if not active:
+            return False
+        if replay_only:  # the smallest captured step that holds the rows, moved down only if none holds them as they are
+            rows = self._captured_bucket(max(active_rows) + 1)
+            compacting = rows is None
+            if compacting:
+                rows = self._captured_bucket(active)
+            if rows is None:
+                return False
+        else:
+            # rows that finished left gaps below the highest: a smaller bucket holds the rest once they move down
+            compacting = step_rows(active, len(self.rows)) < self.bucket()
+        with self._on_step_stream():
+            if compacting:
+                self._compact()
+            if not replay_only:
+                rows = self.bucket()
+            launched_at = time.perf_counter()
+            output = self._captured_step(rows) if self.use_cuda_graphs else None
+            if output is None:
+                output = self._eager_step(rows)
+            self._host_tokens[:rows].copy_(output, non_blocking=True)
+            done = None
+            if self._stream is not None:
+                done = torch.cuda.Event()
+                done.record()  # on the stream the step ran on
+        self._in_flight = StepInFlight(rows, active, launched_at, done)
+        return True
+
+    def _captured_bucket(self, rows: int) -> int | None:
+        """The fewest rows, at least ``rows``, of a step already captured for the batch's eviction (None: none)."""
+        if not self.use_cuda_graphs:
+            return None
+        evicting = self.evictions is not None
+        return min((bucket for bucket, evicts in self._graphs if evicts == evicting and bucket >= rows), default=None)
+
+    def collect(self, wait: bool) -> bool:
+        """Take the tokens of the step in flight, if there is one and it is done (``wait``: wait for it): the rows
+        that finished leave the batch, into `finished`. Whether a step was collected."""
+        flight = self._in_flight
+        if flight is None or (flight.done is not None and not wait and not flight.done.query()):
+            return False
+        if flight.done is not None:
+            flight.done.synchronize()
+        self._in_flight = None
+        tokens = self._host_tokens[: flight.rows].tolist()
+        self.steps += 1
+        self.row_steps += flight.active
+        with self._on_step_stream():  # the finished rows' clearing follows the step on its stream
+            self.finished += self._take_tokens(tokens, (time.perf_counter() - flight.launched_at) / flight.active)
+        return True
+
+    def take_finished(self) -> list[FinishedRow]:
+        """The rows finished since the last call."""
+        finished, self.finished = self.finished, []
+        return finished
+
     def step(self) -> list[FinishedRow]:
-        """One decode step for every active row; the rows that finished (and left the batch)."""
-        if step_rows(len(self.active_rows), len(self.rows)) < self.bucket():
-            self.compact()  # rows that finished left gaps below the highest: a smaller bucket holds the rest
-        rows = self.bucket()
-        started = time.perf_counter()
-        output = self._captured_step(rows) if self.use_cuda_graphs else None
-        if output is None:
-            output = self._eager_step(rows)
-        tokens = output.tolist()  # waits for the step
-        return self.take_tokens(tokens, (time.perf_counter() - started) / len(self.active_rows))
+        """One decode step for every active row (the one in flight, if one is); the rows that finished since the last
+        `take_finished` (and left the batch)."""
+        if self._in_flight is None:
+            self.launch()
+        self.collect(wait=True)
+        return self.take_finished()
 
 
 _capture_failure_said = False

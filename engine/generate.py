@@ -12,6 +12,11 @@ grid's compressed rows and its full-cache rows decode in one batch, each costing
 memory; on CUDA the pool grows within free memory (less the next prefill's room), and
 caches wait for rows to finish when it cannot.
 
+On CUDA the rows go on decoding while the next sample prefills: after each of the prefill's
+layers the step in flight is collected if it is done, and the next launched, a replay of a step
+already captured, on the batch's own stream (`DecodeBatch.launch`). A grid's prefill spends much
+of its time launching the methods' small kernels, time in which the device would otherwise wait.
+
 Out of GPU memory with several rows, the batch is halved (said once) and the rows that no
 longer fit are redone later; nothing finished is lost and nothing is produced twice. Out of
 memory with a sample alone is one error line naming the sample and its prompt length.
@@ -129,12 +134,14 @@ class StreamStats:
     prefill_seconds: float = 0.0
     #: copying prefilled caches into decode rows (and growing the pool for them)
     admit_seconds: float = 0.0
-    #: in decode steps, from launch to their tokens on the host, CUDA graph captures included
+    #: in decode steps outside the prefills, from launch to their tokens on the host, CUDA graph captures included
     step_seconds: float = 0.0
     #: of which capturing CUDA graphs (warm-up steps included)
     capture_seconds: float = 0.0
     captures: int = 0
     steps: int = 0
+    #: of which launched during a prefill (CUDA graph replays running beside it)
+    steps_in_prefill: int = 0
     #: active rows over all steps (the tokens the steps produced)
     row_steps: int = 0
 
@@ -149,7 +156,10 @@ def generate_stream(model, methods: Method | Compressor | Sequence[Method | Comp
     step (None: `auto_batch_size`); yields each row as it finishes. Prefills run their per-token modules in
     chunks of ``chunk_tokens`` positions; with ``batch_invariant`` decode steps run the batch-invariant kernels
     (`kvbench.engine.invariant`), so a row's tokens do not depend on the other rows. ``stats``, if given, is
-    filled as the stream runs.
+    filled as the stream runs. With CUDA graphs the rows decode while the next sample prefills: between the
+    prefill's layers a finished step is collected and the next one launched, a replay of a captured step on the
+    batch's own stream (on the CPU nothing is captured, and steps wait for the prefill). Only which steps rows
+    share changes with it, which a row's tokens do not depend on with ``batch_invariant``.
 
     Every row's cache lies in pages of the batch's pool, as many as it needs. On CUDA the pool grows within the
     free memory less what the largest prefill so far needed beyond the memory in use (the next prefill's room);
@@ -229,6 +239,7 @@ def generate_stream(model, methods: Method | Compressor | Sequence[Method | Comp
     def place_waiting() -> None:
         """Admit every waiting cache there is room for, in one admission; out of memory, halve the batch and redo the
         sample's rest."""
+        batch.collect(wait=True)  # the step in flight first: the rows it finishes give their pages back
         pending = list(waiting)
         waiting.clear()
         try:
@@ -245,6 +256,20 @@ def generate_stream(model, methods: Method | Compressor | Sequence[Method | Comp
         admitted = {id(prefilled) for prefilled in taken}
         waiting.extend(prefilled for prefilled in pending if id(prefilled) not in admitted)
 
+    def keep_decoding() -> None:
+        """Between a prefill's layers: collect the step in flight if it is done, and launch the next as a replay."""
+        batch.collect(wait=False)
+        if not batch.in_flight and batch.launch(replay_only=True):
+            stats.steps_in_prefill += 1
+
+    def finished_rows(finished: list[FinishedRow] | None = None) -> Iterator[Generation]:
+        """``finished``, or the rows that finished in steps collected since the last call (between a prefill's
+        layers, or by a change to the batch)."""
+        stats.steps, stats.row_steps = batch.steps, batch.row_steps
+        stats.capture_seconds, stats.captures = batch.capture_seconds, batch.captures
+        for row in batch.take_finished() if finished is None else finished:
+            yield _generation(row.prefilled, row.tokens, row.decode_seconds, row.decode_cost_seconds)
+
     device = model.get_input_embeddings().weight.device
     stats = stats if stats is not None else StreamStats()
     while True:
@@ -253,6 +278,7 @@ def generate_stream(model, methods: Method | Compressor | Sequence[Method | Comp
                 started = time.perf_counter()
                 place_waiting()
                 stats.admit_seconds += time.perf_counter() - started
+                yield from finished_rows()  # admission collects the step in flight
                 if waiting:
                     break  # a cache waits for a row or pages: decode first
                 continue
@@ -266,7 +292,8 @@ def generate_stream(model, methods: Method | Compressor | Sequence[Method | Comp
             in_use = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
             started = time.perf_counter()
             try:
-                prefilled = prefill_shared(model, compressors, request, chunk_tokens)
+                keep_decoding()  # the rows decode from the prefill's start (out of memory is handled as the prefill's)
+                prefilled = prefill_shared(model, compressors, request, chunk_tokens, between_layers=keep_decoding)
             except Exception as error:
                 if not _out_of_memory(error):
                     raise
@@ -280,6 +307,7 @@ def generate_stream(model, methods: Method | Compressor | Sequence[Method | Comp
                 halve(request)
                 continue
             stats.prefill_seconds += time.perf_counter() - started
+            yield from finished_rows()
             if prefilled[0].peak_memory_bytes is not None:
                 prefill_room = max(prefill_room, prefilled[0].peak_memory_bytes - in_use)
             for one in prefilled:
@@ -288,24 +316,22 @@ def generate_stream(model, methods: Method | Compressor | Sequence[Method | Comp
                 else:
                     waiting.append(one)
         if not batch.active_rows:
+            yield from finished_rows()
             if not waiting and exhausted and not redo:
                 return
             continue
         decode_first = False
-        started, active_rows = time.perf_counter(), len(batch.active_rows)
+        started = time.perf_counter()
         try:
-            finished: list[FinishedRow] = batch.step()
+            finished = batch.step()
         except Exception as error:
             if not _out_of_memory(error) or len(batch.rows) == 1:
                 raise
             halve(None)
+            yield from finished_rows()
             continue
         stats.step_seconds += time.perf_counter() - started
-        stats.capture_seconds, stats.captures = batch.capture_seconds, batch.captures
-        stats.steps += 1
-        stats.row_steps += active_rows
-        for row in finished:
-            yield _generation(row.prefilled, row.tokens, row.decode_seconds, row.decode_cost_seconds)
+        yield from finished_rows(finished)
 
 
 def _fitting(batch: DecodeBatch, candidates: list[Prefilled], pages: int) -> list[Prefilled]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -55,6 +56,9 @@ class PrefillSession:
     observing: bool = False
     #: per configuration, per layer, the stored (keys, values), each (1, num_kv_heads, kept, head_dim)
     kept: list[list[tuple[torch.Tensor, torch.Tensor] | None]] = field(default_factory=list)
+    #: called after each layer's compression (the decode batch launches its next step there, so that decoding
+    #: overlaps the prefill on the device)
+    between_layers: Callable[[], None] | None = None
 
     def __post_init__(self) -> None:
         self.kept = [[None] * self.num_layers for _ in self.samples]
@@ -75,6 +79,8 @@ class PrefillSession:
                 gather_index = selection.indices.unsqueeze(-1).expand(-1, -1, -1, key.shape[-1])
                 kept_keys, kept_values = key.gather(2, gather_index), value.gather(2, gather_index)
             kept[layer.layer_idx] = (kept_keys, kept_values)
+        if self.between_layers is not None:
+            self.between_layers()
 
 
 @dataclass
@@ -244,12 +250,14 @@ def attention_modules(model) -> list[torch.nn.Module]:
 
 @contextlib.contextmanager
 def active(model, session: PrefillSession | DecodeSession | ExtendSession):
-    """Make ``session`` active on every attention module for the duration of a forward pass."""
+    """Make ``session`` active on every attention module for the duration of a forward pass, then what was active
+    before (a decode step may run inside a prefill's forward, between its layers)."""
     modules = attention_modules(model)
+    before = [getattr(module, "kvbench_session", None) for module in modules]
     for module in modules:
         module.kvbench_session = session
     try:
         yield session
     finally:
-        for module in modules:
-            module.kvbench_session = None
+        for module, previous in zip(modules, before):
+            module.kvbench_session = previous

@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,8 +115,9 @@ def _prefill_attention(model):
 
 
 def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device``'s current stream (not for a decode step running beside it on its own)."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        torch.cuda.current_stream(device).synchronize()
 
 
 def eviction_schedule(state: SampleCompression, kept_per_layer: list[int], prompt_length: int,
@@ -155,12 +156,13 @@ def prefill(model, compressor: Compressor, request: DecodeRequest,
 
 @torch.inference_mode()
 def prefill_shared(model, compressors: Sequence[Compressor], request: DecodeRequest,
-                   chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> list[Prefilled]:
+                   chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                   between_layers: Callable[[], None] | None = None) -> list[Prefilled]:
     """Prefill one prompt through the hook once for the configurations ``request.configurations`` names
     (indices into ``compressors``); each keeps what it chooses of each layer (of the tokens before
     ``request.question_start``, the question then extending each configuration's compressed cache, and
     giving each its own first token). The per-token modules run in chunks of ``chunk_tokens`` positions
-    (`kvbench.engine.chunked`)."""
+    (`kvbench.engine.chunked`). ``between_layers`` is called after each layer (`PrefillSession`)."""
     install_hook(model)
     install_chunking(model, chunk_tokens)
     device = model.get_input_embeddings().weight.device
@@ -180,9 +182,9 @@ def prefill_shared(model, compressors: Sequence[Compressor], request: DecodeRequ
         if any(state.needs_scoring_pass for state in states):
             # Per-layer budgets that depend on every layer's scores (PrefixKV online) need them before the
             # first layer is compressed: one prefill that only scores, nothing kept.
-            with active(model, PrefillSession(states, num_layers, observing=True)):
+            with active(model, PrefillSession(states, num_layers, observing=True, between_layers=between_layers)):
                 model(input_ids=input_ids, position_ids=positions, use_cache=False, logits_to_keep=1)
-        session = PrefillSession(states, num_layers)
+        session = PrefillSession(states, num_layers, between_layers=between_layers)
         with active(model, session):
             logits = model(input_ids=input_ids, position_ids=positions, use_cache=False, logits_to_keep=1).logits[0, -1]
     for kept in session.kept:

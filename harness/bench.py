@@ -461,11 +461,13 @@ def _grid_total(model, mode: str, rows: int, configuration_rows: list[dict], gen
 
 def stream_figures(stats: StreamStats) -> dict:
     """Where the stream's time went: prefills, admitting caches into rows, decode steps (of which CUDA graph
-    captures), and how many rows a step ran on average."""
+    captures, and how many ran during prefills, beside them on the device), how many rows a step ran on average,
+    and the wall time of a step outside the prefills."""
+    outside = stats.steps - stats.steps_in_prefill
     return {"admit_s": round(stats.admit_seconds, 2), "step_s": round(stats.step_seconds, 2),
             "capture_s": round(stats.capture_seconds, 2), "captures": stats.captures, "decode_steps": stats.steps,
-            "rows_per_step": round(stats.row_steps / max(stats.steps, 1), 1),
-            "step_ms": round(stats.step_seconds / max(stats.steps, 1) * 1e3, 2)}
+            "steps_in_prefill": stats.steps_in_prefill, "rows_per_step": round(stats.row_steps / max(stats.steps, 1), 1),
+            "step_ms": round(stats.step_seconds / max(outside, 1) * 1e3, 2)}
 
 
 def first_difference(first: list[int], second: list[int]) -> int | None:

@@ -258,7 +258,7 @@ def test_every_step_runs_on_the_smallest_bucket_its_active_rows_need_and_tokens_
     model, methods = full_cache_and_snapkv()
     alone = decoded_alone(model, methods)
     steps, compactions = [], []
-    real_eager_step, real_compact = DecodeBatch._eager_step, DecodeBatch.compact
+    real_eager_step, real_compact = DecodeBatch._eager_step, DecodeBatch._compact
 
     def recording_eager_step(batch, rows):
         steps.append((rows, len(batch.active_rows), max(batch.active_rows) + 1))
@@ -269,7 +269,7 @@ def test_every_step_runs_on_the_smallest_bucket_its_active_rows_need_and_tokens_
         real_compact(batch)
 
     monkeypatch.setattr(DecodeBatch, "_eager_step", recording_eager_step)
-    monkeypatch.setattr(DecodeBatch, "compact", recording_compact)
+    monkeypatch.setattr(DecodeBatch, "_compact", recording_compact)
     assert decoded_as_a_grid(model, methods, 6) == alone
     assert all(rows == step_rows(active, 6) and highest <= rows for rows, active, highest in steps)
     assert compactions and any(rows < 6 for rows, _, _ in steps)
@@ -397,3 +397,36 @@ def test_the_gpu_grid_step_script_runs_on_a_tiny_model():
     assert not table.cuda_graph.any() and (table.ms_per_step > 0).all()
     with pytest.raises(ValueError, match="cannot hold 4 active rows"):
         script.measure(model, [(1, 130), (3, 20)], [2], steps=1, batch_invariant=False)
+
+
+def test_rows_decoding_between_a_prefills_layers_give_the_tokens_they_give_alone(monkeypatch):
+    """What a CUDA run does with captured steps (a step launched after each layer of the next sample's prefill and
+    collected at a later one, rows finishing mid-prefill, admissions collecting the step in flight), here with eager
+    steps on the CPU: each row's tokens are those it gives alone, each token is counted once, and steps did run
+    during the prefills."""
+    model, methods = full_cache_and_snapkv()
+    alone = decoded_alone(model, methods)
+    real_launch = DecodeBatch.launch
+    monkeypatch.setattr(DecodeBatch, "launch", lambda batch, replay_only=False: real_launch(batch))
+    stats = StreamStats()
+    assert decoded_as_a_grid(model, methods, 4, stats=stats) == alone
+    assert stats.steps_in_prefill > 0
+    assert stats.row_steps == sum(len(tokens) - 1 for tokens in alone.values())
+
+
+def test_a_change_to_the_batch_collects_the_step_in_flight_first():
+    """Admitting a sample while a step is in flight: the step's tokens are taken first (its finished rows kept until
+    asked for), so the new row starts from its own first token and the others go on where they were."""
+    model, _ = full_cache_and_snapkv()
+    kept = synthetic_cache(model, 40)
+    batch = DecodeBatch(model, 3)
+    batch.admit([synthetic_prefilled(kept, 2), synthetic_prefilled(kept, 5)])
+    assert batch.launch() and batch.in_flight
+    with pytest.raises(RuntimeError, match="in flight"):
+        batch.launch()
+    batch.admit([synthetic_prefilled(kept, 5)])
+    assert not batch.in_flight and batch.steps == 1
+    finished = batch.take_finished()
+    assert [len(row.tokens) for row in finished] == [2]  # the two-token row finished in the collected step
+    assert sorted(len(batch.rows[index].tokens) for index in batch.active_rows) == [1, 2]  # new row, old row
+    assert not batch.launch(replay_only=True)  # nothing captured on the CPU: no step between a prefill's layers

@@ -161,9 +161,9 @@ def test_a_grid_killed_midway_resumes_each_folder_and_skips_complete_ones(tmp_pa
     prefilled = []
     real_prefill = generate_module.prefill_shared
 
-    def counting_prefill(model, compressors, request, *args):
+    def counting_prefill(model, compressors, request, *args, **options):
         prefilled.append(request.configurations)
-        return real_prefill(model, compressors, request, *args)
+        return real_prefill(model, compressors, request, *args, **options)
 
     monkeypatch.setattr(generate_module, "prefill_shared", counting_prefill)
     summaries = run_grid_in_process(loaded, methods, plan(out, longbench_mini))
@@ -187,9 +187,9 @@ def test_a_question_agnostic_grid_writes_what_separate_question_agnostic_runs_wr
     prefilled, extended = [], []
     real_prefill, real_extend = generate_module.prefill_shared, prefill_module.extend
 
-    def counting_prefill(model, compressors, request, *args):
+    def counting_prefill(model, compressors, request, *args, **options):
         prefilled.append((request.configurations, request.question_start))
-        return real_prefill(model, compressors, request, *args)
+        return real_prefill(model, compressors, request, *args, **options)
 
     def counting_extend(model, kept, new_ids, first_position):
         extended.append(first_position)

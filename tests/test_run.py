@@ -120,6 +120,18 @@ def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("configured", [None, "PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"])
+def test_commands_let_the_cuda_allocator_grow_segments_unless_the_user_configured_it(configured, monkeypatch):
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        monkeypatch.setenv(name, "")  # recorded, so that the test's end restores what was there
+        monkeypatch.delenv(name)
+    if configured:
+        monkeypatch.setenv(configured, "max_split_size_mb:128")
+    assert CliRunner().invoke(main, ["--version"]).exit_code == 0
+    expected = {None: "expandable_segments:True", "PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"}.get(configured)
+    assert os.environ.get("PYTORCH_CUDA_ALLOC_CONF") == expected
+
+
 LAUNCHED = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29518"}
 
 
