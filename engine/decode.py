@@ -182,65 +182,19 @@ class DecodeBatch:
     # -- memory -------------------------------------------------------------------------------------
 
     def _allocate(self, rows: int, pages: int) -> None:
-        """(Re)allocate the pool for ``pages`` pages and every row's state for ``rows`` rows, keeping the first
-        ``rows`` rows' contents: their pages move to the front of the new pool, in order (a new batch, and `shrink`;
-        `reserve` grows the pool without moving pages).
-
-        Layer by layer, each old pool released as soon as its pages moved, so that shrinking (out of memory) needs
-        the new size plus one layer's pool, not both sizes whole.
-        """
-        self._drop_graphs()  # captured steps read the old tensors
-        kept_rows = min(rows, len(self.row_pages))
-        live = [page for row in range(kept_rows) for page in self.row_pages[row]]
-        if pages < FIRST_ROW_PAGE + len(live):
-            raise ValueError(f"a pool of {pages} pages cannot hold the {len(live)} pages in use")
-        moved = slice(FIRST_ROW_PAGE, FIRST_ROW_PAGE + len(live))
-        live_index = torch.tensor(live, dtype=torch.long, device=self.device)
+        """A new batch's pool of ``pages`` pages and the state of ``rows`` free rows."""
         shape = (pages, self.num_kv_heads, PAGE_SLOTS, self.head_dim)
-        for pool in (self.keys, self.values):
-            for layer in range(self.num_layers):
-                new = torch.zeros(shape, dtype=self.dtype, device=self.device)
-                if layer < len(pool):
-                    if live:
-                        new[moved] = pool[layer][live_index]
-                    pool[layer] = new
-                else:
-                    pool.append(new)
-        valid = torch.zeros(self.num_layers, pages, PAGE_SLOTS, dtype=torch.bool, device=self.device)
-        if live:
-            valid[:, moved] = self.valid[:, live_index]
-        valid[:, SCRATCH_PAGE, 0] = True
-        renumbered, next_page = [], FIRST_ROW_PAGE
-        for row in range(rows):
-            own = self.row_pages[row] if row < kept_rows else []
-            renumbered.append(list(range(next_page, next_page + len(own))))
-            next_page += len(own)
-        self.row_pages = renumbered
-        self.free_pages = list(range(pages - 1, next_page - 1, -1))  # popped from the end: lowest first
-        page_table = torch.full((rows, self.table_pages), EMPTY_PAGE, dtype=torch.long)
-        for row, own in enumerate(renumbered):
-            if own:
-                page_table[row, : len(own)] = torch.tensor(own)
-            else:
-                page_table[row] = SCRATCH_PAGE
-        write_pos = torch.zeros(self.num_layers, rows, dtype=torch.long, device=self.device)
-        tokens, positions, steps_taken, live_rows = (torch.zeros(rows, dtype=torch.long, device=self.device)
-                                                    for _ in range(4))
-        evictions = None
-        if self.steps_capacity:
-            evictions = torch.full((self.num_layers, rows, self.steps_capacity), -1, dtype=torch.int32,
-                                   device=self.device)
-        if kept_rows and self.pages:
-            write_pos[:, :kept_rows] = self.write_pos[:, :kept_rows]
-            for new, old in ((tokens, self.tokens), (positions, self.positions), (steps_taken, self.steps_taken),
-                             (live_rows, self.live)):
-                new[:kept_rows] = old[:kept_rows]
-            if evictions is not None:
-                evictions[:, :kept_rows] = self.evictions[:, :kept_rows]
-        self.valid, self.page_table = valid, page_table.to(self.device)
-        self.write_pos, self.tokens, self.positions, self.steps_taken, self.live = (
-            write_pos, tokens, positions, steps_taken, live_rows)
-        self.evictions = evictions
+        self.keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        self.values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        self.valid = torch.zeros(self.num_layers, pages, PAGE_SLOTS, dtype=torch.bool, device=self.device)
+        self.valid[:, SCRATCH_PAGE, 0] = True
+        self.row_pages = [[] for _ in range(rows)]
+        self.free_pages = list(range(pages - 1, FIRST_ROW_PAGE - 1, -1))  # popped from the end: lowest first
+        self.page_table = torch.full((rows, self.table_pages), SCRATCH_PAGE, dtype=torch.long, device=self.device)
+        self.write_pos = torch.zeros(self.num_layers, rows, dtype=torch.long, device=self.device)
+        self.tokens, self.positions, self.steps_taken, self.live = (
+            torch.zeros(rows, dtype=torch.long, device=self.device) for _ in range(4))
+        self.evictions = None
         self.pages = pages
         self.row_index = torch.arange(rows, device=self.device)
 
@@ -254,13 +208,13 @@ class DecodeBatch:
         old = self.pages
         for pool in (self.keys, self.values):
             for layer in range(self.num_layers):
-                if pool[layer].shape[0] >= pages:  # grown by an earlier attempt that failed part way
+                if pool[layer].shape[0] >= pages:  # grown by an earlier attempt, or not cut by a shrink, that failed part way
                     continue
                 new = torch.zeros((pages, *pool[layer].shape[1:]), dtype=self.dtype, device=self.device)
                 new[:old] = pool[layer][:old]
                 pool[layer] = new
         valid = torch.zeros(self.num_layers, pages, PAGE_SLOTS, dtype=torch.bool, device=self.device)
-        valid[:, :old] = self.valid
+        valid[:, :old] = self.valid[:, :old]
         self.valid = valid
         self.free_pages = list(range(pages - 1, old - 1, -1)) + self.free_pages  # popped from the end: lowest first
         self.pages = pages
@@ -462,11 +416,52 @@ class DecodeBatch:
         return taken
 
     def shrink(self, rows: int) -> None:
-        """Keep only the first ``rows`` rows (the caller requeued the others), in a pool of just their pages."""
+        """Keep only the first ``rows`` rows (the caller requeued the others), in a pool of just their pages: moved
+        to the front in row order, then each layer's pool cut to that size.
+
+        It runs when memory ran out, so whatever it needs is allocated before anything changes (one layer's live
+        pages as a buffer, the rows' new state); the pages then move through the buffer, and the layers are cut one
+        by one: running out of memory there leaves the layers not yet cut longer than needed, every page already at
+        its new number in all of them."""
         with self._changing():
-            self.rows = self.rows[:rows]
-            live = sum(len(own) for own in self.row_pages[:rows])
-            self._allocate(rows, FIRST_ROW_PAGE + live)
+            self._drop_graphs()  # captured steps read the old tensors
+            live = [page for own in self.row_pages[:rows] for page in own]
+            pages = FIRST_ROW_PAGE + len(live)
+            renumbered, next_page = [], FIRST_ROW_PAGE
+            for own in self.row_pages[:rows]:
+                renumbered.append(list(range(next_page, next_page + len(own))))
+                next_page += len(own)
+            page_table = torch.full((rows, self.table_pages), EMPTY_PAGE, dtype=torch.long)
+            for row, own in enumerate(renumbered):
+                if own:
+                    page_table[row, : len(own)] = torch.tensor(own)
+                else:
+                    page_table[row] = SCRATCH_PAGE
+            page_table = page_table.to(self.device)
+            kept_state = [tensor[:rows].clone() for tensor in (self.tokens, self.positions, self.steps_taken, self.live)]
+            write_pos = self.write_pos[:, :rows].clone()
+            evictions = self.evictions[:, :rows].clone() if self.evictions is not None else None
+            source = torch.tensor(live, dtype=torch.long, device=self.device)
+            moved = slice(FIRST_ROW_PAGE, pages)
+            moved_valid = self.valid[:, source]
+            buffer = torch.empty((len(live), *self.keys[0].shape[1:]), dtype=self.dtype, device=self.device)
+            # nothing is allocated from here until the batch is whole again
+            for pool in (self.keys, self.values):
+                for layer in range(self.num_layers):
+                    torch.index_select(pool[layer], 0, source, out=buffer)
+                    pool[layer][moved].copy_(buffer)
+            self.valid[:, moved] = moved_valid
+            del buffer, moved_valid
+            self.rows, self.row_pages = self.rows[:rows], renumbered
+            self.free_pages = list(range(pages - 1, next_page - 1, -1))  # popped from the end: lowest first
+            self.page_table, self.write_pos, self.evictions = page_table, write_pos, evictions
+            self.tokens, self.positions, self.steps_taken, self.live = kept_state
+            self.row_index = self.row_index[:rows].clone()
+            self.pages = pages
+            self.valid = self.valid[:, :pages].clone()
+            for pool in (self.keys, self.values):
+                for layer in range(self.num_layers):
+                    pool[layer] = pool[layer][:pages].clone()
 
     def compact(self) -> None:
         """Move the active rows to the lowest indices, so that steps run on the smallest bucket (their pages

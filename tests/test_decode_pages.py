@@ -180,6 +180,50 @@ def test_growing_the_pool_keeps_every_page_at_its_number_even_when_it_fails_part
         assert torch.equal(new_keys[:pages_before], keys) and torch.equal(new_values[:pages_before], values)
 
 
+def test_shrinking_moves_the_pages_to_the_front_and_a_cut_failing_part_way_leaves_the_rows_decoding(monkeypatch):
+    """Shrinking runs out of memory's way: the rows' pages move to the front in row order, then each layer is cut to
+    the new size; when a cut fails (out of memory) part way, the layers not yet cut stay longer, every page already at
+    its new number, and the rows decode on as alone."""
+    model, methods = full_cache_and_snapkv()
+    lengths, new_tokens = [300, 90, 200], [3, 12, 12]
+    alone = {r.tag: r.token_ids for r in generate_stream(model, methods[0], requests_of(lengths, new_tokens), 1)}
+    compressor = as_compressor(methods[0], model)
+    batch = DecodeBatch(model, 3)
+    batch.admit([prefill(model, compressor, request) for request in requests_of(lengths, new_tokens)])
+    finished = []
+    while not finished:  # the 300-token row finishes first: its pages, the lowest, are free
+        finished += batch.step()
+    assert [row.prefilled.request.tag for row in finished] == [0] and min(batch.free_pages) == FIRST_ROW_PAGE
+    live = [page for own in batch.row_pages for page in own]
+    contents = [(keys[live].clone(), values[live].clone()) for keys, values in zip(batch.keys, batch.values)]
+    valid = batch.valid[:, live].clone()
+    pages = FIRST_ROW_PAGE + len(live)
+    real_clone, cuts = torch.Tensor.clone, []
+
+    def clone_failing_on_the_third_layer_cut(tensor, *args, **kwargs):  # the keys' two layers are cut, then it fails
+        if tensor.dim() == 4 and tensor.shape[0] == pages:
+            cuts.append(1)
+            if len(cuts) == 3:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_clone(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "clone", clone_failing_on_the_third_layer_cut)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        batch.shrink(3)
+    monkeypatch.undo()
+    assert batch.pages == pages and batch.free_pages == [] and batch.valid.shape[1] == pages
+    assert [pool.shape[0] > pages for pool in batch.keys + batch.values] == [False, False, True, True]
+    assert [page for own in batch.row_pages for page in own] == list(range(FIRST_ROW_PAGE, pages))
+    for (keys, values), new_keys, new_values in zip(contents, batch.keys, batch.values):
+        assert torch.equal(new_keys[FIRST_ROW_PAGE:pages], keys) and torch.equal(new_values[FIRST_ROW_PAGE:pages], values)
+    assert torch.equal(batch.valid[:, FIRST_ROW_PAGE:pages], valid)
+    while batch.active_rows:
+        finished += batch.step()
+    assert {row.prefilled.request.tag: row.tokens for row in finished} == alone
+    batch.reserve(pages + 3)  # growing after it keeps every page at its number
+    assert batch.pages == pages + 3 and all(pool.shape[0] >= pages + 3 for pool in batch.keys + batch.values)
+
+
 def test_a_pool_that_cannot_grow_while_rows_decode_makes_the_caches_wait_not_the_batch_halve(monkeypatch):
     """Free memory in pieces too small for a grown layer (an H100 grid met it): the caches that fit go in, the rest
     wait for pages, and every row decodes as alone."""
