@@ -153,14 +153,8 @@ class DecodeBatch:
         self.finished: list[FinishedRow] = []
         #: steps collected, and their active rows summed (the tokens they produced)
         self.steps = self.row_steps = 0
-        #: pages in the pool, entries of a row's page table, steps of eviction schedule a row can hold
-        self.pages = self.table_pages = self.steps_capacity = 0
-        #: each row's pages, in slot order (empty: a free row)
-        self.row_pages: list[list[int]] = [[] for _ in self.rows]
-        self.free_pages: list[int] = []
-        self.keys: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
-        self.evictions: torch.Tensor | None = None
+        #: steps of eviction schedule a row can hold
+        self.steps_capacity = 0
         self._short_circuit_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)
         # device scalars for the step's masked writes: a Python value would be copied from the host, which a CUDA
         # graph capture refuses
@@ -173,28 +167,33 @@ class DecodeBatch:
         #: graphs captured, and the seconds they took (warm-up steps included)
         self.captures = 0
         self.capture_seconds = 0.0
+        #: entries of a row's page table
         self.table_pages = TABLE_GRANULE
         #: page-table entries the eviction reads: enough for the longest row that evicts (a grid's full-cache rows,
         #: as long as their prompts, evict nothing), in steps of TABLE_GRANULE
         self.evict_table_pages = TABLE_GRANULE
-        self._allocate(self.max_rows, FIRST_ROW_PAGE)
+        self._allocate()
 
     # -- memory -------------------------------------------------------------------------------------
 
-    def _allocate(self, rows: int, pages: int) -> None:
-        """A new batch's pool of ``pages`` pages and the state of ``rows`` free rows."""
+    def _allocate(self) -> None:
+        """A new batch's pool (the pages no row owns only) and the state of its rows, all free."""
+        rows, pages = self.max_rows, FIRST_ROW_PAGE
         shape = (pages, self.num_kv_heads, PAGE_SLOTS, self.head_dim)
+        #: per layer, the key and value pools
         self.keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
         self.values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
         self.valid = torch.zeros(self.num_layers, pages, PAGE_SLOTS, dtype=torch.bool, device=self.device)
         self.valid[:, SCRATCH_PAGE, 0] = True
-        self.row_pages = [[] for _ in range(rows)]
-        self.free_pages = list(range(pages - 1, FIRST_ROW_PAGE - 1, -1))  # popped from the end: lowest first
+        #: each row's pages, in slot order (empty: a free row)
+        self.row_pages: list[list[int]] = [[] for _ in range(rows)]
+        self.free_pages: list[int] = []  # popped from the end: lowest first
         self.page_table = torch.full((rows, self.table_pages), SCRATCH_PAGE, dtype=torch.long, device=self.device)
         self.write_pos = torch.zeros(self.num_layers, rows, dtype=torch.long, device=self.device)
         self.tokens, self.positions, self.steps_taken, self.live = (
             torch.zeros(rows, dtype=torch.long, device=self.device) for _ in range(4))
-        self.evictions = None
+        self.evictions: torch.Tensor | None = None
+        #: pages in the pool
         self.pages = pages
         self.row_index = torch.arange(rows, device=self.device)
 
