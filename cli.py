@@ -303,7 +303,7 @@ def bench_command(workload, model, method_specs, lengths, capacities, new_tokens
                   steps, data_dir, limit, alone_limit, batch_size, grid, alone_eager, batch_invariant, max_length,
                   tokenizer, dtype, attn, device, out):
     """Speed and memory of the engine: prefill, decode and peak memory side by side, medians from one process."""
-    from kvbench.engine.prefill import prefill_attention_kernels
+    from kvbench.engine.prefill import prefill_kernels
     from kvbench.harness import bench
     from kvbench.runfolder import check_writable_folder
 
@@ -337,7 +337,9 @@ def bench_command(workload, model, method_specs, lengths, capacities, new_tokens
     loaded = bench.load_bench_model(model, dtype, attn, device)
     say = lambda line: click.echo(line, err=True)  # noqa: E731
     precision = str(loaded.model.dtype).replace("torch.", "")
-    header = (f"model {loaded.name}, {precision}, prefill attention {prefill_attention_kernels(loaded.model)}, "
+    kernels = prefill_kernels(loaded.model)
+    header = (f"model {loaded.name}, {precision}, prefill attention {kernels['prefill_attention']}, "
+              f"RMSNorm {kernels['prefill_rms_norm']}, rotary {kernels['prefill_rotary']}, "
               f"device {bench.device_description(loaded.model)}, "
               f"{'batch-invariant' if invariant else 'plain'} decode kernels")
     if workload == "prompts":

@@ -102,27 +102,28 @@ def check_invariance(model) -> None:
         raise KvbenchError(f"--batch-invariant: {gap}; pass --no-batch-invariant")
 
 
-def _replacements(model) -> list[tuple[torch.nn.Module, str, object]]:
-    """(module, attribute, forward) for every module to swap, found once per model. An accelerate hook
-    (--device-map) keeps the module's own forward as ``_old_forward`` and wraps it: that one is swapped."""
-    found = getattr(model, "_kvbench_invariant_forwards", None)
+def _replacements(model, cache_attribute: str, forward_of) -> list[tuple[torch.nn.Module, str, object]]:
+    """(module, attribute, forward) for every module ``forward_of`` gives a forward, found once per model (kept in
+    ``cache_attribute``). An accelerate hook (--device-map) keeps the module's own forward as ``_old_forward`` and
+    wraps it: that one is swapped."""
+    found = getattr(model, cache_attribute, None)
     if found is None:
         found = []
         for module in model.modules():
-            forward = _invariant_forward(module)
+            forward = forward_of(module)
             if forward:
                 attribute = "_old_forward" if "_old_forward" in module.__dict__ else "forward"
                 found.append((module, attribute, forward))
-        model._kvbench_invariant_forwards = found
+        setattr(model, cache_attribute, found)
     return found
 
 
 @contextlib.contextmanager
-def invariant_forwards(model):
-    """Within the block, every linear layer and RMSNorm of ``model`` runs its batch-invariant kernel."""
+def _swapped(replacements: list[tuple[torch.nn.Module, str, object]]):
+    """Within the block, each module's ``attribute`` is the given forward; what it was is put back after."""
     swapped = []
     try:
-        for module, attribute, forward in _replacements(model):
+        for module, attribute, forward in replacements:
             swapped.append((module, attribute, module.__dict__.get(attribute, _MISSING)))
             setattr(module, attribute, forward)
         yield
@@ -132,3 +133,25 @@ def invariant_forwards(model):
                 delattr(module, attribute)
             else:
                 setattr(module, attribute, previous)
+
+
+def invariant_forwards(model):
+    """Within the block, every linear layer and RMSNorm of ``model`` runs its batch-invariant kernel."""
+    return _swapped(_replacements(model, "_kvbench_invariant_forwards", _invariant_forward))
+
+
+def _rms_norm_only(module: torch.nn.Module):
+    return functools.partial(_rms_norm_forward, module) if isinstance(module, _rms_norm_classes()) else None
+
+
+def has_kernel_rms_norms(model) -> bool:
+    """Whether ``model`` has RMSNorms `kernel_rms_norms` runs by the kernel (those of the supported families)."""
+    return bool(_replacements(model, "_kvbench_kernel_rms_norms", _rms_norm_only))
+
+
+def kernel_rms_norms(model):
+    """Within the block, every RMSNorm of the supported families runs `invariant_rms_norm`: one pass over the
+    hidden states where the module's own forward makes eight (a float32 copy, its square, the mean, the product,
+    the rounding, the weight), each reading and writing the whole tensor. Same arithmetic, the mean of squares
+    summed in another order (tests/test_batch_invariant.py bounds the difference)."""
+    return _swapped(_replacements(model, "_kvbench_kernel_rms_norms", _rms_norm_only))

@@ -33,7 +33,7 @@ from typing import Any
 from kvbench.console import progress_bar
 from kvbench.errors import KvbenchError
 from kvbench.engine.generate import Generation, eos_token_ids, generate_stream
-from kvbench.engine.prefill import DecodeRequest, prefill_attention_kernels
+from kvbench.engine.prefill import DecodeRequest, prefill_kernels
 from kvbench.harness.model import LoadedModel, ModelDescription
 from kvbench.harness.parallel import World, barrier, main_decides, shard, total_over_processes
 from kvbench.methods.base import Compressor, Method
@@ -265,7 +265,7 @@ def _check_identity(run_dir: Path, previous: dict[str, Any], identity: dict[str,
                            "or move that folder away")
 
 
-def _write_run_file(run: OpenRun, model: ModelDescription, device: str, prefill_attention: str) -> None:
+def _write_run_file(run: OpenRun, model: ModelDescription, device: str, prefill: dict[str, str]) -> None:
     previous = run.previous
     planned = {name: len(samples) for name, samples in run.samples_by_task.items()}
     write_json(run.run_dir / RUN_FILE, {
@@ -277,8 +277,9 @@ def _write_run_file(run: OpenRun, model: ModelDescription, device: str, prefill_
         "question_agnostic": run.plan.question_agnostic,
         "dtype": model.dtype,
         "attention": model.attention,
-        # the kernels the prefill may use, fastest first (changes rounding only, like the device)
-        "prefill_attention": prefill_attention,
+        # the prefill's kernels: attention's, fastest first, and the RMSNorm's (they change rounding only, like the
+        # device)
+        **prefill,
         "device": device,
         "batch_invariant": run.plan.batch_invariant,
         "data_dir": None if run.plan.data_dir is None else str(Path(run.plan.data_dir).resolve()),
@@ -317,7 +318,7 @@ def execute_runs(runs: list[OpenRun], loaded: LoadedModel, report: Callable[[str
     if world.is_main:
         for run in runs:
             _write_run_file(run, ModelDescription.of(loaded), str(loaded.model.device),
-                            prefill_attention_kernels(loaded.model))
+                            prefill_kernels(loaded.model))
             for task in plan.tasks:
                 read_rows_for_resume(result_path(run.run_dir, task.name))  # cut a line a crash left unfinished
     barrier(world)  # nobody appends before a cut line is gone

@@ -16,7 +16,7 @@ import torch
 from tiny_models import random_prompt, tiny_model
 
 from kvbench.engine.decode import PAGE_SLOTS, DecodeBatch
-from kvbench.engine.generate import generate_stream
+from kvbench.engine.generate import as_compressor, generate_stream
 from kvbench.engine.invariant_kernels import (LARGE_TILES, LARGE_TILES_FROM_ROWS, LINEAR_TILES, decode_attention,
                                               invariant_linear, invariant_rms_norm)
 from kvbench.engine.prefill import DecodeRequest
@@ -287,7 +287,33 @@ def engine_checks(device: str, use_cuda_graphs: bool = False) -> dict:
         }
         alone[method.name] = tokens[1], logits[1]
     outcome["grid"] = grid_check(model, alone, use_cuda_graphs)
+    outcome["prefill rms norm"] = prefill_rms_norm_check(device)
     return outcome
+
+
+def prefill_rms_norm_check(device: str) -> dict:
+    """A float32 SnapKV prefill of a tiny model with its RMSNorms run by the kernel (as prefills on CUDA run them,
+    `kvbench.engine.prefill`) against the model's own: whether every layer keeps the same positions and the first
+    token is the same. The norms differ only in the order of the mean of squares' float32 sum (a few float32 units),
+    so the kept keys agree to far below the distance between different tokens' keys."""
+    from unittest import mock
+
+    from kvbench.engine import prefill as prefill_module
+    from kvbench.engine.invariant import kernel_rms_norms
+    from kvbench.engine.prefill import prefill_shared
+
+    model = tiny_model("llama", num_layers=2).to(device=device, dtype=torch.float32)
+    compressor = as_compressor(build_method("snapkv", capacity=40, window_size=8), model)
+    request = DecodeRequest(random_prompt(150, seed=5), 4, set())
+    with mock.patch.object(prefill_module, "_kernel_norms_apply", return_value=False):
+        own = prefill_shared(model, [compressor], request)[0]
+        with kernel_rms_norms(model):
+            kernel = prefill_shared(model, [compressor], request)[0]
+    same_kept = all(torch.allclose(mine, theirs, rtol=1e-4, atol=1e-5)
+                    for layer_own, layer_kernel in zip(own.kept, kernel.kept)
+                    for mine, theirs in zip(layer_own, layer_kernel))
+    return {"kept as the model's norms keep": own.kept_per_layer == kernel.kept_per_layer and same_kept,
+            "first token as the model's norms give": own.first_token == kernel.first_token}
 
 
 def same_logits(logits: dict, reference: dict) -> bool:

@@ -57,6 +57,7 @@ def assert_engine_invariant(outcome: dict, logits_recorded: bool) -> None:
         assert checks["forwards restored"], (method, checks)
         if logits_recorded:
             assert checks["steps recorded"] > 0 and checks["logits identical"], (method, checks)
+    assert all(outcome["prefill rms norm"].values()), outcome["prefill rms norm"]
     grid = outcome["grid"]
     assert grid["configurations in one step"] == 2 and grid["tokens identical"], grid
     if logits_recorded:
@@ -169,6 +170,20 @@ def test_the_forwards_are_swapped_inside_the_block_only():
     assert model.model.norm.forward is wrapped
 
 
+def test_the_prefill_norms_swap_only_the_rms_norms_and_only_on_cuda():
+    from kvbench.engine.invariant import kernel_rms_norms
+    from kvbench.engine.prefill import prefill_kernels
+
+    model = tiny_model("qwen2", num_layers=2)
+    norms = [module for module in model.modules() if type(module).__name__.endswith("RMSNorm")]
+    assert len(norms) == 2 * 2 + 1
+    with kernel_rms_norms(model):
+        assert all("forward" in module.__dict__ for module in norms)
+        assert not any("forward" in module.__dict__ for module in model.modules() if type(module) is torch.nn.Linear)
+    assert not any("forward" in module.__dict__ for module in norms)
+    assert prefill_kernels(model)["prefill_rms_norm"] == "model"  # on the CPU the model's own norms
+
+
 def test_the_mode_is_part_of_the_identity_and_cpu_identities_are_unchanged(tmp_path, longbench_mini):
     loaded = tiny_loaded_model("llama", num_layers=2)
     method = build_method("snapkv", capacity=32)
@@ -177,6 +192,7 @@ def test_the_mode_is_part_of_the_identity_and_cpu_identities_are_unchanged(tmp_p
     summary = run_benchmark(loaded, method, plain)
     recorded = json.loads((summary.run_dir / "run.json").read_text())
     assert recorded["batch_invariant"] is False
+    assert recorded["prefill_rms_norm"] == recorded["prefill_rotary"] == "model"
     assert "batch_invariant" not in recorded["identity"]  # as before the mode existed
     invariant_plan = RunPlan(**{**plain.__dict__, "batch_invariant": True})
     with pytest.raises(KvbenchError, match="batch_invariant: null -> true"):

@@ -2,7 +2,7 @@
 # Every GPU figure of the README in one call, tables under $OUT (a folder per phase).
 #
 #   tests/gpu/measure.sh PHASE...     PHASE: smoke, kernel, sweep, tiles, decode, prefill, long, workload, exactness,
-#                                     invariance, grid, grid-alone, grid-profile, grid-step, agnostic (or all)
+#                                     invariance, grid, grid-alone, grid-profile, prefill-kernels, grid-step, agnostic (or all)
 #
 # Runs on a CUDA machine where `python3` has torch; packages it lacks come as wheels in .whl/
 # (click, tqdm, tabulate, rouge, pytest and its needs, and the transformers kvbench is tested with),
@@ -17,7 +17,7 @@ export PYTHONPATH=/tmp/site:/tmp/pkg PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 MINI=.dev-assets/longbench-mini
 TOKENIZER=.dev-assets/tokenizer
 phases=("$@")
-[[ " ${phases[*]} " == *" all "* ]] && phases=(smoke kernel decode prefill long workload exactness invariance grid grid-alone grid-step agnostic)
+[[ " ${phases[*]} " == *" all "* ]] && phases=(smoke kernel decode prefill long workload exactness invariance grid grid-alone prefill-kernels grid-step agnostic)
 
 offline_prefixkv_profile() {  # an offline PrefixKV profile for the random model (uniform per-layer ratios)
   python3 - <<'PY'
@@ -95,6 +95,11 @@ for phase in "${phases[@]}"; do
     python3 tests/gpu/grid_profile.py --data-dir "$MINI" --tokenizer "$TOKENIZER" --limit "${GRID_LIMIT:-1}" \
       --methods fullkv,streamingllm,h2o,snapkv,pyramidkv,windowkv:task_type=qa,prefixkv:prefix_config=/tmp/prefixkv-profile.json,elastic \
       --out "$OUT/grid-profile" 2>&1 | tee "$OUT/grid-profile/log.txt"
+    ;;
+  prefill-kernels)  # the prefill's kernels by device time at 6.5k and 32k tokens, and kvbench's RMSNorm against the
+                    # model's (alternated, medians)
+    python3 tests/gpu/prefill_kernels.py --lengths 6554,32768 --out "$OUT/prefill-kernels" 2>&1 \
+      | tee "$OUT/prefill-kernels/log.txt"
     ;;
   grid-step)  # a grid-shaped decode step (275 rows of 600 cached tokens, 11 of 7,000, all evicting) on 512 and on
                # 320 rows, as CUDA graphs, and its kernels by device time
