@@ -339,7 +339,7 @@ def bench_command(workload, model, method_specs, lengths, capacities, new_tokens
     precision = str(loaded.model.dtype).replace("torch.", "")
     kernels = prefill_kernels(loaded.model)
     header = (f"model {loaded.name}, {precision}, prefill attention {kernels['prefill_attention']}, "
-              f"RMSNorm {kernels['prefill_rms_norm']}, rotary {kernels['prefill_rotary']}, "
+              f"RMSNorm {kernels['prefill_rms_norm']}, rotary and MLP gate {kernels['prefill_elementwise']}, "
               f"device {bench.device_description(loaded.model)}, "
               f"{'batch-invariant' if invariant else 'plain'} decode kernels")
     if workload == "prompts":

@@ -119,7 +119,7 @@ def _replacements(model, cache_attribute: str, forward_of) -> list[tuple[torch.n
 
 
 @contextlib.contextmanager
-def _swapped(replacements: list[tuple[torch.nn.Module, str, object]]):
+def swapped_forwards(replacements: list[tuple[torch.nn.Module, str, object]]):
     """Within the block, each module's ``attribute`` is the given forward; what it was is put back after."""
     swapped = []
     try:
@@ -137,7 +137,7 @@ def _swapped(replacements: list[tuple[torch.nn.Module, str, object]]):
 
 def invariant_forwards(model):
     """Within the block, every linear layer and RMSNorm of ``model`` runs its batch-invariant kernel."""
-    return _swapped(_replacements(model, "_kvbench_invariant_forwards", _invariant_forward))
+    return swapped_forwards(_replacements(model, "_kvbench_invariant_forwards", _invariant_forward))
 
 
 def _rms_norm_only(module: torch.nn.Module):
@@ -154,4 +154,4 @@ def kernel_rms_norms(model):
     hidden states where the module's own forward makes eight (a float32 copy, its square, the mean, the product,
     the rounding, the weight), each reading and writing the whole tensor. Same arithmetic, the mean of squares
     summed in another order (tests/test_batch_invariant.py bounds the difference)."""
-    return _swapped(_replacements(model, "_kvbench_kernel_rms_norms", _rms_norm_only))
+    return swapped_forwards(_replacements(model, "_kvbench_kernel_rms_norms", _rms_norm_only))

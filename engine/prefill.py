@@ -122,14 +122,14 @@ def _kernel_norms_apply(model) -> bool:
     return _triton_on_cuda(model) and has_kernel_rms_norms(model)
 
 
-def _kernel_rotary_applies(model) -> bool:
-    """Whether the prefill's rotary embedding runs kvbench's kernel (`kvbench.engine.rotary`, the model's bits): on
-    CUDA, for the families it knows."""
+def _kernel_elementwise_applies(model) -> bool:
+    """Whether the prefill's rotary embedding and MLP gate run kvbench's kernels (`kvbench.engine.elementwise`, the
+    model's roundings): on CUDA, for the families it knows."""
     if not _triton_on_cuda(model):
         return False
-    from kvbench.engine.rotary import has_kernel_rotary
+    from kvbench.engine.elementwise import has_kernel_elementwise
 
-    return has_kernel_rotary(model)
+    return has_kernel_elementwise(model)
 
 
 def _triton_on_cuda(model) -> bool:
@@ -138,23 +138,23 @@ def _triton_on_cuda(model) -> bool:
 
 def prefill_kernels(model) -> dict[str, str]:
     """The prefill's kernels as run.json records them (they change rounding only, like the device): attention's,
-    fastest first, and whether kvbench's kernels run its RMSNorms and its rotary embedding."""
+    fastest first, and whether kvbench's kernels run its RMSNorms, and its rotary embedding and MLP gate."""
     ours = "kvbench triton kernel"
     return {"prefill_attention": prefill_attention_kernels(model),
             "prefill_rms_norm": ours if _kernel_norms_apply(model) else "model",
-            "prefill_rotary": ours if _kernel_rotary_applies(model) else "model"}
+            "prefill_elementwise": ours if _kernel_elementwise_applies(model) else "model"}
 
 
 def _prefill_kernels(model):
-    """The prefill's kernel choices: its SDPA kernels, its RMSNorms and its rotary embedding."""
+    """The prefill's kernel choices: its SDPA kernels, its RMSNorms, its rotary embedding and MLP gate."""
     stack = contextlib.ExitStack()
     stack.enter_context(_prefill_attention(model))
     if _kernel_norms_apply(model):
         stack.enter_context(kernel_rms_norms(model))
-    if _kernel_rotary_applies(model):
-        from kvbench.engine.rotary import kernel_rotary
+    if _kernel_elementwise_applies(model):
+        from kvbench.engine.elementwise import kernel_elementwise
 
-        stack.enter_context(kernel_rotary(model))
+        stack.enter_context(kernel_elementwise(model))
     return stack
 
 

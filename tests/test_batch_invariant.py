@@ -192,7 +192,7 @@ def test_the_mode_is_part_of_the_identity_and_cpu_identities_are_unchanged(tmp_p
     summary = run_benchmark(loaded, method, plain)
     recorded = json.loads((summary.run_dir / "run.json").read_text())
     assert recorded["batch_invariant"] is False
-    assert recorded["prefill_rms_norm"] == recorded["prefill_rotary"] == "model"
+    assert recorded["prefill_rms_norm"] == recorded["prefill_elementwise"] == "model"
     assert "batch_invariant" not in recorded["identity"]  # as before the mode existed
     invariant_plan = RunPlan(**{**plain.__dict__, "batch_invariant": True})
     with pytest.raises(KvbenchError, match="batch_invariant: null -> true"):

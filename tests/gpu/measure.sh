@@ -32,7 +32,7 @@ for phase in "${phases[@]}"; do
   case $phase in
   smoke)  # versions, the CUDA tests (graphs equal eager, the kernels against PyTorch, batch invariance)
     python3 -c "import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__, torch.cuda.get_device_name())"
-    python3 -m pytest -q -p no:cacheprovider tests/test_decode.py tests/test_attention_mass.py tests/test_batch_invariant.py tests/test_elastic.py tests/test_windowkv.py \
+    python3 -m pytest -q -p no:cacheprovider tests/test_decode.py tests/test_attention_mass.py tests/test_batch_invariant.py tests/test_elastic.py tests/test_windowkv.py tests/test_elementwise.py \
       -k "cuda or triton" -rs 2>&1 | tee "$OUT/smoke/tests.txt"
     ;;
   kernel)  # the fused attention-mass kernel against the chunked PyTorch path and causal SDPA

@@ -1,12 +1,13 @@
-"""Which kernels a prefill runs and what they cost, and the prefill with the model's RMSNorms and rotary embedding
-beside kvbench's kernels for them (a script, not a test).
+"""Which kernels a prefill runs and what they cost, and the prefill with the model's RMSNorms, rotary embedding
+and MLP gate beside kvbench's kernels for them (a script, not a test).
 
     python tests/gpu/prefill_kernels.py --lengths 6554,32768 --out OUT
 
 Random weights of Llama-3-8B's shape, bf16, sdpa, one random prompt per length. Per length and method, the
-prefill (`prefill_shared`) with the kernels the engine picks on CUDA (kvbench's RMSNorm and rotary kernels) and
-with the model's own is timed alternately in this process, first round discarded, medians of ``--repeats``; then one prefill of each
-is profiled and its device time summed by kernel and by kind (matmul, attention, normalisation, elementwise).
+prefill (`prefill_shared`) with the kernels the engine picks on CUDA (kvbench's RMSNorm, rotary and SiLU-gate
+kernels) and with the model's own is timed alternately in this process, first round discarded, medians of
+``--repeats``; then one prefill of each is profiled and its device time summed by kernel and by kind (matmul,
+attention, normalisation, elementwise).
 Writes prefill_kernels.md (the timings, model TFLOP/s, and the kernel tables).
 """
 
@@ -44,10 +45,11 @@ def kind_of(kernel: str) -> str:
 
 
 def kernels(variant: str):
-    """The prefill with kvbench's RMSNorm and rotary kernels (as the engine runs it on CUDA) or the model's own."""
+    """The prefill with kvbench's RMSNorm, rotary and SiLU-gate kernels (as the engine runs it on CUDA) or the
+    model's own."""
     ours = variant == "kvbench kernels"
     stack = contextlib.ExitStack()
-    for choice in ("_kernel_norms_apply", "_kernel_rotary_applies"):
+    for choice in ("_kernel_norms_apply", "_kernel_elementwise_applies"):
         stack.enter_context(mock.patch.object(prefill_module, choice, return_value=ours))
     return stack
 
