@@ -161,9 +161,13 @@ def _silu_mlps(model) -> list[torch.nn.Module]:
             if isinstance(module, classes) and type(getattr(module, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")]
 
 
-def has_kernel_elementwise(model) -> bool:
-    """Whether `kernel_elementwise` changes anything for ``model`` (a supported family)."""
-    return bool(_modeling_modules(model))
+def kernel_elementwise_parts(model) -> list[str]:
+    """What `kernel_elementwise` runs by its kernels for ``model`` (a supported family in a dtype they take): the
+    rotary embedding in bfloat16, the SiLU gate in bfloat16 or float16; none for other models."""
+    if not _modeling_modules(model):
+        return []
+    dtype = model.get_input_embeddings().weight.dtype
+    return (["rotary"] if dtype == torch.bfloat16 else []) + (["silu gate"] if dtype in _HALF_DTYPES else [])
 
 
 @contextlib.contextmanager

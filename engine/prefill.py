@@ -123,13 +123,17 @@ def _kernel_norms_apply(model) -> bool:
 
 
 def _kernel_elementwise_applies(model) -> bool:
-    """Whether the prefill's rotary embedding and MLP gate run kvbench's kernels (`kvbench.engine.elementwise`, the
-    model's roundings): on CUDA, for the families it knows."""
-    if not _triton_on_cuda(model):
-        return False
-    from kvbench.engine.elementwise import has_kernel_elementwise
+    """Whether the prefill's rotary embedding or MLP gate run kvbench's kernels (`kvbench.engine.elementwise`, the
+    model's roundings): on CUDA, for the families and dtypes they take."""
+    return bool(_kernel_elementwise_parts(model))
 
-    return has_kernel_elementwise(model)
+
+def _kernel_elementwise_parts(model) -> list[str]:
+    if not _triton_on_cuda(model):
+        return []
+    from kvbench.engine.elementwise import kernel_elementwise_parts
+
+    return kernel_elementwise_parts(model)
 
 
 def _triton_on_cuda(model) -> bool:
@@ -138,11 +142,11 @@ def _triton_on_cuda(model) -> bool:
 
 def prefill_kernels(model) -> dict[str, str]:
     """The prefill's kernels as run.json records them (they change rounding only, like the device): attention's,
-    fastest first, and whether kvbench's kernels run its RMSNorms, and its rotary embedding and MLP gate."""
-    ours = "kvbench triton kernel"
+    fastest first, and which of its RMSNorms, rotary embedding and MLP gate kvbench's kernels run."""
+    elementwise = _kernel_elementwise_parts(model)
     return {"prefill_attention": prefill_attention_kernels(model),
-            "prefill_rms_norm": ours if _kernel_norms_apply(model) else "model",
-            "prefill_elementwise": ours if _kernel_elementwise_applies(model) else "model"}
+            "prefill_rms_norm": "kvbench triton kernel" if _kernel_norms_apply(model) else "model",
+            "prefill_elementwise": f"kvbench triton kernels: {', '.join(elementwise)}" if elementwise else "model"}
 
 
 def _prefill_kernels(model):

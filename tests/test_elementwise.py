@@ -10,6 +10,7 @@ relative eps) and the product with it: eps from the SiLU plus half an eps from t
 the check allows two units of the dtype.
 """
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -87,13 +88,18 @@ def assert_exact(outcome: dict, cases: int) -> None:
     assert len(outcome) == cases and not any(outcome.values()), outcome
 
 
+def interpret(part: str) -> dict:
+    """This file's ``part`` under Triton's CPU interpreter, in a subprocess; its outcome."""
+    environment = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, __file__, part], env=environment, capture_output=True, text=True,
+                            timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.skipif(not HAS_TRITON or HAS_CUDA, reason="needs triton; on a GPU the CUDA test runs the kernels")
 def test_the_kernels_under_the_interpreter_give_the_models_results():
-    environment = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run([sys.executable, __file__], env=environment, capture_output=True, text=True, timeout=600,
-                            check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert_exact(json.loads(result.stdout.strip().splitlines()[-1]), 2 + 2 + 1)
+    assert_exact(interpret("kernels"), 2 + 2 + 1)
 
 
 @pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs CUDA and triton")
@@ -101,11 +107,50 @@ def test_the_cuda_kernels_give_the_models_bits():
     assert_exact(elementwise_outcome("cuda"), 2 + 2 + 2 + 1)
 
 
+def prefill_outcome(device: str, gate: bool) -> dict:
+    """A bfloat16 SnapKV prefill of a tiny Llama with the elementwise kernels (the SiLU gate's only if ``gate``)
+    against one with the model's code: kept values that differ, and whether the first token is the same. The
+    RMSNorm stays the model's (its kernel rounds otherwise, within a tolerance)."""
+    from unittest import mock
+
+    from kvbench.engine import elementwise
+    from kvbench.engine import prefill as prefill_module
+    from kvbench.engine.generate import as_compressor
+    from kvbench.engine.prefill import DecodeRequest, prefill_shared
+    from kvbench.methods import build_method
+    from tiny_models import random_prompt, tiny_model  # tests/ is on the path under pytest and as a script
+
+    model = tiny_model("llama", num_layers=2).to(device, torch.bfloat16)
+    compressor = as_compressor(build_method("snapkv", capacity=40, window_size=8), model)
+    request = DecodeRequest(random_prompt(150, seed=5), 4, set())
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.object(prefill_module, "_kernel_norms_apply", return_value=False))
+        if not gate:
+            stack.enter_context(mock.patch.object(elementwise, "silu_gate_applies", return_value=False))
+        with mock.patch.object(prefill_module, "_kernel_elementwise_applies", return_value=False):
+            own = prefill_shared(model, [compressor], request)[0]
+        with mock.patch.object(prefill_module, "_kernel_elementwise_applies", return_value=True):
+            kernels = prefill_shared(model, [compressor], request)[0]
+    differing = sum(_differing(theirs, mine) for layer_own, layer_kernels in zip(own.kept, kernels.kept)
+                    for mine, theirs in zip(layer_own, layer_kernels))
+    return {"kept values differing": differing, "first token differs": int(kernels.first_token != own.first_token)}
+
+
+@pytest.mark.skipif(not HAS_TRITON or HAS_CUDA, reason="needs triton; on a GPU the CUDA test runs the kernels")
+def test_a_prefill_with_the_rotary_kernel_under_the_interpreter_keeps_the_models_cache_bit_for_bit():
+    assert_exact(interpret("prefill"), 2)
+
+
+@pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON), reason="needs CUDA and triton")
+def test_a_cuda_prefill_with_the_kernels_keeps_the_models_cache_bit_for_bit():
+    assert_exact(prefill_outcome("cuda", gate=True), 2)
+
+
 def test_the_kernels_are_swapped_inside_the_block_only_for_the_supported_families():
     from transformers.models.llama import modeling_llama
 
     from kvbench.engine.chunked import install_chunking
-    from kvbench.engine.elementwise import has_kernel_elementwise, kernel_elementwise
+    from kvbench.engine.elementwise import kernel_elementwise, kernel_elementwise_parts
     from tests.tiny_models import tiny_model
 
     model = tiny_model("llama", num_layers=2)
@@ -118,12 +163,15 @@ def test_the_kernels_are_swapped_inside_the_block_only_for_the_supported_familie
         assert all(mlp.forward.args[1] == 16 for mlp in mlps)  # still chunked, at the model's chunk length
     assert modeling_llama.apply_rotary_pos_emb is rotary_before
     assert [mlp.forward for mlp in mlps] == forwards_before
-    assert has_kernel_elementwise(model)
-    assert not has_kernel_elementwise(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    assert kernel_elementwise_parts(model) == []  # float32: the model's code
+    assert kernel_elementwise_parts(model.to(torch.float16)) == ["silu gate"]
+    assert kernel_elementwise_parts(model.to(torch.bfloat16)) == ["rotary", "silu gate"]
+    assert kernel_elementwise_parts(torch.nn.Sequential(torch.nn.Embedding(2, 2))) == []
 
 
-if __name__ == "__main__":  # under TRITON_INTERPRET=1, from the test above
+if __name__ == "__main__":  # under TRITON_INTERPRET=1, from `interpret`
     from triton_interpreter import round_bfloat16_casts_to_nearest
 
     round_bfloat16_casts_to_nearest()
-    print(json.dumps(elementwise_outcome("cpu")))
+    part = sys.argv[1]
+    print(json.dumps(elementwise_outcome("cpu") if part == "kernels" else prefill_outcome("cpu", gate=False)))
