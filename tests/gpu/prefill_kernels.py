@@ -34,6 +34,7 @@ VARIANTS = ("kvbench kernels", "model's")
 KINDS = (("matmul", ("gemm", "nvjet", "cutlass", "sm90_xmma", "sm80_xmma", "cublas")),
          ("attention", ("cudnn", "flash", "fmha", "attention")),
          ("rms norm", ("_rms_norm",)),
+         ("kvbench elementwise", ("_rotate", "_silu_times")),
          ("reduction", ("reduce",)),
          ("elementwise", ("elementwise", "vectorized", "unrolled")),
          ("copy / index", ("copy", "index", "gather", "scatter", "cat")))
