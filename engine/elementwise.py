@@ -25,7 +25,8 @@ import triton
 import triton.language as tl
 
 from kvbench.engine.chunked import _chunked_forward
-from kvbench.engine.invariant import SUPPORTED_MODEL_TYPES, swapped_forwards
+from kvbench.engine.invariant import SUPPORTED_MODEL_TYPES, family_classes, swapped_forwards
+from kvbench.engine.invariant_kernels import _on_device
 
 #: positions per program of the rotary kernel (a program rotates one head of these positions)
 BLOCK_TOKENS = 32
@@ -83,10 +84,6 @@ def _silu_times(GATE, UP, count, EXACT_EXP: tl.constexpr, BLOCK: tl.constexpr):
     dtype = GATE.dtype.element_ty
     silu = tl.math.div_rn(gate, 1.0 + exp).to(dtype, fp_downcast_rounding="rtne").to(tl.float32)
     tl.store(GATE + offsets, (silu * up).to(dtype, fp_downcast_rounding="rtne"), mask=inside)
-
-
-def _on_device(tensor: torch.Tensor):
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
 def rotary_applies(x: torch.Tensor, cos: torch.Tensor, unsqueeze_dim: int) -> bool:
@@ -155,10 +152,8 @@ def _modeling_modules(model) -> list:
 
 def _silu_mlps(model) -> list[torch.nn.Module]:
     """The supported families' MLPs that gate by SiLU."""
-    classes = tuple(getattr(modeling, f"{SUPPORTED_MODEL_TYPES[modeling.__name__.rsplit('_', 1)[-1]]}MLP", type(None))
-                    for modeling in _modeling_modules(model))
-    return [module for module in model.modules()
-            if isinstance(module, classes) and type(getattr(module, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")]
+    return [module for module in model.modules() if isinstance(module, family_classes("MLP"))
+            and type(getattr(module, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")]
 
 
 def kernel_elementwise_parts(model) -> list[str]:

@@ -54,15 +54,18 @@ def resolve_batch_invariant(requested: bool | None, device: str, model_type: str
 
 
 @functools.cache
-def _rms_norm_classes() -> tuple[type, ...]:
-    """The RMSNorm classes of the supported families (all: weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype))."""
+def family_classes(suffix: str) -> tuple[type, ...]:
+    """The supported families' module classes named ``<Family><suffix>`` (``RMSNorm``, ``MLP``) that this
+    transformers has."""
     classes = []
     for model_type, prefix in SUPPORTED_MODEL_TYPES.items():
         try:
             module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
         except ImportError:  # an older transformers without the family
             continue
-        classes.append(getattr(module, f"{prefix}RMSNorm"))
+        found = getattr(module, f"{prefix}{suffix}", None)
+        if found is not None:
+            classes.append(found)
     return tuple(classes)
 
 
@@ -83,7 +86,7 @@ def _invariant_forward(module: torch.nn.Module):
     False for one this mode does not know."""
     if type(module) is torch.nn.Linear:  # not a subclass: a quantised linear computes otherwise
         return functools.partial(_linear_forward, module)
-    if isinstance(module, _rms_norm_classes()):
+    if isinstance(module, family_classes("RMSNorm")):  # all: weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)
         return functools.partial(_rms_norm_forward, module)
     if isinstance(module, torch.nn.Embedding) or next(module.parameters(recurse=False), None) is None:
         return None
@@ -141,7 +144,7 @@ def invariant_forwards(model):
 
 
 def _rms_norm_only(module: torch.nn.Module):
-    return functools.partial(_rms_norm_forward, module) if isinstance(module, _rms_norm_classes()) else None
+    return functools.partial(_rms_norm_forward, module) if isinstance(module, family_classes("RMSNorm")) else None
 
 
 def has_kernel_rms_norms(model) -> bool:

@@ -277,8 +277,8 @@ def _write_run_file(run: OpenRun, model: ModelDescription, device: str, prefill:
         "question_agnostic": run.plan.question_agnostic,
         "dtype": model.dtype,
         "attention": model.attention,
-        # the prefill's kernels: attention's, fastest first, and the RMSNorm's (they change rounding only, like the
-        # device)
+        # the prefill's kernels: attention's, fastest first, and whose RMSNorms, rotary embedding and MLP gate run
+        # (they change rounding only, like the device)
         **prefill,
         "device": device,
         "batch_invariant": run.plan.batch_invariant,

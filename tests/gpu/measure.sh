@@ -96,8 +96,8 @@ for phase in "${phases[@]}"; do
       --methods fullkv,streamingllm,h2o,snapkv,pyramidkv,windowkv:task_type=qa,prefixkv:prefix_config=/tmp/prefixkv-profile.json,elastic \
       --out "$OUT/grid-profile" 2>&1 | tee "$OUT/grid-profile/log.txt"
     ;;
-  prefill-kernels)  # the prefill's kernels by device time at 6.5k and 32k tokens, and kvbench's RMSNorm against the
-                    # model's (alternated, medians)
+  prefill-kernels)  # the prefill's kernels by device time at 6.5k and 32k tokens, and kvbench's RMSNorm, rotary and
+                    # SiLU-gate kernels against the model's (alternated, medians)
     python3 tests/gpu/prefill_kernels.py --lengths 6554,32768 --out "$OUT/prefill-kernels" 2>&1 \
       | tee "$OUT/prefill-kernels/log.txt"
     ;;
