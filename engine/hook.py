@@ -39,7 +39,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 # that Mistral and Qwen2 share.
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
-from kvbench.methods.base import LayerPrefill, SampleCompression
+from kvbench.methods.base import LayerPrefill, SampleCompression, Selection
 
 BACKENDS = ("sdpa", "eager", "flash_attention_2")
 HOOKED_PREFIX = "kvbench_"
@@ -65,22 +65,36 @@ class PrefillSession:
 
     def on_prefill(self, module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> None:
         layer = LayerPrefill(module.layer_idx, self.num_layers, query, key, value, scaling)
-        for sample, kept in zip(self.samples, self.kept):
-            if self.observing:
+        if self.observing:
+            for sample in self.samples:
                 if sample.needs_scoring_pass:
                     sample.observe(layer)
-                continue
-            selection = sample.select(layer)
-            if selection is None:
-                kept_keys, kept_values = key, value
-            elif selection.keys is not None:
-                kept_keys, kept_values = selection.keys, selection.values
-            else:
-                gather_index = selection.indices.unsqueeze(-1).expand(-1, -1, -1, key.shape[-1])
-                kept_keys, kept_values = key.gather(2, gather_index), value.gather(2, gather_index)
-            kept[layer.layer_idx] = (kept_keys, kept_values)
+        else:
+            selections = [sample.select(layer) for sample in self.samples]
+            for kept, stored in zip(self.kept, stored_entries(key, value, selections)):
+                kept[layer.layer_idx] = stored
         if self.between_layers is not None:
             self.between_layers()
+
+
+def stored_entries(key: torch.Tensor, value: torch.Tensor, selections: list[Selection | None]
+                   ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The (keys, values) each configuration stores of a layer: all of them without a selection, a merging method's
+    own tensors, else the entries at its indices. The configurations that only choose positions are gathered in one
+    gather each for keys and values (a grid runs dozens a layer: launches, not bytes, are their cost on CUDA), each
+    configuration's entries a slice of the result, so they are freed together when the last of them is."""
+    stored: list[tuple[torch.Tensor, torch.Tensor] | None] = [
+        (key, value) if selection is None else
+        (selection.keys, selection.values) if selection.keys is not None else None
+        for selection in selections]
+    chosen = [selection.indices for selection in selections if selection is not None and selection.keys is None]
+    if chosen:
+        indices = chosen[0] if len(chosen) == 1 else torch.cat(chosen, dim=-1)
+        gather_index = indices.unsqueeze(-1).expand(-1, -1, -1, key.shape[-1])
+        sizes = [positions.shape[-1] for positions in chosen]
+        pieces = zip(key.gather(2, gather_index).split(sizes, dim=2), value.gather(2, gather_index).split(sizes, dim=2))
+        stored = [entry if entry is not None else next(pieces) for entry in stored]
+    return stored
 
 
 @dataclass

@@ -120,3 +120,26 @@ def test_generation_stops_at_eos():
     first_stop = free.token_ids.index(stop_token)
     stopped = generate_greedy(model, prompt, build_method("fullkv"), NEW_TOKENS, {stop_token})
     assert stopped.token_ids == free.token_ids[: first_stop + 1]
+
+
+def test_stored_entries_are_each_configurations_own_choice():
+    """A layer's entries for configurations that keep everything, merge, or choose positions (gathered together):
+    each configuration stores exactly what it chose, head by head."""
+    from kvbench.engine.hook import stored_entries
+    from kvbench.methods.base import Selection
+
+    generator = torch.Generator().manual_seed(0)
+    key, value = torch.randn(2, 1, 2, 10, 4, generator=generator)
+    merged = Selection(indices=torch.tensor([[[0, 1], [0, 1]]]), keys=torch.ones(1, 2, 2, 4),
+                       values=torch.zeros(1, 2, 2, 4))
+    per_head = torch.tensor([[[1, 4, 9], [0, 2, 3]]])  # each KV head its own positions
+    same_positions = torch.tensor([5, 6]).view(1, 1, -1).expand(1, 2, -1)
+    stored = stored_entries(key, value, [None, Selection(per_head), merged, Selection(same_positions)])
+    assert stored[0][0] is key and stored[0][1] is value
+    for (keys, values), positions in ((stored[1], per_head), (stored[3], same_positions)):
+        for head in range(2):
+            assert torch.equal(keys[0, head], key[0, head, positions[0, head]])
+            assert torch.equal(values[0, head], value[0, head, positions[0, head]])
+    assert stored[2][0] is merged.keys and stored[2][1] is merged.values
+    (only_keys, only_values), = stored_entries(key, value, [Selection(per_head)])
+    assert torch.equal(only_keys[0, 1], key[0, 1, [0, 2, 3]]) and only_values.shape == (1, 2, 3, 4)
