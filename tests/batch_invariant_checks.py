@@ -291,6 +291,14 @@ def engine_checks(device: str, use_cuda_graphs: bool = False) -> dict:
     return outcome
 
 
+def tiny_snapkv_prefill(device: str, dtype: torch.dtype):
+    """The prefill the prefill-kernel checks run with and without kvbench's kernels: a tiny two-layer Llama, a
+    SnapKV compressor keeping 40 positions, and a 150-token request."""
+    model = tiny_model("llama", num_layers=2).to(device=device, dtype=dtype)
+    compressor = as_compressor(build_method("snapkv", capacity=40, window_size=8), model)
+    return model, compressor, DecodeRequest(random_prompt(150, seed=5), 4, set())
+
+
 def prefill_rms_norm_check(device: str) -> dict:
     """A float32 SnapKV prefill of a tiny model with its RMSNorms run by the kernel (as prefills on CUDA run them,
     `kvbench.engine.prefill`) against the model's own: whether every layer keeps the same positions and the first
@@ -302,9 +310,7 @@ def prefill_rms_norm_check(device: str) -> dict:
     from kvbench.engine.invariant import kernel_rms_norms
     from kvbench.engine.prefill import prefill_shared
 
-    model = tiny_model("llama", num_layers=2).to(device=device, dtype=torch.float32)
-    compressor = as_compressor(build_method("snapkv", capacity=40, window_size=8), model)
-    request = DecodeRequest(random_prompt(150, seed=5), 4, set())
+    model, compressor, request = tiny_snapkv_prefill(device, torch.float32)
     with mock.patch.object(prefill_module, "_kernel_norms_apply", return_value=False):
         own = prefill_shared(model, [compressor], request)[0]
         with kernel_rms_norms(model):

@@ -113,16 +113,13 @@ def prefill_outcome(device: str, gate: bool) -> dict:
     RMSNorm stays the model's (its kernel rounds otherwise, within a tolerance)."""
     from unittest import mock
 
+    from batch_invariant_checks import tiny_snapkv_prefill  # tests/ is on the path under pytest and as a script
+
     from kvbench.engine import elementwise
     from kvbench.engine import prefill as prefill_module
-    from kvbench.engine.generate import as_compressor
-    from kvbench.engine.prefill import DecodeRequest, prefill_shared
-    from kvbench.methods import build_method
-    from tiny_models import random_prompt, tiny_model  # tests/ is on the path under pytest and as a script
+    from kvbench.engine.prefill import prefill_shared
 
-    model = tiny_model("llama", num_layers=2).to(device, torch.bfloat16)
-    compressor = as_compressor(build_method("snapkv", capacity=40, window_size=8), model)
-    request = DecodeRequest(random_prompt(150, seed=5), 4, set())
+    model, compressor, request = tiny_snapkv_prefill(device, torch.bfloat16)
     with contextlib.ExitStack() as stack:
         stack.enter_context(mock.patch.object(prefill_module, "_kernel_norms_apply", return_value=False))
         if not gate:

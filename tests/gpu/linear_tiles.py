@@ -9,8 +9,9 @@ graph, as the decode step runs them, so that no launch gap is counted; CUDA even
 its count in the model: 32 layers of seven weights and the output layer), beside cuBLAS (``F.linear``),
 and whether the outputs equal the default tiles' bit for bit on every shape. A row count can take other tiles
 than another only where the two give the same bits: then a row's result still does not depend on the batch.
-Also the decode step's kernels at a grid's two lane shapes (eager, by the profiler). Writes tiles.csv,
-tiles.md, equal.csv, kernels.md.
+Also each weight shape's own time by tiles (tiles_by_shape.csv; the fastest tiles of each shape printed), and
+the decode step's kernels at a grid's two lane shapes (eager, by the profiler; not with ``--no-kernels``). Writes
+tiles.csv, tiles_by_shape.csv, tiles.md, equal.csv, kernels.md.
 """
 
 from __future__ import annotations
@@ -53,24 +54,29 @@ def name(tiles: LinearTiles) -> str:
     return "x".join(map(str, tiles))
 
 
-def sweep(repeats: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+def sweep(repeats: int, row_counts: tuple[int, ...] = ROWS) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """A step's linear layers by tiles and row count, whether each tile setting gives the default's bits, and each
+    weight shape's own milliseconds by tiles (one launch), so tiles can be chosen per shape."""
     generator = torch.Generator("cuda").manual_seed(0)
     weights = {shape: torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=generator) * 0.02
                for shape in SHAPES}
-    times, equal = [], []
-    for rows in ROWS:
+    times, equal, by_shape = [], [], []
+    for rows in row_counts:
         step = {"rows": rows, "cublas": 0.0}
         same = {"rows": rows}
         for shape, count in SHAPES.items():
             x = torch.randn(rows, shape[1], device="cuda", dtype=torch.bfloat16, generator=generator)
             weight = weights[shape]
-            step["cublas"] += count * graph_milliseconds(lambda: F.linear(x, weight), repeats)
+            cublas = graph_milliseconds(lambda: F.linear(x, weight), repeats)
+            step["cublas"] += count * cublas
+            by_shape.append({"rows": rows, "outputs": shape[0], "reduced": shape[1], "tiles": "cublas", "ms": cublas})
             reference = invariant_linear(x, weight, None, LINEAR_TILES)
             for tiles in CANDIDATES:
                 key = name(tiles)
                 try:
-                    step[key] = step.get(key, 0.0) + count * graph_milliseconds(
-                        lambda: invariant_linear(x, weight, None, tiles), repeats)
+                    one = graph_milliseconds(lambda: invariant_linear(x, weight, None, tiles), repeats)
+                    step[key] = step.get(key, 0.0) + count * one
+                    by_shape.append({"rows": rows, "outputs": shape[0], "reduced": shape[1], "tiles": key, "ms": one})
                     same[key] = same.get(key, True) and torch.equal(invariant_linear(x, weight, None, tiles), reference)
                 except Exception as error:  # too large for this GPU's shared memory
                     step[key], same[key] = float("nan"), None
@@ -79,7 +85,7 @@ def sweep(repeats: int) -> tuple[pd.DataFrame, pd.DataFrame]:
         equal.append(same)
         print({key: round(value, 2) if isinstance(value, float) else value for key, value in step.items()}, flush=True)
         print("equal to default:", same, flush=True)
-    return pd.DataFrame(times), pd.DataFrame(equal)
+    return pd.DataFrame(times), pd.DataFrame(equal), pd.DataFrame(by_shape)
 
 
 def decode_kernels(rows_and_slots: list[tuple[int, int]]) -> str:
@@ -113,11 +119,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--rows", default=",".join(map(str, ROWS)), help="row counts, comma-separated")
+    parser.add_argument("--no-kernels", action="store_true", help="skip the decode step's kernel tables")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    times, equal = sweep(args.repeats)
+    times, equal, by_shape = sweep(args.repeats, tuple(int(rows) for rows in args.rows.split(",")))
     times.round(3).to_csv(out / "tiles.csv", index=False)
+    by_shape.round(4).to_csv(out / "tiles_by_shape.csv", index=False)
+    # each shape's fastest tiles by row count (among those giving the default's bits), beside cuBLAS
+    fastest = by_shape[by_shape.tiles != "cublas"].dropna().sort_values("ms").groupby(["rows", "outputs", "reduced"]).head(1)
+    print(fastest.sort_values(["outputs", "reduced", "rows"]).to_markdown(index=False, floatfmt=".4f"))
     equal.to_csv(out / "equal.csv", index=False)
     header = f"ms of one decode step's linear layers (Llama-3-8B shapes, bf16), {torch.cuda.get_device_name()}"
     (out / "tiles.md").write_text(f"{header}\n\n{times.to_markdown(index=False, floatfmt='.2f')}\n\n"
@@ -125,6 +137,8 @@ def main() -> None:
                                   f"{equal.to_markdown(index=False)}\n", encoding="utf-8")
     print(times.to_markdown(index=False, floatfmt=".2f"))
     print(equal.to_markdown(index=False))
+    if args.no_kernels:
+        return
     kernels = decode_kernels([(256, 1024), (32, 8192)])
     (out / "kernels.md").write_text(kernels, encoding="utf-8")
     print(kernels)
