@@ -68,8 +68,11 @@ def segment_ends(anchors: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
 
 
 def segment_bounds(device: torch.device, lo: int, hi: int) -> torch.Tensor:
-    """``[lo - 1, hi - 1]``: the end of the segment before the middle's first, and the last segment's end."""
-    return torch.tensor([lo - 1, hi - 1], device=device)
+    """``[lo - 1, hi - 1]``: the end of the segment before the middle's first, and the last segment's end (the middle
+    is not empty: ``hi > lo``)."""
+    # made on the device: a tensor copied from a host list waits for the device's queue, so the host stops
+    # launching until the prefill's work so far has run, once a layer
+    return torch.arange(lo - 1, hi, hi - lo, device=device)
 
 
 def middle_tokens(keys: torch.Tensor, values: torch.Tensor, lo: int, hi: int) -> torch.Tensor:

@@ -192,3 +192,12 @@ def test_cuda_merging_is_deterministic_and_equals_the_cpu_float32_means():
     # the neighbouring bf16 value (2^-8 relative), never further
     for cuda_result, cpu_result in zip(first, on_cpu):
         torch.testing.assert_close(cuda_result.cpu().float(), cpu_result.float(), rtol=2**-7, atol=2**-7)
+
+
+def test_segment_bounds_are_the_ends_around_the_middle():
+    """[lo - 1, hi - 1] for every middle, one token wide to long (made on the device, without a host copy)."""
+    from kvbench.methods.elastic import segment_bounds
+
+    for lo, hi in [(0, 1), (4, 5), (4, 100), (1, 2)]:
+        bounds = segment_bounds(torch.device("cpu"), lo, hi)
+        assert bounds.tolist() == [lo - 1, hi - 1] and bounds.dtype == torch.long

@@ -8,7 +8,8 @@ configuration (the forward pass alone) and for every configuration of the grid a
 each configuration's ``select`` is timed (synchronized before and after, so the sum is what the layers'
 selections cost beside the forward pass), and so is each configuration's decode-time eviction schedule, which
 the engine works out on the CPU at the end of the prefill. The first round is a warm-up, not counted.
-Writes grid_profile.md and grid_profile.csv: seconds per sample, by method and in total.
+Writes grid_profile.md and grid_profile.csv: seconds per sample, by method and in total; and profiler.md: one grid
+prefill's operators by host time and kernels by device time, and where it makes the host wait for the device.
 tests/test_grid_sharing.py runs `measure` on a tiny CPU model, so the script works the first time it meets a GPU.
 """
 
@@ -115,6 +116,40 @@ def profiled(model, info, configurations: dict[str, object], request: DecodeRequ
             f"## By device time\n\n```\n{by_device}\n```\n")
 
 
+def host_syncs(model, info, configurations: dict[str, object], request: DecodeRequest) -> str:
+    """Where one grid prefill makes the host wait for the device (CUDA's sync debug mode): each place, its kvbench
+    callers and how often. A wait stops the host launching until the device has run everything queued, so
+    per-layer waits turn the overlap of the host's launches with the device's work into a sequence; one at the
+    end (the first token) is expected."""
+    import collections
+    import traceback
+    import warnings
+
+    compressors = [method.prepare(info) for method in configurations.values()]
+    shared = DecodeRequest(request.prompt_ids, request.max_new_tokens, request.stop_ids, request.sample, request.tag,
+                           tuple(range(len(compressors))))
+    prefill_shared(model, compressors, shared)  # warm-up: first calls may synchronize while they set up
+    found: collections.Counter = collections.Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        callers = [f"{Path(frame.filename).parent.name}/{Path(frame.filename).name}:{frame.lineno} {frame.name}"
+                   for frame in traceback.extract_stack()[:-1] if "kvbench" in frame.filename]
+        found[(f"{Path(filename).name}:{lineno}", " < ".join(reversed(callers[-3:])))] += 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            prefill_shared(model, compressors, shared)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    rows = [{"count": count, "where": where, "kvbench callers": callers}
+            for (where, callers), count in found.most_common()]
+    table = pd.DataFrame(rows, columns=["count", "where", "kvbench callers"]).to_markdown(index=False)
+    return f"# Host waits in one grid prefill, {len(request.prompt_ids)} tokens\n\n{table}\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", required=True)
@@ -136,7 +171,10 @@ def main() -> None:
     table = measure(loaded.model, loaded.info, configurations, requests)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "profiler.md").write_text(profiled(loaded.model, loaded.info, configurations, requests[-1]), encoding="utf-8")
+    syncs = host_syncs(loaded.model, loaded.info, configurations, requests[-1])
+    print(syncs)
+    (out / "profiler.md").write_text(profiled(loaded.model, loaded.info, configurations, requests[-1]) + "\n" + syncs,
+                                     encoding="utf-8")
     table.to_csv(out / "grid_profile.csv", index=False)
     header = (f"{len(configurations)} configurations, {len(requests)} samples (first round a warm-up), "
               f"{torch.cuda.get_device_name()}")
