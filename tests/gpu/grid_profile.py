@@ -97,16 +97,22 @@ def measure(model, info, configurations: dict[str, object], requests: list[Decod
     return table
 
 
+def warmed_up_grid(model, info, configurations: dict[str, object], request: DecodeRequest):
+    """The configurations' compressors and ``request`` for all of them, after one grid prefill of it (first calls
+    compile kernels and may synchronize while they set up)."""
+    compressors = [method.prepare(info) for method in configurations.values()]
+    shared = DecodeRequest(request.prompt_ids, request.max_new_tokens, request.stop_ids, request.sample, request.tag,
+                           tuple(range(len(compressors))))
+    prefill_shared(model, compressors, shared)
+    return compressors, shared
+
+
 def profiled(model, info, configurations: dict[str, object], request: DecodeRequest) -> str:
     """One grid prefill of ``request`` under the profiler: the operators by host time (what launching costs) and
     the kernels by device time."""
     from torch.profiler import ProfilerActivity, profile
 
-    compressors = [method.prepare(info) for method in configurations.values()]
-    everyone = tuple(range(len(compressors)))
-    shared = DecodeRequest(request.prompt_ids, request.max_new_tokens, request.stop_ids, request.sample, request.tag,
-                           everyone)
-    prefill_shared(model, compressors, shared)  # warm-up
+    compressors, shared = warmed_up_grid(model, info, configurations, request)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         prefill_shared(model, compressors, shared)
     averages = prof.key_averages()
@@ -125,10 +131,7 @@ def host_syncs(model, info, configurations: dict[str, object], request: DecodeRe
     import traceback
     import warnings
 
-    compressors = [method.prepare(info) for method in configurations.values()]
-    shared = DecodeRequest(request.prompt_ids, request.max_new_tokens, request.stop_ids, request.sample, request.tag,
-                           tuple(range(len(compressors))))
-    prefill_shared(model, compressors, shared)  # warm-up: first calls may synchronize while they set up
+    compressors, shared = warmed_up_grid(model, info, configurations, request)
     found: collections.Counter = collections.Counter()
 
     def record(message, category, filename, lineno, file=None, line=None):
