@@ -232,14 +232,29 @@ def review_window_scores(layer: LayerPrefill, suffix: int, window_size: int, str
     return window_scores(votes, window_size, strategy)
 
 
+def window_ranking(scores: torch.Tensor) -> torch.Tensor:
+    """The windows best first; among equal scores the earlier first (the reference's stable descending sort)."""
+    return torch.sort(scores.float(), descending=True, stable=True).indices
+
+
 def kept_windows(scores: torch.Tensor, drop: int) -> torch.Tensor:
     """Indices (ascending) of the windows kept after dropping the ``drop`` lowest-scoring ones.
 
     Among equal scores the later window is dropped first (the reference's stable
     descending sort, cut from the end).
     """
-    order = torch.sort(scores.float(), descending=True, stable=True).indices
-    return order[: scores.shape[0] - drop].sort().values
+    return window_ranking(scores)[: scores.shape[0] - drop].sort().values
+
+
+def _review_window_ranking(layer: LayerPrefill, suffix: int, window_size: int, strategy: str
+                           ) -> tuple[torch.Tensor, int]:
+    """`window_ranking` of the layer's `review_window_scores`, and the rank of the last window (the number of
+    windows when it is whole), for every capacity of a grid: the rank of a partial last window is read on the
+    host once a layer instead of each capacity cutting its positions by a mask (a wait for the device each)."""
+    ranking = window_ranking(review_window_scores(layer, suffix, window_size, strategy))
+    windows = ranking.shape[0]
+    whole = (layer.prompt_length - suffix) % window_size == 0
+    return ranking, windows if whole else int((ranking == windows - 1).int().argmax())
 
 
 @register
@@ -364,8 +379,10 @@ class WindowKVSample(SampleCompression):
         drop = math.ceil((reviewable - budget) / window)
         if drop >= num_windows:
             return None
-        # the same at every capacity: a grid's WindowKV configurations score each leader layer once
-        scores = layer.shared(review_window_scores, suffix, window, STRATEGY[self.task_type])
-        windows = kept_windows(scores, drop)
+        # the same at every capacity: a grid's WindowKV configurations score and rank each leader layer once
+        ranking, last_window_rank = layer.shared(_review_window_ranking, suffix, window, STRATEGY[self.task_type])
+        windows = ranking[: num_windows - drop].sort().values
         positions = (windows.view(-1, 1) * window + torch.arange(window, device=windows.device)).flatten()
-        return positions[positions < reviewable]
+        if last_window_rank < num_windows - drop:  # a kept partial last window, the last kept, ends at the reviewable end
+            return positions[: positions.shape[0] - (num_windows * window - reviewable)]
+        return positions

@@ -118,6 +118,16 @@ def test_review_window_of_one_token_scores_that_token():
     torch.testing.assert_close(window_scores(votes, 1, "max"), torch.tensor([0.1, 0.5, 0.3]))
 
 
+def test_a_partial_last_window_keeps_only_its_reviewable_positions():
+    """18 reviewable tokens in windows of 4: the last window holds 2. Kept (with the best other window), it adds
+    those 2 positions and none past the reviewable end; dropped, it adds none."""
+    wkv = method(capacity=8, review_window_size=4, suffix_avg=4)
+    for last, expected in ((9.0, [4, 5, 6, 7, 16, 17]), (0.1, [0, 1, 2, 3, 4, 5, 6, 7])):
+        weights = [3.0] * 4 + [5.0] * 4 + [1.0] * 8 + [last] * 2
+        state = sample_state(wkv, 22, 1, sample={})
+        assert kept(state.select(layer_from_weights(weights, suffix=4))) == expected + [18, 19, 20, 21]
+
+
 def test_ties_drop_the_later_window_first():
     assert kept_windows(torch.tensor([0.5, 0.5, 0.5, 0.5]), 1).tolist() == [0, 1, 2]
     assert kept_windows(torch.tensor([0.5, 0.2, 0.5, 0.2, 0.9]), 2).tolist() == [0, 2, 4]
