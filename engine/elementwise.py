@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from kvbench.engine.chunked import _chunked_forward
-from kvbench.engine.invariant import SUPPORTED_MODEL_TYPES, family_classes, swapped_forwards
+from kvbench.engine.invariant import SUPPORTED_MODEL_TYPES, family_classes, own_forward_attribute, swapped_forwards
 from kvbench.engine.invariant_kernels import _on_device
 
 #: positions per program of the rotary kernel (a program rotates one head of these positions)
@@ -173,7 +173,7 @@ def kernel_elementwise(model):
     chunk_tokens = getattr(model, "_kvbench_chunk_tokens", None)
     mlp_forwards = []
     for module in _silu_mlps(model):
-        attribute = "_old_forward" if "_old_forward" in module.__dict__ else "forward"
+        attribute = own_forward_attribute(module)
         forward = functools.partial(_kernel_mlp_forward, module)
         if attribute == "forward" and chunk_tokens is not None:  # as `kvbench.engine.chunked` wraps it
             forward = functools.partial(_chunked_forward, forward, chunk_tokens)

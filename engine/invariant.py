@@ -105,18 +105,22 @@ def check_invariance(model) -> None:
         raise KvbenchError(f"--batch-invariant: {gap}; pass --no-batch-invariant")
 
 
+def own_forward_attribute(module: torch.nn.Module) -> str:
+    """The attribute holding the module's own forward: an accelerate hook (--device-map) keeps it as
+    ``_old_forward`` and wraps it in ``forward``."""
+    return "_old_forward" if "_old_forward" in module.__dict__ else "forward"
+
+
 def _replacements(model, cache_attribute: str, forward_of) -> list[tuple[torch.nn.Module, str, object]]:
     """(module, attribute, forward) for every module ``forward_of`` gives a forward, found once per model (kept in
-    ``cache_attribute``). An accelerate hook (--device-map) keeps the module's own forward as ``_old_forward`` and
-    wraps it: that one is swapped."""
+    ``cache_attribute``), each at `own_forward_attribute`."""
     found = getattr(model, cache_attribute, None)
     if found is None:
         found = []
         for module in model.modules():
             forward = forward_of(module)
             if forward:
-                attribute = "_old_forward" if "_old_forward" in module.__dict__ else "forward"
-                found.append((module, attribute, forward))
+                found.append((module, own_forward_attribute(module), forward))
         setattr(model, cache_attribute, found)
     return found
 
