@@ -237,13 +237,11 @@ def window_ranking(scores: torch.Tensor) -> torch.Tensor:
     return torch.sort(scores.float(), descending=True, stable=True).indices
 
 
-def kept_windows(scores: torch.Tensor, drop: int) -> torch.Tensor:
-    """Indices (ascending) of the windows kept after dropping the ``drop`` lowest-scoring ones.
-
-    Among equal scores the later window is dropped first (the reference's stable
-    descending sort, cut from the end).
-    """
-    return window_ranking(scores)[: scores.shape[0] - drop].sort().values
+def kept_windows(ranking: torch.Tensor, drop: int) -> torch.Tensor:
+    """Indices (ascending) of the windows kept after dropping the ``drop`` lowest-ranked ones of ``ranking``
+    (`window_ranking`: among equal scores the later window is dropped first, the reference's stable descending
+    sort cut from the end)."""
+    return ranking[: ranking.shape[0] - drop].sort().values
 
 
 def _review_window_ranking(layer: LayerPrefill, suffix: int, window_size: int, strategy: str
@@ -381,7 +379,7 @@ class WindowKVSample(SampleCompression):
             return None
         # the same at every capacity: a grid's WindowKV configurations score and rank each leader layer once
         ranking, last_window_rank = layer.shared(_review_window_ranking, suffix, window, STRATEGY[self.task_type])
-        windows = ranking[: num_windows - drop].sort().values
+        windows = kept_windows(ranking, drop)
         positions = (windows.view(-1, 1) * window + torch.arange(window, device=windows.device)).flatten()
         if last_window_rank < num_windows - drop:  # a kept partial last window, the last kept, ends at the reviewable end
             return positions[: positions.shape[0] - (num_windows * window - reviewable)]

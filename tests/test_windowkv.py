@@ -8,7 +8,7 @@ import torch
 from kvbench.errors import KvbenchError
 from kvbench.methods import build_method, get_method_class
 from kvbench.methods.base import LayerPrefill, ModelInfo
-from kvbench.methods.windowkv import WindowKV, group_budgets, kept_windows, window_scores
+from kvbench.methods.windowkv import WindowKV, group_budgets, kept_windows, window_ranking, window_scores
 from tests.method_helpers import RecordingCompressor, recording, sample_state
 
 EPS = 1e-6
@@ -129,8 +129,8 @@ def test_a_partial_last_window_keeps_only_its_reviewable_positions():
 
 
 def test_ties_drop_the_later_window_first():
-    assert kept_windows(torch.tensor([0.5, 0.5, 0.5, 0.5]), 1).tolist() == [0, 1, 2]
-    assert kept_windows(torch.tensor([0.5, 0.2, 0.5, 0.2, 0.9]), 2).tolist() == [0, 2, 4]
+    assert kept_windows(window_ranking(torch.tensor([0.5, 0.5, 0.5, 0.5])), 1).tolist() == [0, 1, 2]
+    assert kept_windows(window_ranking(torch.tensor([0.5, 0.2, 0.5, 0.2, 0.9])), 2).tolist() == [0, 2, 4]
     # Uniform attention (zero queries): every window ties, the last ones go.
     wkv = method(capacity=8, review_window_size=4, suffix_avg=4)
     state = sample_state(wkv, 20, 1, sample={})
