@@ -25,7 +25,8 @@ import triton
 import triton.language as tl
 
 from kvbench.engine.chunked import _chunked_forward
-from kvbench.engine.invariant import SUPPORTED_MODEL_TYPES, family_classes, own_forward_attribute, swapped_forwards
+from kvbench.engine.invariant import (SUPPORTED_MODEL_TYPES, family_classes, found_once, own_forward_attribute,
+                                     swapped_forwards)
 from kvbench.engine.invariant_kernels import _on_device
 
 #: positions per program of the rotary kernel (a program rotates one head of these positions)
@@ -145,6 +146,10 @@ def _kernel_mlp_forward(module: torch.nn.Module, hidden_states: torch.Tensor) ->
 
 def _modeling_modules(model) -> list:
     """The modeling modules of ``model``'s attention classes that belong to the supported families."""
+    return found_once(model, "_kvbench_modeling_modules", _find_modeling_modules)
+
+
+def _find_modeling_modules(model) -> list:
     families = {f"transformers.models.{model_type}.modeling_{model_type}" for model_type in SUPPORTED_MODEL_TYPES}
     names = {type(module).__module__ for module in model.modules() if type(module).__name__.endswith("Attention")}
     return [sys.modules[name] for name in sorted(names & families)]
@@ -152,8 +157,9 @@ def _modeling_modules(model) -> list:
 
 def _silu_mlps(model) -> list[torch.nn.Module]:
     """The supported families' MLPs that gate by SiLU."""
-    return [module for module in model.modules() if isinstance(module, family_classes("MLP"))
-            and type(getattr(module, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")]
+    return found_once(model, "_kvbench_silu_mlps", lambda model: [
+        module for module in model.modules() if isinstance(module, family_classes("MLP"))
+        and type(getattr(module, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")])
 
 
 def kernel_elementwise_parts(model) -> list[str]:

@@ -111,18 +111,22 @@ def own_forward_attribute(module: torch.nn.Module) -> str:
     return "_old_forward" if "_old_forward" in module.__dict__ else "forward"
 
 
+def found_once(model, cache_attribute: str, find):
+    """``find(model)``, a walk over the model's modules, run once per model and kept in ``cache_attribute``: the
+    prefill asks for the same modules every sample."""
+    found = getattr(model, cache_attribute, None)
+    if found is None:
+        found = find(model)
+        setattr(model, cache_attribute, found)
+    return found
+
+
 def _replacements(model, cache_attribute: str, forward_of) -> list[tuple[torch.nn.Module, str, object]]:
     """(module, attribute, forward) for every module ``forward_of`` gives a forward, found once per model (kept in
     ``cache_attribute``), each at `own_forward_attribute`."""
-    found = getattr(model, cache_attribute, None)
-    if found is None:
-        found = []
-        for module in model.modules():
-            forward = forward_of(module)
-            if forward:
-                found.append((module, own_forward_attribute(module), forward))
-        setattr(model, cache_attribute, found)
-    return found
+    return found_once(model, cache_attribute, lambda model: [
+        (module, own_forward_attribute(module), forward) for module in model.modules()
+        if (forward := forward_of(module))])
 
 
 @contextlib.contextmanager
