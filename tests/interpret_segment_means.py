@@ -21,10 +21,12 @@ if __name__ == "__main__":
     round_bfloat16_casts_to_nearest()
     generator = torch.Generator().manual_seed(0)
     excess, exact = {}, {}
-    # a segment longer than a block of tokens, one of a single token; head_dim not a power of two
+    # a segment longer than a block of tokens, one of a single token; head_dim not a power of two; segments of
+    # several chunks (one program each) beside one of a single chunk
     for dtype, heads, length, head_dim, anchors in ((torch.float32, 2, 90, 16, [3, 4, 50, 88]),
                                                      (torch.bfloat16, 3, 70, 80, [10, 11, 12, 60]),
-                                                     (torch.float16, 1, 40, 32, [20])):
+                                                     (torch.float16, 1, 40, 32, [20]),
+                                                     (torch.bfloat16, 2, 700, 64, [5, 6, 600])):
         lo, hi = 2, length - 1
         anchors = torch.tensor(anchors)
         for integers in (False, True):

@@ -172,7 +172,7 @@ def test_the_fused_merge_under_the_interpreter_gives_the_segment_means():
                             text=True, timeout=300, check=False, cwd=os.path.dirname(__file__))
     assert result.returncode == 0, result.stderr[-3000:]
     outcome = json.loads(result.stdout.strip().splitlines()[-1])
-    assert len(outcome["excess"]) == 3 and max(outcome["excess"].values()) <= 1, outcome
+    assert len(outcome["excess"]) == 4 and max(outcome["excess"].values()) <= 1, outcome
     assert all(outcome["exact"].values()), outcome
 
 
