@@ -2,9 +2,10 @@
 
 `kvbench.methods.elastic.merge_into_anchors` calls this on CUDA tensors; it imports triton, so nothing imports
 this module on a machine without it. Each segment is cut into chunks of ``CHUNK_TOKENS`` tokens in position
-order; one program per (chunk, KV head) reads its chunk straight from the layer's keys (then values) in blocks of
-``BLOCK_TOKENS`` tokens, in order, each block reduced by a fixed tree, and writes its float32 sum; then one program
-per (segment, KV head) adds its chunks' sums in order and divides by the segment's length. The same order on
+order; one program per (chunk, KV head) reads its chunk's keys and values straight from the layer's in blocks of
+``BLOCK_TOKENS`` tokens, in order, each block reduced by a fixed tree, and writes their float32 sums; then one
+program per (segment, KV head) adds its chunks' sums in order and divides by the segment's length. Two launches a
+call, keys and values together. The same order on
 every run, whatever else the GPU runs (so a grid's Elastic rows equal the ones it gives alone).
 
 Why chunks: anchors are the tokens with the most attention mass, which piles up early in the prompt (every later
@@ -29,9 +30,9 @@ CHUNK_TOKENS = 256
 
 
 @triton.jit
-def _chunk_sums(X, CHUNK_SEGMENT, CHUNK_FIRST, ENDS, SUMS, chunks, stride_xh, stride_xt, stride_xd,
-                stride_sc, stride_sh, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
-                CHUNK: tl.constexpr):
+def _chunk_sums(K, V, CHUNK_SEGMENT, CHUNK_FIRST, ENDS, SUMS, chunks, stride_kh, stride_kt, stride_kd, stride_vh,
+                stride_vt, stride_vd, stride_sc, stride_sx, stride_sh, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                BLOCK_T: tl.constexpr, CHUNK: tl.constexpr):
     chunk = tl.program_id(0)
     head = tl.program_id(1).to(tl.int64)
     if chunk < tl.load(chunks):  # the bound the launch took may exceed the chunks there are
@@ -42,29 +43,38 @@ def _chunk_sums(X, CHUNK_SEGMENT, CHUNK_FIRST, ENDS, SUMS, chunks, stride_xh, st
         dims = tl.arange(0, BLOCK_D)
         in_head = dims < HEAD_DIM
         tokens = tl.arange(0, BLOCK_T)
-        rows = X + head * stride_xh + dims[None, :] * stride_xd
-        total = tl.zeros([BLOCK_D], tl.float32)
+        key_rows = K + head * stride_kh + dims[None, :] * stride_kd
+        value_rows = V + head * stride_vh + dims[None, :] * stride_vd
+        key_total = tl.zeros([BLOCK_D], tl.float32)
+        value_total = tl.zeros([BLOCK_D], tl.float32)
         for start in range(first, stop, BLOCK_T):
             at = start + tokens
-            tile = tl.load(rows + at[:, None] * stride_xt, mask=(at < stop)[:, None] & in_head[None, :], other=0.0)
-            total += tl.sum(tile.to(tl.float32), axis=0)
-        tl.store(SUMS + chunk * stride_sc + head * stride_sh + dims, total, mask=in_head)
+            mask = (at < stop)[:, None] & in_head[None, :]
+            key_total += tl.sum(tl.load(key_rows + at[:, None] * stride_kt, mask=mask, other=0.0).to(tl.float32), 0)
+            value_total += tl.sum(tl.load(value_rows + at[:, None] * stride_vt, mask=mask, other=0.0).to(tl.float32),
+                                  0)
+        sums = SUMS + chunk * stride_sc + head * stride_sh + dims
+        tl.store(sums, key_total, mask=in_head)
+        tl.store(sums + stride_sx, value_total, mask=in_head)
 
 
 @triton.jit
-def _segment_means(SUMS, CHUNK_FIRST, ENDS, OUT, stride_sc, stride_sh, stride_oh, stride_on, stride_od,
-                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+def _segment_means(SUMS, CHUNK_FIRST, ENDS, KEY_OUT, VALUE_OUT, stride_sc, stride_sx, stride_sh, stride_oh, stride_on,
+                   stride_od, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
     segment = tl.program_id(0)
     head = tl.program_id(1).to(tl.int64)
     dims = tl.arange(0, BLOCK_D)
     in_head = dims < HEAD_DIM
-    total = tl.zeros([BLOCK_D], tl.float32)
+    key_total = tl.zeros([BLOCK_D], tl.float32)
+    value_total = tl.zeros([BLOCK_D], tl.float32)
     for chunk in range(tl.load(CHUNK_FIRST + segment), tl.load(CHUNK_FIRST + segment + 1)):
-        total += tl.load(SUMS + chunk * stride_sc + head * stride_sh + dims, mask=in_head, other=0.0)
-    length = tl.load(ENDS + segment + 1) - tl.load(ENDS + segment)
-    mean = total / length.to(tl.float32)
-    tl.store(OUT + head * stride_oh + segment * stride_on + dims * stride_od, mean.to(OUT.dtype.element_ty),
-             mask=in_head)
+        sums = SUMS + chunk * stride_sc + head * stride_sh + dims
+        key_total += tl.load(sums, mask=in_head, other=0.0)
+        value_total += tl.load(sums + stride_sx, mask=in_head, other=0.0)
+    length = (tl.load(ENDS + segment + 1) - tl.load(ENDS + segment)).to(tl.float32)
+    out = head * stride_oh + segment * stride_on + dims * stride_od
+    tl.store(KEY_OUT + out, (key_total / length).to(KEY_OUT.dtype.element_ty), mask=in_head)
+    tl.store(VALUE_OUT + out, (value_total / length).to(VALUE_OUT.dtype.element_ty), mask=in_head)
 
 
 def fused_segment_means(keys: torch.Tensor, values: torch.Tensor, ends: torch.Tensor
@@ -81,21 +91,21 @@ def fused_segment_means(keys: torch.Tensor, values: torch.Tensor, ends: torch.Te
     chunk_first = torch.nn.functional.pad(torch.cumsum(chunk_counts, 0), (1, 0))
     chunks_bound = segments + triton.cdiv(length, CHUNK_TOKENS)
     chunk_segment = torch.searchsorted(chunk_first, torch.arange(chunks_bound, device=ends.device), right=True) - 1
-    sums = torch.empty(chunks_bound, num_kv_heads, head_dim, dtype=torch.float32, device=keys.device)
+    # each chunk's key sums, then its value sums: one pass reads both, as a segment's keys and values merge alike
+    sums = torch.empty(chunks_bound, 2, num_kv_heads, head_dim, dtype=torch.float32, device=keys.device)
+    key_means, value_means = (torch.empty(1, num_kv_heads, segments, head_dim, dtype=tensor.dtype,
+                                          device=tensor.device) for tensor in (keys, values))
     block_d = max(16, triton.next_power_of_2(head_dim))
-    merged = []
     # triton launches on the current CUDA device (the interpreter, in the tests, runs on the CPU)
     with torch.cuda.device(keys.device) if keys.is_cuda else contextlib.nullcontext():
-        for tensor in (keys, values):
-            _chunk_sums[(chunks_bound, num_kv_heads)](
-                tensor, chunk_segment, chunk_first, ends, sums, chunk_first[-1:], tensor.stride(1), tensor.stride(2),
-                tensor.stride(3), sums.stride(0), sums.stride(1),
-                HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=BLOCK_TOKENS, CHUNK=CHUNK_TOKENS, num_warps=4,
-            )
-            out = torch.empty(1, num_kv_heads, segments, head_dim, dtype=tensor.dtype, device=tensor.device)
-            _segment_means[(segments, num_kv_heads)](
-                sums, chunk_first, ends, out, sums.stride(0), sums.stride(1), out.stride(1), out.stride(2),
-                out.stride(3), HEAD_DIM=head_dim, BLOCK_D=block_d, num_warps=1,
-            )
-            merged.append(out)
-    return merged[0], merged[1]
+        _chunk_sums[(chunks_bound, num_kv_heads)](
+            keys, values, chunk_segment, chunk_first, ends, sums, chunk_first[-1:], keys.stride(1), keys.stride(2),
+            keys.stride(3), values.stride(1), values.stride(2), values.stride(3), sums.stride(0), sums.stride(1),
+            sums.stride(2), HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=BLOCK_TOKENS, CHUNK=CHUNK_TOKENS, num_warps=4,
+        )
+        _segment_means[(segments, num_kv_heads)](
+            sums, chunk_first, ends, key_means, value_means, sums.stride(0), sums.stride(1), sums.stride(2),
+            key_means.stride(1), key_means.stride(2), key_means.stride(3), HEAD_DIM=head_dim, BLOCK_D=block_d,
+            num_warps=1,
+        )
+    return key_means, value_means
