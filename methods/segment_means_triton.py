@@ -5,14 +5,17 @@ this module on a machine without it. Each segment is cut into chunks of ``CHUNK_
 order; one program per (chunk, KV head) reads its chunk's keys and values straight from the layer's in blocks of
 ``BLOCK_TOKENS`` tokens, in order, each block reduced by a fixed tree, and writes their float32 sums; then one
 program per (segment, KV head) adds its chunks' sums in order and divides by the segment's length. Two launches a
-call, keys and values together. The same order on
-every run, whatever else the GPU runs (so a grid's Elastic rows equal the ones it gives alone).
+call, keys and values together. The same order on every run, whatever else the GPU runs (so a grid's Elastic rows
+equal the ones it gives alone).
 
 Why chunks: anchors are the tokens with the most attention mass, which piles up early in the prompt (every later
 query sees an early token), so one segment often holds most of the prompt. Read by one program, block after
-block, it took 0.26 ms a call on an H100 at 5.5k tokens, a quarter of a grid prefill's device time. The chunks
-of all segments are numbered on the device (no host wait): at most ``segments + tokens / CHUNK_TOKENS`` of them.
-`torch.segment_reduce`, which the CPU path keeps, took 0.56 ms a call and needs a float32 token-major copy first.
+block, it took 0.26 ms a call on an H100 at 5.5k tokens, a quarter of a grid prefill's device time; in chunks,
+its chunk sums took 76 us (the grid profile's device time, `tests/gpu/measure.sh grid-profile`). The chunks of all
+segments are numbered on the device (no host wait): at most ``segments + tokens / CHUNK_TOKENS`` of them. Numbering
+them takes eight small launches, which show only where the host launches slower than the device runs (as in
+`tests/gpu/segment_means.py`: about 0.19 ms a call whatever the anchors). `torch.segment_reduce`, which the CPU
+path keeps, took 0.56 ms a call and needs a float32 token-major copy first.
 """
 
 from __future__ import annotations
