@@ -4,33 +4,18 @@
 
 A 5,477-token layer of Llama-3-8B's shape (8 KV heads of 128, bf16, the hook's strided layout), anchors clustered
 at the start of the middle (as attention mass places them: one segment then holds most of the prompt) or spread at
-random: milliseconds a call of the fused kernel (CUDA events, median of 20 after 3 warm-ups) beside
+random: milliseconds a call of the fused kernel (CUDA events, median of 20 after a warm-up) beside
 ``torch.segment_reduce`` over the same segments, whether repeated calls give the same bits, and the largest
 difference from the float32 segment_reduce means (a bf16 rounding apart at most).
 """
 
 from __future__ import annotations
 
-import statistics
-
 import torch
+from attention_mass import milliseconds  # this folder's script: the median CUDA time of a call
 
 from kvbench.methods.elastic import middle_tokens, segment_bounds, segment_ends
 from kvbench.methods.segment_means_triton import fused_segment_means
-
-
-def milliseconds(run) -> float:
-    for _ in range(3):
-        run()
-    times = []
-    for _ in range(20):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -52,8 +37,8 @@ def main() -> None:
         reference = torch.segment_reduce(middle, "mean", lengths=lengths, axis=0).permute(1, 0, 2).chunk(2, dim=0)
         difference = max((mine[0].float() - theirs.float()).abs().max().item() for mine, theirs in zip(fused, reference))
         print(f"anchors {name} (longest segment {int(lengths.max())} tokens): fused "
-              f"{milliseconds(lambda: fused_segment_means(keys, values, ends)):.3f} ms, segment_reduce "
-              f"{milliseconds(lambda: torch.segment_reduce(middle, 'mean', lengths=lengths, axis=0)):.3f} ms, "
+              f"{milliseconds(lambda: fused_segment_means(keys, values, ends), 20):.3f} ms, segment_reduce "
+              f"{milliseconds(lambda: torch.segment_reduce(middle, 'mean', lengths=lengths, axis=0), 20):.3f} ms, "
               f"repeatable {repeated}, largest difference {difference:.2e}")
 
 
