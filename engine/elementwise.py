@@ -146,13 +146,14 @@ def _kernel_mlp_forward(module: torch.nn.Module, hidden_states: torch.Tensor) ->
 
 def _modeling_modules(model) -> list:
     """The modeling modules of ``model``'s attention classes that belong to the supported families."""
-    return found_once(model, "_kvbench_modeling_modules", _find_modeling_modules)
+    # their names are kept on the model, not the modules: a module object would stop the model being deep-copied
+    return [sys.modules[name] for name in found_once(model, "_kvbench_modeling_module_names", _modeling_module_names)]
 
 
-def _find_modeling_modules(model) -> list:
+def _modeling_module_names(model) -> list[str]:
     families = {f"transformers.models.{model_type}.modeling_{model_type}" for model_type in SUPPORTED_MODEL_TYPES}
     names = {type(module).__module__ for module in model.modules() if type(module).__name__.endswith("Attention")}
-    return [sys.modules[name] for name in sorted(names & families)]
+    return sorted(names & families)
 
 
 def _silu_mlps(model) -> list[torch.nn.Module]:

@@ -11,6 +11,7 @@ the check allows two units of the dtype.
 """
 
 import contextlib
+import copy
 import importlib.util
 import json
 import os
@@ -160,6 +161,11 @@ def test_the_kernels_are_swapped_inside_the_block_only_for_the_supported_familie
         assert all(mlp.forward.args[1] == 16 for mlp in mlps)  # still chunked, at the model's chunk length
     assert modeling_llama.apply_rotary_pos_emb is rotary_before
     assert [mlp.forward for mlp in mlps] == forwards_before
+    with kernel_elementwise(model):  # the modules found once, kept on the model: the same swaps again
+        assert modeling_llama.apply_rotary_pos_emb is not rotary_before
+        assert all(mlp.forward is not before for mlp, before in zip(mlps, forwards_before))
+    assert modeling_llama.apply_rotary_pos_emb is rotary_before
+    copy.deepcopy(model)  # what is kept on the model leaves it copyable (no module object among it)
     assert kernel_elementwise_parts(model) == []  # float32: the model's code
     assert kernel_elementwise_parts(model.to(torch.float16)) == ["silu gate"]
     assert kernel_elementwise_parts(model.to(torch.bfloat16)) == ["rotary", "silu gate"]
