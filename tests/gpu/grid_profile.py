@@ -19,6 +19,7 @@ import argparse
 import statistics
 import time
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -73,8 +74,7 @@ def measure(model, info, configurations: dict[str, object], requests: list[Decod
         try:
             synchronize(device)
             started = time.perf_counter()
-            prefill_shared(model, compressors, DecodeRequest(request.prompt_ids, request.max_new_tokens,
-                                                             request.stop_ids, request.sample, request.tag, everyone))
+            prefill_shared(model, compressors, replace(request, configurations=everyone))
             synchronize(device)
             grid = time.perf_counter() - started
         finally:
@@ -101,8 +101,7 @@ def warmed_up_grid(model, info, configurations: dict[str, object], request: Deco
     """The configurations' compressors and ``request`` for all of them, after one grid prefill of it (first calls
     compile kernels and may synchronize while they set up)."""
     compressors = [method.prepare(info) for method in configurations.values()]
-    shared = DecodeRequest(request.prompt_ids, request.max_new_tokens, request.stop_ids, request.sample, request.tag,
-                           tuple(range(len(compressors))))
+    shared = replace(request, configurations=tuple(range(len(compressors))))
     prefill_shared(model, compressors, shared)
     return compressors, shared
 
