@@ -40,7 +40,7 @@ from kvbench.engine.decode import kv_head_layout, synthetic_batch, synthetic_cac
 from kvbench.engine.generate import Generation, StreamStats, auto_batch_size, generate_greedy, generate_stream
 from kvbench.engine.invariant import check_batch_invariant_device, resolve_batch_invariant
 from kvbench.engine.prefill import DecodeRequest, synchronize
-from kvbench.harness.run import max_prompt_length, method_label, sample_request
+from kvbench.harness.run import longest_generations_first, max_prompt_length, method_label, sample_request
 from kvbench.tasks import build_tasks
 from kvbench.tasks.longbench_spec import LONGBENCH_TASKS
 from kvbench.harness.model import (
@@ -293,14 +293,15 @@ LONGBENCH_V1_SAMPLES = {task: 200 for task in LONGBENCH_TASKS} | {"multifieldqa_
 
 def longbench_requests(tokenizer, data_dir: str, limit: int | None, context_window: int,
                        max_length: int | None) -> list[DecodeRequest]:
-    """Every task's samples as `kvbench run` prompts them (template, middle truncation, chat template), each
-    decoding its task's whole generation length: no stop token, so the work does not depend on the weights."""
+    """Every task's samples as `kvbench run` prompts them (template, middle truncation, chat template) and in the
+    order it takes them (`longest_generations_first`), each decoding its task's whole generation length: no stop
+    token, so the work does not depend on the weights."""
     requests = []
     for task in build_tasks("longbench"):
         budget = max_prompt_length(context_window, task, max_length)
         for sample in task.load_samples(data_dir)[:limit]:
             requests.append(sample_request(task, sample, tokenizer, budget, set(), tag=(task.name, sample["_id"])))
-    return requests
+    return longest_generations_first(requests, lambda request: request.max_new_tokens)
 
 
 def run_longbench_workload(loaded: LoadedModel, tokenizer, method_specs: list[str], capacity: int, data_dir: str,

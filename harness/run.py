@@ -335,6 +335,8 @@ def execute_runs(runs: list[OpenRun], loaded: LoadedModel, report: Callable[[str
                 work.append((task, sample, lacking))
                 missing_total += len(lacking)
 
+    work = longest_generations_first(work, lambda item: item[0].max_new_tokens)
+
     def requests():
         limits = {task.name: max_prompt_length(loaded.context_window, task, plan.max_length) for task in plan.tasks}
         task_stop_ids = {task.name: stop_ids | task.stop_token_ids(loaded.tokenizer) for task in plan.tasks}
@@ -361,6 +363,13 @@ def execute_runs(runs: list[OpenRun], loaded: LoadedModel, report: Callable[[str
     seconds = time.perf_counter() - started
     return [RunSummary(run.run_dir, _write_scores(run), total_over_processes(world, done), seconds)
             for run, done in zip(runs, samples_done)]
+
+
+def longest_generations_first(items: list, generation_length: Callable[[Any], int]) -> list:
+    """``items`` in the order a run prefills them: the longest generations first (otherwise in order). Their rows
+    then decode beside the later samples' prefills and rows; taken last (LongBench's summaries come mid-list), they
+    decode on their own at the end of the run, a tail of steps with few rows (a grid's rows share those steps)."""
+    return sorted(items, key=lambda item: -generation_length(item))
 
 
 def _write_scores(run: OpenRun) -> dict[str, dict[str, Any]]:

@@ -57,6 +57,27 @@ def test_rows_and_scores_of_a_run(loaded, tmp_path, longbench_mini):
     assert summary.samples_done == 6
 
 
+def test_the_longest_generations_are_prefilled_first(loaded, tmp_path, longbench_mini, monkeypatch):
+    import kvbench.harness.run as run_module
+
+    prefilled = []
+
+    def recording(model, methods, requests, *args, **kwargs):
+        def recorded():
+            for request in requests:
+                prefilled.append((request.tag[0].name, request.max_new_tokens))
+                yield request
+        return generate_stream(model, methods, recorded(), *args, **kwargs)
+
+    generate_stream = run_module.generate_stream
+    monkeypatch.setattr(run_module, "generate_stream", recording)
+    # hotpotqa answers in 32 tokens, trec in 64, samsum in 128: the run takes them the other way round, each
+    # task's samples in order
+    run_benchmark(loaded, build_method("snapkv", capacity=32), plan(tmp_path, longbench_mini,
+                                                                     tasks="hotpotqa,trec,samsum", limit=2))
+    assert prefilled == [("samsum", 128)] * 2 + [("trec", 64)] * 2 + [("hotpotqa", 32)] * 2
+
+
 def test_an_exception_mid_task_loses_no_finished_row_and_a_rerun_resumes(loaded, tmp_path, longbench_mini):
     uninterrupted = run_benchmark(loaded, build_method("pyramidkv", capacity=32), plan(tmp_path / "a", longbench_mini))
     expected = rows_of(uninterrupted.run_dir, "trec")
