@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kvbench.engine.hook import rows_longest_first
+
 log = logging.getLogger(__name__)
 
 _LOG2E = tl.constexpr(1.4426950408889634)
@@ -178,17 +180,19 @@ def invariant_rms_norm(x: torch.Tensor, weight: torch.Tensor, epsilon: float) ->
 
 @triton.jit
 def _decode_attention(
-    Q, K, V, VALID, PAGE_TABLE, WRITE_POS, OUT, scaling,
+    Q, K, V, VALID, PAGE_TABLE, WRITE_POS, LONGEST_FIRST, OUT, scaling,
     stride_qb, stride_qh, stride_qd,
     stride_kp, stride_kh, stride_ks, stride_kd,
     stride_vp, stride_vh, stride_vs, stride_vd,
     stride_valid_p, stride_valid_s, stride_table_b, stride_table_p, stride_write_pos,
     stride_ob, stride_oh, stride_od,
-    GROUPS: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    PAGE: tl.constexpr,
+    KV_HEADS: tl.constexpr, GROUPS: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    kv_head = tl.program_id(1)
+    # Programs start in launch order: the longest rows' heads first, so that a full cache's few long programs do not
+    # start last and run on while the rest of the card has nothing left to do.
+    row = tl.load(LONGEST_FIRST + tl.program_id(0) // KV_HEADS).to(tl.int64)
+    kv_head = tl.program_id(0) % KV_HEADS
     group = tl.arange(0, BLOCK_G)
     heads = kv_head * GROUPS + group
     in_group = group < GROUPS  # BLOCK_G pads the group to a dot's 16 rows
@@ -226,27 +230,32 @@ def _decode_attention(
 
 
 def decode_attention(query: torch.Tensor, key_pages: torch.Tensor, value_pages: torch.Tensor, valid: torch.Tensor,
-                     page_table: torch.Tensor, write_pos: torch.Tensor, scaling: float) -> torch.Tensor:
+                     page_table: torch.Tensor, write_pos: torch.Tensor, scaling: float,
+                     longest_first: torch.Tensor | None = None) -> torch.Tensor:
     """`kvbench.engine.hook.masked_decode_attention` over paged keys and values, each row's reduction order its own
     (a page a block, in the row's slot order, wherever its pages lie): (batch, 1, Hq, d).
 
     query (B, Hq, 1, d); key_pages/value_pages (pages, Hkv, page, d) un-repeated; valid (pages, page) bool;
     page_table (B, pages a row): the pool page of each row's slots ``i * page ..``; write_pos (B,): the slot each
-    row wrote this step (no valid slot lies after it).
+    row wrote this step (no valid slot lies after it); longest_first (B,): the rows by descending write position
+    (`rows_longest_first`; computed here if not given), the order their programs start in, which only decides
+    when a row is computed, never how.
     """
     batch, num_heads, _, head_dim = query.shape
     num_kv_heads, page = key_pages.shape[1], key_pages.shape[2]
     groups = num_heads // num_kv_heads
     output = torch.empty(batch, 1, num_heads, head_dim, dtype=query.dtype, device=query.device)
     valid_bytes = valid.view(torch.uint8)
+    if longest_first is None:
+        longest_first = rows_longest_first(write_pos)
     with _on_device(query):
-        _decode_attention[(batch, num_kv_heads)](
-            query, key_pages, value_pages, valid_bytes, page_table, write_pos, output, scaling,
+        _decode_attention[(batch * num_kv_heads,)](
+            query, key_pages, value_pages, valid_bytes, page_table, write_pos, longest_first, output, scaling,
             query.stride(0), query.stride(1), query.stride(3),
             *key_pages.stride(), *value_pages.stride(),
             *valid_bytes.stride(), *page_table.stride(), write_pos.stride(0),
             output.stride(0), output.stride(2), output.stride(3),
-            GROUPS=groups, BLOCK_G=max(16, triton.next_power_of_2(groups)), HEAD_DIM=head_dim,
+            KV_HEADS=num_kv_heads, GROUPS=groups, BLOCK_G=max(16, triton.next_power_of_2(groups)), HEAD_DIM=head_dim,
             BLOCK_D=max(16, triton.next_power_of_2(head_dim)), PAGE=page,
             # float32 key and value tiles are twice the size: fewer in flight keeps them within shared memory
             num_warps=4, num_stages=2 if key_pages.element_size() == 4 else 3,

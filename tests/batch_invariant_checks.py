@@ -17,6 +17,7 @@ from tiny_models import random_prompt, tiny_model
 
 from kvbench.engine.decode import PAGE_SLOTS, DecodeBatch
 from kvbench.engine.generate import as_compressor, generate_stream
+from kvbench.engine.hook import rows_longest_first
 from kvbench.engine.invariant_kernels import (LARGE_TILES, LARGE_TILES_FROM_ROWS, LINEAR_TILES, decode_attention,
                                               invariant_linear, invariant_rms_norm)
 from kvbench.engine.prefill import DecodeRequest
@@ -208,8 +209,12 @@ def attention_checks(device: str) -> tuple[dict, dict]:
             same = True
             for seed, spare_pages in enumerate((1, 4, 9)):
                 for order in (list(range(8)), [5, 2, 7], [6]):
-                    batch = decode_attention(*pack([rows[i] for i in order], device, spare_pages, seed), scaling)
+                    packed = pack([rows[i] for i in order], device, spare_pages, seed)
+                    batch = decode_attention(*packed, scaling)
                     same &= all(torch.equal(batch[position], alone[i]) for position, i in enumerate(order))
+                    # the rows' launch order (longest first unless given) decides when a row is computed, not how
+                    shortest_first = rows_longest_first(packed[-1]).flip(0)
+                    same &= torch.equal(decode_attention(*packed, scaling, shortest_first), batch)
             invariant[case] = bool(same)
     return excess, invariant
 

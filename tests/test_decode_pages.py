@@ -9,6 +9,7 @@ from kvbench.engine import generate as generate_module
 from kvbench.engine.decode import (BUCKET_STEP, FIRST_ROW_PAGE, PAGE_SLOTS, SCRATCH_PAGE, TABLE_GRANULE, DecodeBatch,
                                    pages_needed, step_rows, synthetic_cache, synthetic_prefilled)
 from kvbench.engine.generate import StreamStats, as_compressor, generate_stream, pages_within_memory
+from kvbench.engine.hook import DecodeSession, rows_longest_first
 from kvbench.engine.prefill import prefill
 from kvbench.methods import build_method
 from tests.test_decode import requests_of
@@ -399,7 +400,6 @@ def test_cpu_attention_over_rows_of_very_different_lengths_is_each_rows_own_soft
     """Rows 5, 1 and 3 pages long (on the CPU the 5- and 3-page rows gather together, up to 5 pages, the other
     alone): each query head attends to exactly its row's valid slots up to the write position, through its KV head,
     as a per-row softmax computed slot by slot gives."""
-    from kvbench.engine.hook import DecodeSession
 
     torch.manual_seed(0)
     heads, kv_heads, dim, scaling = 4, 2, 8, 0.3
@@ -474,3 +474,8 @@ def test_a_change_to_the_batch_collects_the_step_in_flight_first():
     assert [len(row.tokens) for row in finished] == [2]  # the two-token row finished in the collected step
     assert sorted(len(batch.rows[index].tokens) for index in batch.active_rows) == [1, 2]  # new row, old row
     assert not batch.launch(replay_only=True)  # nothing captured on the CPU: no step between a prefill's layers
+
+
+def test_the_paged_kernel_launches_the_longest_rows_first_ties_in_row_order():
+    write_pos = torch.tensor([[3, 7, 7, 1], [0, 0, 5, 0]])
+    assert rows_longest_first(write_pos).tolist() == [[1, 2, 0, 3], [2, 0, 1, 3]]
