@@ -184,14 +184,14 @@ def _decode_attention(
     stride_qb, stride_qh, stride_qd,
     stride_kp, stride_kh, stride_ks, stride_kd,
     stride_vp, stride_vh, stride_vs, stride_vd,
-    stride_valid_p, stride_valid_s, stride_table_b, stride_table_p, stride_write_pos,
+    stride_valid_p, stride_valid_s, stride_table_b, stride_table_p, stride_write_pos, stride_longest_first,
     stride_ob, stride_oh, stride_od,
     KV_HEADS: tl.constexpr, GROUPS: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
 ):
     # Programs start in launch order: the longest rows' heads first, so that a full cache's few long programs do not
     # start last and run on while the rest of the card has nothing left to do.
-    row = tl.load(LONGEST_FIRST + tl.program_id(0) // KV_HEADS).to(tl.int64)
+    row = tl.load(LONGEST_FIRST + (tl.program_id(0) // KV_HEADS) * stride_longest_first).to(tl.int64)
     kv_head = tl.program_id(0) % KV_HEADS
     group = tl.arange(0, BLOCK_G)
     heads = kv_head * GROUPS + group
@@ -253,7 +253,7 @@ def decode_attention(query: torch.Tensor, key_pages: torch.Tensor, value_pages: 
             query, key_pages, value_pages, valid_bytes, page_table, write_pos, longest_first, output, scaling,
             query.stride(0), query.stride(1), query.stride(3),
             *key_pages.stride(), *value_pages.stride(),
-            *valid_bytes.stride(), *page_table.stride(), write_pos.stride(0),
+            *valid_bytes.stride(), *page_table.stride(), write_pos.stride(0), longest_first.stride(0),
             output.stride(0), output.stride(2), output.stride(3),
             KV_HEADS=num_kv_heads, GROUPS=groups, BLOCK_G=max(16, triton.next_power_of_2(groups)), HEAD_DIM=head_dim,
             BLOCK_D=max(16, triton.next_power_of_2(head_dim)), PAGE=page,
