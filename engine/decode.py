@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvbench.errors import error_line
-from kvbench.engine.hook import DecodeSession, active, cache_keyword, install_hook, rows_longest_first
+from kvbench.engine.hook import DecodeSession, active, cache_keyword, install_hook
 from kvbench.engine.invariant import check_invariance, invariant_forwards
 from kvbench.engine.prefill import DecodeRequest, Prefilled, synchronize
 from kvbench.methods.base import SampleCompression
@@ -518,10 +518,8 @@ class DecodeBatch:
         """The first ``rows`` rows' part of a decode step: their page tables, and where each writes this step."""
         write_pos = self.write_pos[:, :rows]
         write_pages = self.page_table[self.row_index[:rows], write_pos // PAGE_SLOTS]
-        # the paged kernel's launch order, made once a step for every layer (a CUDA step always runs that kernel)
-        longest_first = rows_longest_first(write_pos) if self.batch_invariant or self.device.type == "cuda" else None
         return DecodeSession(self.keys, self.values, self.valid, self.page_table[:rows], write_pos, write_pages,
-                             write_pos % PAGE_SLOTS, self.batch_invariant, longest_first)
+                             write_pos % PAGE_SLOTS, self.batch_invariant)
 
     def logits(self, rows: int) -> torch.Tensor:
         """Evict what each row's schedule says, then run the model on the first ``rows`` rows' next token:

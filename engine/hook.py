@@ -25,6 +25,7 @@ depends on the session active on the attention module:
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -116,9 +117,14 @@ class DecodeSession:
     write_offsets: torch.Tensor
     #: the batch-invariant step (`kvbench.engine.invariant`)
     batch_invariant: bool = False
-    #: (num_layers, rows) the rows by descending write position, the paged kernel's launch order (made once a step
-    #: for every layer); None: made by each layer's call
-    longest_first: torch.Tensor | None = None
+
+    @functools.cached_property
+    def longest_first(self) -> torch.Tensor:
+        """(num_layers, rows) the paged kernel's launch order (`rows_longest_first`), made once a step for every
+        layer, by the first layer that asks."""
+        from kvbench.engine.invariant_kernels import rows_longest_first
+
+        return rows_longest_first(self.write_pos)
 
     def write(self, layer: int, key_states: torch.Tensor, value_states: torch.Tensor, true: torch.Tensor) -> None:
         """Store each row's new key and value (rows, kv_heads, 1, d) at its write position and mark the slot valid
@@ -136,8 +142,7 @@ class DecodeSession:
             from kvbench.engine.invariant_kernels import decode_attention
 
             return decode_attention(query, self.key_pages[layer], self.value_pages[layer], self.valid[layer],
-                                    self.page_table, self.write_pos[layer], scaling,
-                                    None if self.longest_first is None else self.longest_first[layer])
+                                    self.page_table, self.write_pos[layer], scaling, self.longest_first[layer])
         page = self.key_pages[layer].shape[2]
         # each row's table entries up to its own write position (no valid slot lies beyond it); rows of similar
         # length gather together, so that a full-cache row does not make every compressed row gather its length
@@ -166,11 +171,6 @@ class DecodeSession:
         valid = self.valid[layer][table].view(rows, entries * page)
         return masked_decode_attention(query, in_slot_order(self.key_pages[layer]),
                                        in_slot_order(self.value_pages[layer]), valid, scaling)
-
-
-def rows_longest_first(write_pos: torch.Tensor) -> torch.Tensor:
-    """The rows (the last dimension of ``write_pos``: (..., rows)) by descending write position, ties in row order."""
-    return torch.argsort(write_pos, dim=-1, descending=True, stable=True)
 
 
 def _similar_lengths(entries: list[int]) -> list[list[int]]:

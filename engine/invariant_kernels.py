@@ -35,8 +35,6 @@ import torch
 import triton
 import triton.language as tl
 
-from kvbench.engine.hook import rows_longest_first
-
 log = logging.getLogger(__name__)
 
 _LOG2E = tl.constexpr(1.4426950408889634)
@@ -227,6 +225,12 @@ def _decode_attention(
     output = accumulator / row_sum[:, None]
     tl.store(OUT + row * stride_ob + heads[:, None] * stride_oh + dims[None, :] * stride_od,
              output.to(OUT.dtype.element_ty), mask=in_group[:, None] & in_head[None, :])
+
+
+def rows_longest_first(write_pos: torch.Tensor) -> torch.Tensor:
+    """The rows (the last dimension of ``write_pos``: (..., rows)) by descending write position, ties in row order:
+    the order `decode_attention` starts their programs in."""
+    return torch.argsort(write_pos, dim=-1, descending=True, stable=True)
 
 
 def decode_attention(query: torch.Tensor, key_pages: torch.Tensor, value_pages: torch.Tensor, valid: torch.Tensor,

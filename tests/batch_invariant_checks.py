@@ -17,9 +17,8 @@ from tiny_models import random_prompt, tiny_model
 
 from kvbench.engine.decode import PAGE_SLOTS, DecodeBatch
 from kvbench.engine.generate import as_compressor, generate_stream
-from kvbench.engine.hook import rows_longest_first
 from kvbench.engine.invariant_kernels import (LARGE_TILES, LARGE_TILES_FROM_ROWS, LINEAR_TILES, decode_attention,
-                                              invariant_linear, invariant_rms_norm)
+                                              invariant_linear, invariant_rms_norm, rows_longest_first)
 from kvbench.engine.prefill import DecodeRequest
 from kvbench.methods import build_method
 

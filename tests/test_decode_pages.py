@@ -9,7 +9,8 @@ from kvbench.engine import generate as generate_module
 from kvbench.engine.decode import (BUCKET_STEP, FIRST_ROW_PAGE, PAGE_SLOTS, SCRATCH_PAGE, TABLE_GRANULE, DecodeBatch,
                                    pages_needed, step_rows, synthetic_cache, synthetic_prefilled)
 from kvbench.engine.generate import StreamStats, as_compressor, generate_stream, pages_within_memory
-from kvbench.engine.hook import DecodeSession, rows_longest_first
+from kvbench.engine.hook import DecodeSession
+from kvbench.engine.invariant_kernels import rows_longest_first
 from kvbench.engine.prefill import prefill
 from kvbench.methods import build_method
 from tests.test_decode import requests_of

@@ -61,6 +61,7 @@ def test_the_longest_generations_are_prefilled_first(loaded, tmp_path, longbench
     import kvbench.harness.run as run_module
 
     prefilled = []
+    generate_stream = run_module.generate_stream
 
     def recording(model, methods, requests, *args, **kwargs):
         def recorded():
@@ -69,7 +70,6 @@ def test_the_longest_generations_are_prefilled_first(loaded, tmp_path, longbench
                 yield request
         return generate_stream(model, methods, recorded(), *args, **kwargs)
 
-    generate_stream = run_module.generate_stream
     monkeypatch.setattr(run_module, "generate_stream", recording)
     # hotpotqa answers in 32 tokens, trec in 64, samsum in 128: the run takes them the other way round, each
     # task's samples in order
